@@ -1,0 +1,3 @@
+from roofserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""Configuration: one dataclass per concern, each default written once.
+
+Every field can come from a TOML file and from the command line; the CLI flags are generated from
+the dataclass fields, so a default lives only here. Precedence: CLI flag > config file > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from roofserve.errors import UserError
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+ALLOCATORS = ("glibc-tuned", "glibc", "jemalloc", "tcmalloc")
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ServerConfig:
+    """Knobs every roofserve server shares."""
+
+    host: str = _help("address to listen on; keep 127.0.0.1 unless you mean to expose it", default="127.0.0.1")
+    port: int = _help("TCP port", default=8000)
+    device: str = _help("cpu, cuda or auto (cuda when a GPU is visible)", default="auto")
+    workers_per_device: int = _help("inference worker processes per device", default=2)
+    threads_per_worker: int = _help("torch intra-op threads in each worker (0: cores / workers)", default=0)
+    timeout_s: float = _help("a request waiting longer than this in the queue gets 504", default=30.0)
+    max_payload_bytes: int = _help("largest request body accepted; larger gets 413", default=10 * 1024 * 1024)
+    fast_queue: bool = _help("use ZeroMQ instead of multiprocessing queues between HTTP and workers", default=False)
+    allocator: str = _help(
+        "malloc for all server processes: glibc-tuned (no mmap, no trim), glibc, jemalloc, tcmalloc",
+        default="glibc-tuned",
+    )
+    api_key: str | None = _help("require this key in the X-API-Key header (all routes but /health)", default=None)
+
+    def validate(self) -> None:
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("allocator", self.allocator, ALLOCATORS)
+        _check_positive("workers_per_device", self.workers_per_device)
+        _check_positive("max_payload_bytes", self.max_payload_bytes)
+        if self.threads_per_worker < 0:
+            raise UserError("threads_per_worker must be >= 0 (0 means cores / workers)")
+        if not 0 < self.port < 65536:
+            raise UserError(f"port must be in 1..65535, got {self.port}")
+
+
+@dataclass
+class VisionConfig(ServerConfig):
+    """The image classifier server (`roofserve serve vision`)."""
+
+    model: str = _help("timm model name", default="tf_efficientnet_lite0")
+    weights: str | None = _help(
+        "weights: a .safetensors/.pth file, 'hub' (download), 'random', or unset for the bundled default",
+        default=None,
+    )
+    precision: str = _help("fp32, fp16 or bf16 (fp16 only on cuda)", default="fp32")
+    channels_last: bool = _help("NHWC memory layout for the conv net", default=True)
+    compile: bool = _help("torch.compile the model (slow first start)", default=False)
+    max_batch_size: int = _help("largest batch a worker runs at once (1: no batching)", default=8)
+    batch_timeout_s: float = _help("how long a worker waits to fill a batch", default=0.005)
+    fast_decode: bool = _help("JPEG draft mode: decode big JPEGs at reduced scale before resizing", default=True)
+    max_image_pixels: int = _help("images with more pixels are rejected with 413 (decompression bombs)", default=40_000_000)
+
+    def validate(self) -> None:
+        super().validate()
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_positive("max_batch_size", self.max_batch_size)
+        _check_positive("max_image_pixels", self.max_image_pixels)
+        if self.batch_timeout_s < 0:
+            raise UserError("batch_timeout_s must be >= 0")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise UserError(f"{name} must be >= 1, got {value}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one CLI flag per dataclass field; the default stays None so that unset flags are visible."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            parser.add_argument(_flag(f.name), type=base, default=None, help=help_text, metavar=f.name.upper())
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML: {e}") from None
+
+
+def make_config(cls: type, *layers: dict[str, Any] | None) -> Any:
+    """Build and validate a config from dataclass defaults overlaid with layers (later wins, None skipped)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            key = key.replace("-", "_")
+            if key not in names:
+                raise UserError(f"unknown {cls.__name__} key {key!r}; known keys: {', '.join(sorted(names))}")
+            if value is not None:
+                values[key] = value
+    cfg = cls(**values)
+    _check_types(cfg)
+    cfg.validate()
+    return cfg
+
+
+def _check_types(cfg: Any) -> None:
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), hints[f.name]
+        allowed = tuple(t for t in (typing.get_args(kind) or (kind,)))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(cfg, f.name, float(value))
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise UserError(f"{f.name} must be {kind.__name__ if hasattr(kind, '__name__') else kind}; got {value!r}")
+
+
+def as_dict(cfg: Any, hide: tuple[str, ...] = ("api_key",)) -> dict[str, Any]:
+    """The config as a plain dict for result files, with secrets removed."""
+    return {k: ("***" if k in hide and v else v) for k, v in dataclasses.asdict(cfg).items()}

@@ -1,0 +1,150 @@
+"""The LitServe API of the image classifier: one image per request, batched in the worker."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import time
+
+import litserve as ls
+import torch
+from fastapi import HTTPException, Request
+from starlette.datastructures import UploadFile
+
+from roofserve.config import VisionConfig
+from roofserve.server import Rejection, parse_json
+from roofserve.vision.labels import describe
+from roofserve.vision.preprocess import BadImage, decode, to_batch
+
+log = logging.getLogger(__name__)
+
+RAW_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff", "application/octet-stream")
+JSON_FIELDS = ("image", "image_base64", "data")
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Batch sizes a compiled model is traced for: powers of two up to the max, and the max."""
+    sizes = {max_batch_size}
+    size = 1
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+def worker_threads(cfg: VisionConfig) -> int:
+    return cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers_per_device)
+
+
+def image_from_json(body: bytes) -> bytes:
+    """The image bytes of {"image": "<base64>"} (a data: URL prefix is allowed)."""
+    doc = parse_json(body)
+    if not isinstance(doc, dict):
+        raise ValueError("JSON body must be an object such as {\"image\": \"<base64>\"}")
+    field = next((f for f in JSON_FIELDS if f in doc), None)
+    if field is None:
+        raise ValueError("JSON body has no \"image\" field (base64 of the image file)")
+    value = doc[field]
+    if not isinstance(value, str):
+        raise ValueError(f"\"{field}\" must be a base64 string")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"\"{field}\" is not valid base64") from None
+
+
+class VisionAPI(ls.LitAPI):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__(max_batch_size=cfg.max_batch_size, batch_timeout=cfg.batch_timeout_s, api_path="/predict")
+        self.cfg = cfg
+
+    # --- HTTP process ---------------------------------------------------------------------
+    async def read_payload(self, request: Request, body: bytes) -> dict:
+        """Sort the body by Content-Type; heavy work (JSON, base64, image decode) is left to the worker."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not body:
+            raise HTTPException(400, "empty request body: send an image")
+        if ctype in RAW_TYPES:
+            return {"kind": "raw", "body": body}
+        if ctype == "application/json":
+            return {"kind": "json", "body": body}
+        if ctype == "multipart/form-data":
+            return {"kind": "raw", "body": await _multipart_file(request, body)}
+        raise HTTPException(
+            415, f"unsupported Content-Type {ctype or '(none)'}: send image/jpeg|png|webp, multipart/form-data or application/json"
+        )
+
+    # --- worker process -------------------------------------------------------------------
+    def setup(self, device: str) -> None:
+        from roofserve.vision.model import build_classifier
+
+        torch.set_num_threads(worker_threads(self.cfg))
+        self.device = torch.device(device)
+        self.model, self.pre = build_classifier(
+            self.cfg.model, self.cfg.weights, self.device, self.cfg.precision, self.cfg.channels_last, self.cfg.compile
+        )
+        self.buckets = batch_buckets(self.cfg.max_batch_size) if self.cfg.compile else None
+        started = time.perf_counter()
+        for size in self.buckets or sorted({1, self.cfg.max_batch_size}):
+            dummy = torch.zeros(size, self.pre.input_size, self.pre.input_size, 3, dtype=torch.uint8)
+            for _ in range(2):
+                self._run(to_batch(list(dummy)))
+        log.info("worker ready on %s after %.1f s of warm-up", device, time.perf_counter() - started)
+
+    def decode_request(self, request: dict):
+        payload = request
+        try:
+            data = payload["body"] if payload["kind"] == "raw" else image_from_json(payload["body"])
+            return decode(data, self.pre, self.cfg.max_image_pixels, self.cfg.fast_decode)
+        except BadImage as e:
+            return Rejection(e.status, str(e))
+        except ValueError as e:
+            return Rejection(400, str(e))
+
+    def batch(self, inputs: list) -> list:
+        return inputs  # stacked in predict, after bad images are set aside
+
+    def predict(self, inputs):
+        single = not isinstance(inputs, list)
+        inputs = [inputs] if single else inputs
+        good = [i for i, x in enumerate(inputs) if not isinstance(x, Rejection)]
+        outputs = list(inputs)
+        if good:
+            probs = self._run(to_batch([inputs[i] for i in good]))
+            for row, i in enumerate(good):
+                outputs[i] = describe(probs[row], self.cfg.model)
+        return outputs[0] if single else outputs
+
+    def unbatch(self, outputs: list) -> list:
+        return outputs
+
+    def encode_response(self, output):
+        return output
+
+    def _run(self, images: torch.Tensor) -> torch.Tensor:
+        n = images.shape[0]
+        if self.buckets:
+            size = next(b for b in self.buckets if b >= n)
+            if size > n:
+                images = torch.cat([images, images[:1].expand(size - n, -1, -1, -1)])
+        with torch.inference_mode():
+            probs = self.model(images.to(self.device, non_blocking=True))
+        return probs[:n].cpu()
+
+
+async def _multipart_file(request: Request, body: bytes) -> bytes:
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, receive).form(max_files=4, max_fields=16)
+    except Exception:
+        raise HTTPException(400, "malformed multipart body") from None
+    files = [v for v in form.values() if isinstance(v, UploadFile)]
+    if not files:
+        raise HTTPException(400, "multipart body has no file part: upload the image as a file field")
+    return await files[0].read()

@@ -1,0 +1,58 @@
+"""Start the vision server: check the config in this process, then hand over to LitServe."""
+
+from __future__ import annotations
+
+import logging
+
+from roofserve.config import VisionConfig, as_dict
+from roofserve.errors import UserError
+from roofserve.server import RoofServer, reexec_with, tuned_environ
+
+log = logging.getLogger(__name__)
+
+
+def preflight(cfg: VisionConfig) -> str:
+    """Catch user mistakes before worker processes start; returns the accelerator for LitServe."""
+    import timm
+    import torch
+
+    from roofserve.vision.model import DEFAULT_MODEL, default_weights_path
+
+    if not timm.is_model(cfg.model):
+        raise UserError(f"unknown timm model {cfg.model!r}; see timm.list_models()")
+    if cfg.weights is None and cfg.model == DEFAULT_MODEL:
+        default_weights_path()
+    elif cfg.weights is None:
+        raise UserError(f"no bundled weights for {cfg.model}: pass --weights PATH, --weights hub or --weights random")
+    elif cfg.weights not in ("hub", "random"):
+        from pathlib import Path
+
+        if not Path(cfg.weights).is_file():
+            raise UserError(f"weights file not found: {cfg.weights}")
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise UserError("device cuda asked for, but torch sees no GPU; use --device cpu")
+    accelerator = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
+    if cfg.precision == "fp16" and accelerator == "cpu":
+        raise UserError("fp16 is slow or unsupported on CPU; use --precision bf16 or fp32")
+    return accelerator
+
+
+def serve(cfg: VisionConfig) -> None:
+    reexec_with(tuned_environ(cfg.allocator))
+    accelerator = preflight(cfg)
+    from roofserve.vision.api import VisionAPI
+
+    server = RoofServer(
+        VisionAPI(cfg),
+        max_payload_bytes=cfg.max_payload_bytes,
+        api_key=cfg.api_key,
+        accelerator=accelerator,
+        devices=1,
+        workers_per_device=cfg.workers_per_device,
+        timeout=cfg.timeout_s,
+        fast_queue=cfg.fast_queue,
+        model_metadata={"model": cfg.model, "config": as_dict(cfg)},
+    )
+    log.info("serving %s on http://%s:%d/predict (%s)", cfg.model, cfg.host, cfg.port, accelerator)
+    server.run(host=cfg.host, port=cfg.port, generate_client_file=False, num_api_servers=1, access_log=False)
