@@ -27,6 +27,141 @@ def cmd_serve_vision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _save(out: str, command: str, config: dict, rows: list[dict]) -> None:
+    from roofserve.bench.results import run_meta, write_results
+
+    path = write_results(out, run_meta(command, config), rows)
+    print(f"results: {path}")
+
+
+def _table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).rjust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1 else f"{value:.1f}"
+    return "-" if value is None else str(value)
+
+
+def cmd_peak(args: argparse.Namespace) -> int:
+    import torch
+
+    from roofserve.hardware import datasheet_for, describe_machine, measure_peaks
+    from roofserve.vision.model import resolve_device
+
+    device = resolve_device(args.device)
+    machine = describe_machine()
+    print(f"{machine['cpu']} ({machine['cores']} cores){', ' + machine['gpu'] if machine['gpu'] else ''}")
+    rows = [p.row() for p in measure_peaks(device)]
+    sheet = datasheet_for(machine["gpu"])
+    for row in rows:
+        if sheet and device.type == "cuda":
+            key = "bandwidth_gb_s" if row["resource"] == "bandwidth" else row["name"]
+            row["datasheet"] = sheet[1].get(key)
+    _table(rows, ["resource", "name", "device", "value", "unit", "datasheet"])
+    if args.out:
+        _save(args.out, "peak", {"device": str(device), "datasheet": sheet[0] if sheet else None}, rows)
+    del torch
+    return 0
+
+
+def cmd_bench_vision_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from roofserve.bench.vision import bench_model, bench_pipeline, example_images
+    from roofserve.hardware import measure_peaks
+    from roofserve.server import reexec_with, tuned_environ
+    from roofserve.vision.model import resolve_device
+
+    reexec_with(tuned_environ("glibc-tuned"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    rows = [] if args.no_peak else [p.row() for p in measure_peaks(device)]
+    rows += bench_model(args.model, args.weights, args.precisions.split(","), args.batch_sizes, args.device,
+                        args.channels_last, args.compile, args.min_time_s, rows)
+    _table([r for r in rows if r["kind"] == "vision-model"],
+           ["precision", "batch_size", "img_per_s", "achieved_tflops", "mfu", "compute_roof_img_per_s"])
+    if args.pipeline_batch_sizes:
+        pipe = bench_pipeline(args.model, args.weights, args.pipeline_precision, args.pipeline_batch_sizes,
+                              example_images(args.images), args.device, args.channels_last, args.min_time_s)
+        _table(pipe, ["precision", "batch_size", "threads", "img_per_s", "decode_ms_per_image"])
+        rows += pipe
+    _save(args.out, "bench vision-model", {k: v for k, v in vars(args).items() if k != "func"}, rows)
+    return 0
+
+
+def cmd_bench_vision_api(args: argparse.Namespace) -> int:
+    from roofserve.bench.vision import bench_api, example_images
+
+    rows = bench_api(args.url, example_images(args.images), args.payload, args.concurrency, args.rate or [],
+                     args.requests, args.duration_s, args.warmup, args.api_key)
+    for row in rows:
+        row["step"] = args.label
+    _table(rows, ["mode", "concurrency", "rate_per_s", "req_per_s", "latency_p50_ms", "latency_p99_ms", "errors",
+                  "cpu_percent", "gpu_percent"])
+    _save(args.out, "bench vision-api", {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}, rows)
+    return 0
+
+
+def cmd_sweep_vision(args: argparse.Namespace) -> int:
+    import torch
+
+    from roofserve.bench.sweep import load_ladder, run_ladder
+    from roofserve.bench.vision import bench_model, bench_pipeline, example_images
+    from roofserve.hardware import measure_peaks
+    from roofserve.server import reexec_with, tuned_environ
+
+    reexec_with(tuned_environ("glibc-tuned"))
+    doc, steps = load_ladder(args.ladder, {"requests": args.requests, "concurrency": args.concurrency})
+    images = example_images(args.images)
+    first = steps[0].config
+    model = doc.get("model", {})
+    rows = [p.row() for p in measure_peaks(torch.device("cuda" if first.device == "cuda" else "cpu"))]
+    if not args.skip_model:
+        print("measuring the ceilings: model-only and in-process pipeline ...")
+        rows += bench_model(first.model, first.weights, model.get("precisions", ["fp32", "bf16"]),
+                            model.get("batch_sizes", [1, 8, 32]), first.device, True, False,
+                            model.get("min_time_s", 1.0), rows)
+        rows += bench_pipeline(first.model, first.weights, model.get("pipeline_precision", "bf16"),
+                               model.get("pipeline_batch_sizes", [8, 32]), images, first.device, True,
+                               model.get("min_time_s", 1.0))
+    rows += run_ladder(doc, steps, images)
+    _table([r for r in rows if r["kind"] == "vision-api"],
+           ["step", "concurrency", "req_per_s", "latency_p50_ms", "latency_p99_ms", "errors", "cpu_percent"])
+    _save(args.out, "sweep vision", {"ladder": args.ladder, "doc": doc}, rows)
+    if args.report:
+        from roofserve.report.markdown import build_report
+
+        print(f"report: {build_report([args.out], args.report)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from roofserve.report.markdown import build_report
+
+    print(f"report: {build_report(args.results, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="roofserve",
@@ -46,6 +181,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="TOML", help="config file; its [server] table (or top level) sets these flags")
     add_config_args(p, VisionConfig)
     p.set_defaults(func=cmd_serve_vision)
+
+    p = sub.add_parser("peak", help="measure this machine's matmul FLOP/s and memory bandwidth")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--out", help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_peak)
+
+    bench = sub.add_parser("bench", help="run a benchmark").add_subparsers(dest="what", metavar="BENCH", required=True)
+    p = bench.add_parser("vision-model", help="model-only img/s per batch size and precision, and the in-process pipeline")
+    p.add_argument("--model", default="tf_efficientnet_lite0", help="timm model name (default: tf_efficientnet_lite0)")
+    p.add_argument("--weights", default=None, help="as in serve vision; 'random' is fine for speed")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated (default: fp32,bf16)")
+    p.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8, 16, 32, 64, 128, 256], help="comma-separated")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--min-time-s", type=float, default=1.0, help="time each point for at least this long")
+    p.add_argument("--pipeline-batch-sizes", type=_ints, default=[1, 8, 32], help="'' to skip the pipeline")
+    p.add_argument("--pipeline-precision", default="bf16")
+    p.add_argument("--images", help="folder of images for the pipeline (default: the bundled examples)")
+    p.add_argument("--no-peak", action="store_true", help="skip measuring peaks (MFU needs them)")
+    p.add_argument("--out", default="results/vision-model.json")
+    p.set_defaults(func=cmd_bench_vision_model)
+
+    p = bench.add_parser("vision-api", help="load-test a classifier URL: concurrency sweep and Poisson rates")
+    p.add_argument("--url", default="http://127.0.0.1:8000/predict")
+    p.add_argument("--payload", default="raw", choices=["raw", "base64", "multipart"])
+    p.add_argument("--concurrency", type=_ints, default=[1, 8, 32, 64], help="closed-loop levels (comma-separated)")
+    p.add_argument("--rate", type=_floats, default=None, help="open-loop Poisson rates in req/s (comma-separated)")
+    p.add_argument("--requests", type=int, default=400, help="requests per level (after warm-up)")
+    p.add_argument("--duration-s", type=float, default=60.0, help="cap on each level's duration")
+    p.add_argument("--warmup", type=int, default=16, help="requests sent before each level's clock starts")
+    p.add_argument("--images", help="folder of images to send (default: the bundled examples)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--label", default="manual", help="step name stored in each row")
+    p.add_argument("--out", default="results/vision-api.json")
+    p.set_defaults(func=cmd_bench_vision_api)
+
+    sweep = sub.add_parser("sweep", help="run a ladder of server configs").add_subparsers(dest="what", metavar="LADDER", required=True)
+    p = sweep.add_parser("vision", help="start the vision server with each step's config, load it, stop it")
+    p.add_argument("ladder", nargs="?", default="experiments/vision-cpu.toml", help="ladder TOML (default: %(default)s)")
+    p.add_argument("--requests", type=int, default=None, help="override requests per level")
+    p.add_argument("--concurrency", type=_ints, default=None, help="override concurrency levels")
+    p.add_argument("--images", help="folder of images to send (default: the bundled examples)")
+    p.add_argument("--skip-model", action="store_true", help="skip the model-only and pipeline ceilings")
+    p.add_argument("--out", default="results/vision-sweep.json")
+    p.add_argument("--report", default=None, metavar="DIR", help="also write the Markdown report into DIR")
+    p.set_defaults(func=cmd_sweep_vision)
+
+    p = sub.add_parser("report", help="turn result files into a Markdown report with PNG plots")
+    p.add_argument("results", nargs="+", help="result JSON files or folders")
+    p.add_argument("--out", default="results/report", help="folder for report.md and the plots")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: load generation, model-only runs, resource monitoring and result files."""

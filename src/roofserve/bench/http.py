@@ -1,0 +1,106 @@
+"""A minimal HTTP/1.1 keep-alive client on asyncio streams.
+
+A load generator that shares 2 cores with the server it measures must be cheap: this client costs a
+small fraction of httpx's CPU per request. It speaks plain http (load tests only target localhost),
+Content-Length and chunked bodies, and can stream a body chunk by chunk (for SSE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+
+class HTTPError(Exception):
+    pass
+
+
+class Connection:
+    def __init__(self, url: str, timeout_s: float = 60.0):
+        parts = urlsplit(url)
+        if parts.scheme != "http":
+            raise ValueError(f"only http:// URLs are supported, got {url!r}")
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.timeout_s = timeout_s
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def _connect(self) -> None:
+        self.reader, self.writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port, limit=1 << 22), self.timeout_s
+        )
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+        self.reader = self.writer = None
+
+    async def _send(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str]]:
+        if self.writer is None:
+            await self._connect()
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise HTTPError("connection closed by server")
+        try:
+            status = int(status_line.split(b" ", 2)[1])
+        except (IndexError, ValueError):
+            raise HTTPError(f"bad status line {status_line[:80]!r}") from None
+        response_headers = {}
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            key, _, value = line.decode("latin-1").partition(":")
+            response_headers[key.strip().lower()] = value.strip()
+        return status, response_headers
+
+    async def _chunks(self, headers: dict[str, str]) -> AsyncIterator[bytes]:
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size_line = await self.reader.readline()
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    await self.reader.readline()
+                    return
+                chunk = await self.reader.readexactly(size + 2)
+                yield chunk[:-2]
+        elif "content-length" in headers:
+            length = int(headers["content-length"])
+            if length:
+                yield await self.reader.readexactly(length)
+        else:  # body ends when the connection does
+            while chunk := await self.reader.read(65536):
+                yield chunk
+            await self.close()
+
+    async def request(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> tuple[int, bytes]:
+        """Send one request and read the whole answer: (status, body)."""
+        try:
+            status, response_headers = await asyncio.wait_for(self._send(method, path, headers or {}, body), self.timeout_s)
+            data = b"".join([c async for c in self._chunks(response_headers)])
+            if response_headers.get("connection", "").lower() == "close":
+                await self.close()
+            return status, data
+        except BaseException:
+            await self.close()
+            raise
+
+    async def stream(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> AsyncIterator[tuple[int, bytes]]:
+        """Send one request and yield (status, chunk) as body chunks arrive."""
+        try:
+            status, response_headers = await asyncio.wait_for(self._send(method, path, headers or {}, body), self.timeout_s)
+            async for chunk in self._chunks(response_headers):
+                yield status, chunk
+            if response_headers.get("connection", "").lower() == "close":
+                await self.close()
+        except BaseException:
+            await self.close()
+            raise

@@ -1,0 +1,136 @@
+"""The Markdown report: ceilings, the ladder of steps, their plots and a verdict per step."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+from roofserve.bench.results import read_results
+from roofserve.report import plots
+
+PIPELINE_SHARE_TARGET = 0.85
+
+
+def _best(rows: list[dict], key: str) -> dict | None:
+    return max(rows, key=lambda r: r.get(key) or 0.0) if rows else None
+
+
+def verdict(row: dict, pipeline: float | None, model_only: float | None) -> str:
+    """Which resource limits a step, read from its own measurements."""
+    if row["errors"]:
+        return f"failing: {row['errors']} errors ({', '.join(row['error_kinds'])})"
+    cpu, gpu, rate = row.get("cpu_percent") or 0.0, row.get("gpu_percent"), row["req_per_s"]
+    if gpu is not None and gpu >= 85:
+        return "GPU-bound: the model keeps the GPU busy"
+    if cpu < 75:
+        starved = "GPU waiting; " if gpu is not None else ""
+        return f"{starved}cores idle ({cpu:.0f}% CPU): serialized work, batching starved or too few workers"
+    if pipeline and rate >= PIPELINE_SHARE_TARGET * pipeline:
+        return f"CPU-bound at the pipeline ceiling ({rate / pipeline:.0%} of decode+model in-process)"
+    if model_only and rate >= 0.9 * model_only:
+        return "CPU-bound on the model itself"
+    where = " (GPU waiting)" if gpu is not None else ""
+    return f"CPU-bound below the pipeline{where}: decode, payload parsing and HTTP overhead"
+
+
+def _table(header: list[str], body: list[list]) -> list[str]:
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in body]
+    return lines
+
+
+def _pct(a: float | None, b: float | None) -> str:
+    return f"{a / b:.0%}" if a and b else "-"
+
+
+def vision_section(rows: list[dict], out: Path) -> list[str]:
+    peaks = [r for r in rows if r["kind"] == "peak"]
+    model = [r for r in rows if r["kind"] == "vision-model"]
+    pipe = [r for r in rows if r["kind"] == "vision-pipeline"]
+    api = [r for r in rows if r["kind"] == "vision-api"]
+    lines = ["## Vision", ""]
+
+    if peaks:
+        lines += ["### Measured peaks", ""]
+        lines += _table(["resource", "name", "device", "value", "unit", "datasheet"],
+                        [[p["resource"], p["name"], p["device"], p["value"], p["unit"], p.get("datasheet")] for p in peaks])
+        lines.append("")
+
+    best_model: dict[str, dict] = {}
+    for r in model:
+        if r["precision"] not in best_model or r["img_per_s"] > best_model[r["precision"]]["img_per_s"]:
+            best_model[r["precision"]] = r
+    best_pipe = _best(pipe, "img_per_s")
+    if model:
+        flops = model[0]["flops_per_image"]
+        lines += ["### Ceilings", "",
+                  f"FLOPs per image: {flops / 1e9:.3f} GFLOP (counted by torch.utils.flop_counter; FLOPs = 2 x MACs, "
+                  "convolutions and matmuls only). Compute roof = measured matmul peak / FLOPs per image.", ""]
+        body = [[p, r["img_per_s"], r["batch_size"], r.get("compute_roof_img_per_s"), r.get("mfu")] for p, r in best_model.items()]
+        lines += _table(["precision", "model-only img/s (best)", "at batch", "compute roof img/s", "MFU"], body)
+        if best_pipe:
+            lines += ["", f"In-process pipeline (decode + preprocess + model, {best_pipe['precision']}, "
+                      f"batch {best_pipe['batch_size']}, {best_pipe['threads']} threads, no HTTP): "
+                      f"**{best_pipe['img_per_s']:.1f} img/s**; decode {best_pipe['decode_ms_per_image']:.2f} ms per image."]
+        lines += ["", f"![model-only throughput]({plots.model_throughput(model, out / 'vision_model.png').name})", ""]
+
+    if api:
+        steps: dict[str, list[dict]] = OrderedDict()
+        for r in sorted(api, key=lambda r: r.get("step_index", 0)):
+            steps.setdefault(str(r.get("step", "run")), []).append(r)
+        pipeline = best_pipe["img_per_s"] if best_pipe else None
+        body, bests = [], {}
+        for name, srows in steps.items():
+            b = _best(srows, "req_per_s")
+            bests[name] = b
+            precision = (b.get("config") or {}).get("precision", "fp32")
+            m = best_model.get(precision, {})
+            level = b.get("concurrency") or b.get("rate_per_s")
+            body.append([name, b["req_per_s"], level, b["latency_p50_ms"], b["latency_p99_ms"], b.get("cpu_percent"),
+                         b.get("gpu_percent"), _pct(b["req_per_s"], m.get("img_per_s")), _pct(b["req_per_s"], pipeline),
+                         _pct(b["req_per_s"], m.get("compute_roof_img_per_s")), verdict(b, pipeline, m.get("img_per_s"))])
+        lines += ["### The ladder", "",
+                  "Best level of each step. % of model-only uses the model-only best of the step's precision; "
+                  "% of theoretical uses its compute roof.", ""]
+        lines += _table(["step", "req/s", "at level", "p50 ms", "p99 ms", "CPU %", "GPU %", "% of model-only",
+                         "% of pipeline", "% of theoretical", "verdict"], body)
+        first, top = next(iter(bests.values())), max(bests.values(), key=lambda r: r["req_per_s"])
+        lines += ["", f"Best step **{top.get('step')}**: {top['req_per_s']:.1f} req/s = "
+                  f"{top['req_per_s'] / first['req_per_s']:.2f}x the first step"
+                  + (f", {top['req_per_s'] / pipeline:.0%} of the in-process pipeline." if pipeline else ".")]
+        ceilings = {}
+        if best_model:
+            top_model = max(best_model.values(), key=lambda r: r["img_per_s"])
+            ceilings[f"model-only {top_model['precision']}"] = top_model["img_per_s"]
+        if pipeline:
+            ceilings["pipeline"] = pipeline
+        lines += ["", f"![throughput]({plots.throughput_vs_concurrency(steps, ceilings, out / 'vision_throughput.png').name})",
+                  "", f"![latency]({plots.latency_vs_throughput(steps, out / 'vision_latency.png').name})", ""]
+        why = [[name, srows[0].get("why", "")] for name, srows in steps.items() if srows[0].get("why")]
+        if why:
+            lines += ["### What each step changes", ""] + _table(["step", "change"], why) + [""]
+    return lines
+
+
+def build_report(paths: list[str], out_dir: str) -> Path:
+    metas, rows = read_results(paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    machine, versions = metas[0]["machine"], metas[0]["versions"]
+    lines = ["# roofserve report", "",
+             f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB"
+             + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU") + ".  ",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".  ",
+             "Made from: " + ", ".join(f"`roofserve {m['command']}` ({m['created']})" for m in metas) + ".", ""]
+    if any(r["kind"].startswith("vision") for r in rows):
+        lines += vision_section(rows, out)
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

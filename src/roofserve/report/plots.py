@@ -1,0 +1,84 @@
+"""PNG plots of result rows (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def throughput_vs_concurrency(steps: dict[str, list[dict]], ceilings: dict[str, float], path: Path) -> Path:
+    """req/s per concurrency level, one line per step, ceilings as horizontal lines."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for name, rows in steps.items():
+        pts = sorted((r["concurrency"], r["req_per_s"]) for r in rows if r.get("mode") == "concurrency")
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    styles = iter(["--", ":", "-."])
+    for label, value in ceilings.items():
+        ax.axhline(value, linestyle=next(styles, "--"), color="black", alpha=0.6)
+        ax.annotate(f"{label}: {value:.0f}", (1, value), textcoords="offset points", xytext=(2, 3), fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("requests / s")
+    ax.set_title("API throughput per step, against the ceilings")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def latency_vs_throughput(steps: dict[str, list[dict]], path: Path) -> Path:
+    """p50 (solid) and p99 (dashed) latency against achieved req/s, one colour per step."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, (name, rows) in enumerate(steps.items()):
+        pts = sorted((r["req_per_s"], r["latency_p50_ms"], r["latency_p99_ms"]) for r in rows if r["latency_p50_ms"])
+        if not pts:
+            continue
+        x, p50, p99 = zip(*pts)
+        color = f"C{i % 10}"
+        ax.plot(x, p50, marker="o", color=color, label=f"{name} p50")
+        ax.plot(x, p99, marker="x", linestyle="--", color=color, alpha=0.7)
+    ax.set_yscale("log")
+    ax.set_xlabel("requests / s")
+    ax.set_ylabel("latency ms (solid p50, dashed p99)")
+    ax.set_title("Latency against throughput")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def model_throughput(rows: list[dict], path: Path) -> Path:
+    """Model-only img/s against batch size per precision, with each precision's compute roof."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, precision in enumerate(sorted({r["precision"] for r in rows})):
+        mine = sorted((r["batch_size"], r["img_per_s"], r.get("compute_roof_img_per_s")) for r in rows if r["precision"] == precision)
+        ax.plot([m[0] for m in mine], [m[1] for m in mine], marker="o", color=f"C{i}", label=f"{precision} measured")
+        if mine[0][2]:
+            ax.axhline(mine[0][2], color=f"C{i}", linestyle="--", alpha=0.6, label=f"{precision} compute roof")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images / s")
+    ax.set_title("Model-only throughput against the compute roof")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
