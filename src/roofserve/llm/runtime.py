@@ -1,0 +1,82 @@
+"""Build the generator a worker serves with: our PyTorch engine (with its optimizations) or llama.cpp."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+
+from roofserve.config import LLMConfig
+from roofserve.errors import UserError
+from roofserve.llm.text import stream_text
+
+log = logging.getLogger(__name__)
+
+
+def quantize(model: torch.nn.Module, scheme: str, group_size: int, device: torch.device) -> None:
+    """torchao weight-only quantization of every nn.Linear (the LM head included; the embedding table stays)."""
+    if scheme == "none":
+        return
+    from torchao.quantization import quantize_
+
+    if scheme == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        quantize_(model, Int8WeightOnlyConfig())
+    elif scheme == "int4":
+        hidden = model.config.hidden_size
+        if hidden % group_size:
+            raise UserError(f"int4 group size {group_size} does not divide the hidden size {hidden}; try 64 or 32")
+        if device.type == "cpu":
+            # torchao 0.18: CPU int4 lives in the prototype namespace and needs bf16 activations.
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+            if next(model.parameters()).dtype != torch.bfloat16:
+                raise UserError("int4 on CPU needs --precision bf16")
+            quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=group_size))
+        else:
+            from torchao.quantization import Int4WeightOnlyConfig
+
+            quantize_(model, Int4WeightOnlyConfig(group_size=group_size))
+
+
+class TorchGenerator:
+    """Our engine: prefill + compiled one-token step over a static cache."""
+
+    def __init__(self, cfg: LLMConfig, device: str | torch.device):
+        from roofserve.llm.engine import Engine
+        from roofserve.llm.model import load
+
+        device = torch.device(device)
+        loaded = load(cfg.model, cfg.precision, device)
+        quantize(loaded.model, cfg.quantize, cfg.group_size, device)
+        self.tokenizer = loaded.tokenizer
+        self.name = loaded.name
+        self.random_weights = loaded.random_weights
+        self.engine = Engine(loaded.model, cfg.max_seq_len, cfg.static_cache, cfg.compile)
+        log.info("warm-up took %.1f s", self.engine.warm_up())
+        eos = loaded.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.stop_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def chat(self, ids, max_tokens, temperature, top_p, seed, stop, should_stop: Callable[[], bool]) -> Iterator[dict]:
+        from roofserve.llm.engine import Sampling
+
+        tokens = self.engine.generate(ids, Sampling(max_tokens, temperature, top_p, seed), self.stop_ids, should_stop)
+        yield from stream_text(tokens, self.decode, stop, max_tokens, len(ids))
+
+
+def build_generator(cfg: LLMConfig, device: str):
+    if cfg.backend == "llamacpp":
+        from roofserve.llm.llamacpp import LlamaCppGenerator
+
+        return LlamaCppGenerator(cfg)
+    return TorchGenerator(cfg, device)

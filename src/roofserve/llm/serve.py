@@ -1,0 +1,63 @@
+"""Start the LLM server: check the config here, load the model in the worker, serve the OpenAI API."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi.responses import JSONResponse
+
+from roofserve.config import LLMConfig, as_dict
+from roofserve.errors import UserError
+from roofserve.server import RoofServer, reexec_with, tuned_environ
+
+log = logging.getLogger(__name__)
+
+
+def preflight(cfg: LLMConfig) -> tuple[str, str, bool]:
+    """(accelerator, model id, random weights?) or a UserError before any worker starts."""
+    import torch
+
+    from roofserve.llm.model import check_source
+
+    check_source(cfg.model)
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise UserError("device cuda asked for, but torch sees no GPU; use --device cpu")
+    accelerator = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
+    if cfg.precision == "fp16" and accelerator == "cpu":
+        raise UserError("fp16 is slow or unsupported on CPU; use --precision bf16 or fp32")
+    if cfg.backend == "llamacpp":
+        from roofserve.llm.llamacpp import gguf_path
+
+        gguf_path(cfg.model)
+    random_weights = cfg.model.startswith("random:")
+    model_id = f"random-{cfg.model[7:]}" if random_weights else cfg.model
+    return accelerator, model_id, random_weights
+
+
+def serve(cfg: LLMConfig) -> None:
+    reexec_with(tuned_environ(cfg.allocator))
+    accelerator, model_id, random_weights = preflight(cfg)
+    from roofserve.llm.api import LLMAPI
+
+    api = LLMAPI(cfg, model_id, random_weights)
+    server = RoofServer(
+        api,
+        max_payload_bytes=cfg.max_payload_bytes,
+        api_key=cfg.api_key,
+        accelerator=accelerator,
+        devices=1,
+        workers_per_device=cfg.workers_per_device,
+        timeout=cfg.timeout_s,
+        fast_queue=cfg.fast_queue,
+        model_metadata={"model": model_id, "config": as_dict(cfg)},
+    )
+    card = {"id": model_id, "object": "model", "created": 0, "owned_by": "roofserve",
+            "backend": cfg.backend, "random_weights": random_weights}
+
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [card]})
+
+    server.app.add_api_route("/v1/models", models, methods=["GET"], dependencies=[])
+    log.info("serving %s on http://%s:%d/v1/chat/completions (%s)", model_id, cfg.host, cfg.port, accelerator)
+    server.run(host=cfg.host, port=cfg.port, generate_client_file=False, num_api_servers=1, access_log=False)

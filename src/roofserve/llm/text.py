@@ -1,0 +1,53 @@
+"""Token ids -> streamed text: incremental detokenization with stop strings held back until resolved."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+
+def stream_text(
+    tokens: Iterable[int], decode: Callable[[list[int]], str], stop: list[str], max_tokens: int, prompt_tokens: int
+) -> Iterator[dict]:
+    """Yield {"t": "delta", "text"} items, then one {"t": "end", "finish_reason", "usage"} item.
+
+    Text that might be the start of a stop string, or an incomplete UTF-8 sequence, is held back
+    until the next token decides it. finish_reason is "length" when max_tokens were generated,
+    else "stop" (end-of-sequence token or a stop string).
+    """
+    ids: list[int] = []
+    sent = 0
+    finish = "stop"
+    for token in tokens:
+        ids.append(token)
+        text = decode(ids)
+        hit = min((i for i in (text.find(s, max(0, sent - len(s))) for s in stop) if i >= 0), default=-1)
+        if hit >= 0:
+            if hit > sent:
+                yield {"t": "delta", "text": text[sent:hit]}
+            sent = len(text)
+            break
+        safe = len(text) - _held_back(text, stop)
+        if safe > sent:
+            yield {"t": "delta", "text": text[sent:safe]}
+            sent = safe
+    else:
+        text = decode(ids) if ids else ""
+        if len(text) > sent:
+            yield {"t": "delta", "text": text[sent:]}
+        if len(ids) >= max_tokens:
+            finish = "length"
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(ids), "total_tokens": prompt_tokens + len(ids)}
+    yield {"t": "end", "finish_reason": finish, "usage": usage}
+
+
+def _held_back(text: str, stop: list[str]) -> int:
+    """How many trailing characters must wait: an unfinished UTF-8 char, or a possible stop-string start."""
+    if text.endswith("\ufffd"):
+        return 1
+    hold = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold
