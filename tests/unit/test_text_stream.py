@@ -1,0 +1,52 @@
+"""Incremental detokenization with stop strings, on a toy tokenizer where each id is one string."""
+
+from roofserve.llm.text import stream_text
+
+VOCAB = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "\n", 6: "##", 7: "EN", 8: "D"}
+
+
+def decode(ids):
+    return "".join(VOCAB[i] for i in ids)
+
+
+def run(tokens, stop=(), max_tokens=100):
+    items = list(stream_text(tokens, decode, list(stop), max_tokens, prompt_tokens=3))
+    text = "".join(i["text"] for i in items if i["t"] == "delta")
+    return text, items[-1]
+
+
+def test_all_text_arrives_and_usage_counts_tokens():
+    text, end = run([1, 2, 3, 4])
+    assert text == "Hello world"
+    assert end == {"t": "end", "finish_reason": "stop", "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+
+
+def test_max_tokens_reached_is_length():
+    text, end = run([1, 2], max_tokens=2)
+    assert text == "Hello" and end["finish_reason"] == "length"
+
+
+def test_stop_string_cuts_text_and_generation():
+    consumed = []
+
+    def tokens():
+        for t in [1, 2, 6, 7, 8, 3, 4]:
+            consumed.append(t)
+            yield t
+
+    text, end = run(tokens(), stop=["##END"])
+    assert text == "Hello"
+    assert end["finish_reason"] == "stop"
+    assert consumed == [1, 2, 6, 7, 8], "generation must stop at the stop string"
+
+
+def test_partial_stop_prefix_is_held_back_then_released():
+    items = list(stream_text([1, 6, 2], decode, ["##END"], 100, 0))
+    deltas = [i["text"] for i in items if i["t"] == "delta"]
+    assert "".join(deltas) == "Hel##lo"
+    assert "Hel##" not in deltas[0], "'##' may start the stop string: it must wait for the next token"
+
+
+def test_stop_string_spanning_tokens_is_found():
+    text, _ = run([1, 2, 3, 6, 7, 8, 4], stop=["#EN"])
+    assert text == "Hello wor#"
