@@ -32,3 +32,67 @@ def mfu(items_per_s: float, flops_per_item: float, peak_tflops: float) -> float:
 def memory_roof_per_s(bytes_per_item: float, bandwidth_gb_s: float) -> float:
     """Items per second if each item only had to move bytes_per_item at the peak bandwidth."""
     return bandwidth_gb_s * 1e9 / bytes_per_item
+
+
+# --- LLM decode: bytes read per generated token -------------------------------------------------
+# At batch size 1 every weight is read once per token, so tokens/s <= bandwidth / bytes per token.
+# Counted: every linear layer (the LM head too: with tied embeddings it reads the embedding table),
+# the norms, and one embedding row; not counted: the rest of the embedding table (only one row of it
+# is looked up). Activations are negligible at batch 1.
+DENSE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def llm_shapes(config: dict) -> tuple[int, int]:
+    """(parameters in linear layers incl. the LM head, parameters in norms + one embedding row)."""
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or h // heads
+    per_layer = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2 + 3 * h * inter
+    linear = layers * per_layer + config["vocab_size"] * h
+    other = (2 * layers + 1) * h + h
+    return linear, other
+
+
+def weight_bytes_per_token(config: dict, fmt: str, group_size: int = 64, act_dtype: str = "bf16") -> int:
+    """Weight bytes read per decoded token, at the weights' storage size.
+
+    fmt: fp32 / bf16 / fp16 (dense), int8 (torchao weight-only: 1 byte + one scale per output row),
+    int4 (torchao: half a byte + a scale and a zero point per group of `group_size`).
+    Scales, zero points and the norms are in act_dtype.
+    """
+    linear, other = llm_shapes(config)
+    if fmt in DENSE_BYTES:
+        return (linear + other) * DENSE_BYTES[fmt]
+    scale = DENSE_BYTES[act_dtype]
+    if fmt == "int8":
+        h, layers = config["hidden_size"], config["num_hidden_layers"]
+        heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+        head_dim = config.get("head_dim") or h // heads
+        rows = layers * (heads * head_dim + 2 * kv * head_dim + h + 2 * config["intermediate_size"] + h) + config["vocab_size"]
+        return linear + rows * scale + other * scale
+    if fmt == "int4":
+        return linear // 2 + (linear // group_size) * 2 * scale + other * scale
+    raise ValueError(f"unknown weight format {fmt!r}")
+
+
+def gguf_bytes_per_token(path: str) -> int:
+    """Bytes of every tensor in a GGUF file at its block-quantized size (Q4_1: 20 bytes per 32 weights, ...).
+
+    llama.cpp reads all of them per token; with tied embeddings token_embd is the LM head as well.
+    """
+    from gguf import GGUFReader
+
+    return int(sum(int(t.n_bytes) for t in GGUFReader(path).tensors))
+
+
+def kv_bytes_per_token(config: dict, context_len: int, dtype_bytes: int = 2) -> int:
+    """KV cache bytes read for one decoded token at a context of context_len tokens."""
+    h, heads = config["hidden_size"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or h // heads
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes * context_len
+
+
+def mbu(tokens_per_s: float, bytes_per_token: float, bandwidth_gb_s: float) -> float:
+    """Model bandwidth utilisation: achieved bytes/s over peak bytes/s."""
+    return tokens_per_s * bytes_per_token / (bandwidth_gb_s * 1e9)

@@ -89,6 +89,9 @@ def validate_chat_request(doc: object, cfg: LLMConfig) -> dict:
         raise _bad("'stream' must be true or false")
     if doc.get("n", 1) not in (1, None):
         raise _bad("only n=1 is supported")
+    ignore_eos = doc.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad("'ignore_eos' must be true or false")
     model = doc.get("model", "")
     if not isinstance(model, str):
         raise _bad("'model' must be a string")
@@ -100,6 +103,7 @@ def validate_chat_request(doc: object, cfg: LLMConfig) -> dict:
         "seed": seed,
         "stop": stop or [],
         "stream": stream,
+        "ignore_eos": ignore_eos,
         "model": model,
         "request_id": secrets.randbits(62) + 1,
     }
@@ -204,7 +208,7 @@ class LLMAPI(ls.LitAPI):
         rid = request["request_id"]
         should_stop = lambda: rid in self.cancelled  # noqa: E731
         yield from gen.chat(ids, max_tokens, request["temperature"], request["top_p"], request["seed"],
-                            request["stop"], should_stop)
+                            request["stop"], request["ignore_eos"], should_stop)
 
     def encode_response(self, outputs):
         yield from outputs

@@ -52,12 +52,11 @@ class Engine:
             from transformers import StaticCache
 
             self.cache = StaticCache(config=model.config, max_cache_len=max_seq_len)
-        self._step = self._decode_step
+        self._step = self._steps
         if compile:
             if not static_cache:
                 raise ValueError("compile needs the static KV cache (fixed shapes)")
-            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on GPU
-            self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
+            self._step = compile_step(self)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
         out = self.model(input_ids=ids, cache=cache, cache_position=positions, use_cache=True)
@@ -67,6 +66,11 @@ class Engine:
         # token: (1, 1) int64; position: (1,) int64 -> logits (vocab,)
         logits, _ = self._forward(token, position, self.cache)
         return logits[0, -1]
+
+    def _steps(self, token: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # one graph for both paths: greedy reads only the argmax, computed inside the graph
+        logits = self._decode_step(token, position)
+        return logits, torch.argmax(logits)
 
     @torch.inference_mode()
     def generate(
@@ -103,7 +107,10 @@ class Engine:
             token_t = torch.tensor([[token]], device=self.device)
             pos_t = torch.tensor([position], device=self.device)
             if self.cache is not None:
-                logits = self._step(token_t, pos_t)
+                logits, best = self._step(token_t, pos_t)
+                if sampling.temperature <= 0:
+                    token, position = int(best), position + 1
+                    continue
             else:
                 step_logits, cache = self._forward(token_t, pos_t, cache)
                 logits = step_logits[0, -1]
@@ -114,6 +121,26 @@ class Engine:
         """Run (and compile) the hot step before serving; returns the seconds it took."""
         start = time.perf_counter()
         for _ in range(2 if self.compiled else 1):
-            for _ in self.generate([1] * prompt_len, Sampling(max_new_tokens=tokens)):
-                pass
+            for temperature in (0.0, 1.0):  # the greedy and the sampling step
+                for _ in self.generate([1] * prompt_len, Sampling(tokens, temperature, seed=0)):
+                    pass
         return time.perf_counter() - start
+
+
+def compile_step(engine: Engine):
+    """torch.compile the decode step for this device.
+
+    GPU: CUDA graphs ("reduce-overhead"): one launch per token. CPU: inductor with frozen weights
+    (oneDNN prepacks them), a C++ wrapper instead of Python around the kernels, the matmul-softmax
+    attention (inductor fuses it; SDPA's CPU flash kernel is slow for one query over a long static
+    cache), and no guards on module attributes (weights do not change while serving).
+    """
+    import torch._inductor.config as inductor
+
+    if engine.device.type == "cuda":
+        return torch.compile(engine._steps, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    inductor.freezing = True
+    inductor.cpp_wrapper = True
+    engine.model.set_attn_implementation("eager")
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    return torch.compile(engine._steps, fullgraph=True, dynamic=False, options=options)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from roofserve.config import LLMConfig
 from roofserve.errors import UserError
-from roofserve.llm.text import stream_text
+from roofserve.llm.runtime import Generator
 
 
 def gguf_path(model: str) -> Path:
@@ -29,7 +29,7 @@ def open_llama(model: str, n_ctx: int, threads: int):
     return Llama(model_path=str(gguf_path(model)), n_ctx=n_ctx, n_threads=threads, n_batch=512, verbose=False, seed=0)
 
 
-class LlamaCppGenerator:
+class LlamaCppGenerator(Generator):
     def __init__(self, cfg: LLMConfig):
         from roofserve.llm.model import _load_tokenizer
 
@@ -41,26 +41,17 @@ class LlamaCppGenerator:
         self.random_weights = False
         self.stop_ids = {self.llm.token_eos()}
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def tokens(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None,
+    def tokens(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, ignore_eos: bool = False,
                should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
         if seed is not None:
             self.llm.set_seed(seed)
+        self.llm.reset()  # no prefix reuse between requests: every prompt is prefilled, as in our engine
         count = 0
         for token in self.llm.generate(ids, temp=temperature, top_p=top_p, top_k=0, reset=True):
-            if token in self.stop_ids:
+            if token in self.stop_ids and not ignore_eos:
                 return
             yield token
             count += 1
             if count >= max_tokens or (should_stop and should_stop()):
                 return
-
-    def chat(self, ids, max_tokens, temperature, top_p, seed, stop, should_stop) -> Iterator[dict]:
-        tokens = self.tokens(ids, max_tokens, temperature, top_p, seed, should_stop)
-        yield from stream_text(tokens, self.decode, stop, max_tokens, len(ids))

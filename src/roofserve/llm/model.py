@@ -116,3 +116,4 @@ def load(source: str, precision: str = "bf16", device: str | torch.device = "cpu
     for p in model.parameters():
         p.requires_grad_(False)
     return Loaded(model, tokenizer, name, random_weights, source)
+

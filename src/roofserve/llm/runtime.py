@@ -41,7 +41,30 @@ def quantize(model: torch.nn.Module, scheme: str, group_size: int, device: torch
             quantize_(model, Int4WeightOnlyConfig(group_size=group_size))
 
 
-class TorchGenerator:
+class Generator:
+    """What a worker serves with: a tokenizer, a chat template, and `tokens()`."""
+
+    tokenizer = None
+    stop_ids: set[int] = set()
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def tokens(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, ignore_eos: bool = False,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
+        raise NotImplementedError
+
+    def chat(self, ids, max_tokens, temperature, top_p, seed, stop, ignore_eos, should_stop) -> Iterator[dict]:
+        tokens = self.tokens(ids, max_tokens, temperature, top_p, seed, ignore_eos, should_stop)
+        yield from stream_text(tokens, self.decode, stop, max_tokens, len(ids))
+
+
+class TorchGenerator(Generator):
     """Our engine: prefill + compiled one-token step over a static cache."""
 
     def __init__(self, cfg: LLMConfig, device: str | torch.device):
@@ -60,18 +83,11 @@ class TorchGenerator:
         eos = eos if isinstance(eos, list) else [eos]
         self.stop_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def chat(self, ids, max_tokens, temperature, top_p, seed, stop, should_stop: Callable[[], bool]) -> Iterator[dict]:
+    def tokens(self, ids, max_tokens, temperature=0.0, top_p=1.0, seed=None, ignore_eos=False, should_stop=None):
         from roofserve.llm.engine import Sampling
 
-        tokens = self.engine.generate(ids, Sampling(max_tokens, temperature, top_p, seed), self.stop_ids, should_stop)
-        yield from stream_text(tokens, self.decode, stop, max_tokens, len(ids))
+        stop_ids = set() if ignore_eos else self.stop_ids
+        return self.engine.generate(ids, Sampling(max_tokens, temperature, top_p, seed), stop_ids, should_stop)
 
 
 def build_generator(cfg: LLMConfig, device: str):

@@ -1,0 +1,195 @@
+"""LLM benchmarks: streaming requests against any OpenAI-compatible endpoint (TTFT, TPOT, ITL,
+tokens/s), and the same engine in-process (prefill and decode tokens/s) to expose server overhead."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
+
+from tqdm import tqdm
+
+from roofserve.bench.http import Connection
+from roofserve.bench.load import percentile
+from roofserve.bench.sse import SSEParser
+
+log = logging.getLogger(__name__)
+# A prompt that keeps a chat model talking, for fixed-length runs where EOS cannot be ignored.
+LONG_PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a map. Use many chapters."
+
+
+@dataclass
+class StreamResult:
+    """One request: all times in ms from the moment it was sent."""
+
+    ok: bool
+    error: str | None = None
+    ttft_ms: float | None = None
+    e2e_ms: float | None = None
+    output_tokens: int | None = None
+    prompt_tokens: int | None = None
+    finish_reason: str | None = None
+    itl_ms: list[float] = field(default_factory=list)
+
+    @property
+    def tpot_ms(self) -> float | None:
+        """Decode time per output token after the first: (e2e - ttft) / (tokens - 1)."""
+        if not self.ok or not self.output_tokens or self.output_tokens < 2:
+            return None
+        return (self.e2e_ms - self.ttft_ms) / (self.output_tokens - 1)
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return 1e3 / self.tpot_ms if self.tpot_ms else None
+
+
+def make_body(model: str, prompt: str, max_tokens: int, ignore_eos: bool, stream: bool = True) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": stream, "stream_options": {"include_usage": True}}
+    if ignore_eos:
+        body["ignore_eos"] = True  # vLLM's extension; roofserve honours it too
+    return body
+
+
+async def stream_one(conn: Connection, path: str, body: bytes, headers: dict[str, str]) -> StreamResult:
+    """Send one streaming chat request and time every content chunk."""
+    parser = SSEParser()
+    start = time.perf_counter()
+    last = None
+    result = StreamResult(ok=False)
+    try:
+        async for status, chunk in conn.stream("POST", path, headers, body):
+            if status != 200:
+                result.error = f"HTTP {status}"
+                continue
+            for data in parser.feed(chunk):
+                if data == "[DONE]":
+                    continue
+                doc = json.loads(data)
+                if "error" in doc:
+                    result.error = str(doc["error"].get("message", "error"))[:80]
+                    continue
+                now = (time.perf_counter() - start) * 1e3
+                for choice in doc.get("choices") or []:
+                    if choice.get("delta", {}).get("content"):
+                        if result.ttft_ms is None:
+                            result.ttft_ms = now
+                        else:
+                            result.itl_ms.append(now - last)
+                        last = now
+                    if choice.get("finish_reason"):
+                        result.finish_reason = choice["finish_reason"]
+                if doc.get("usage"):
+                    result.output_tokens = doc["usage"].get("completion_tokens")
+                    result.prompt_tokens = doc["usage"].get("prompt_tokens")
+    except Exception as e:  # a failed request is a row
+        result.error = type(e).__name__
+    result.e2e_ms = (time.perf_counter() - start) * 1e3
+    result.ok = result.error is None and result.ttft_ms is not None
+    if result.ok and result.output_tokens is None:
+        result.output_tokens = len(result.itl_ms) + 1  # server sent no usage: count chunks
+    return result
+
+
+def summarize(results: list[StreamResult], wall_s: float) -> dict:
+    ok = [r for r in results if r.ok]
+
+    def pcts(values: list[float], name: str) -> dict:
+        return {f"{name}_p{q}": (round(percentile(values, q), 3) if values else None) for q in (50, 90, 99)}
+
+    out_tokens = sum(r.output_tokens or 0 for r in ok)
+    row = {
+        "requests": len(results),
+        "ok": len(ok),
+        "errors": len(results) - len(ok),
+        "error_kinds": sorted({r.error for r in results if r.error}),
+        "output_tokens_mean": round(statistics.fmean([r.output_tokens for r in ok]), 1) if ok else None,
+        "prompt_tokens": ok[0].prompt_tokens if ok else None,
+        "decode_tokens_per_s": round(statistics.median([r.decode_tokens_per_s for r in ok if r.decode_tokens_per_s]), 2)
+        if any(r.decode_tokens_per_s for r in ok) else None,
+        "output_tokens_per_s": round(out_tokens / wall_s, 2) if wall_s else None,
+        "wall_s": round(wall_s, 2),
+    }
+    row.update(pcts([r.ttft_ms for r in ok], "ttft_ms"))
+    row.update(pcts([r.tpot_ms for r in ok if r.tpot_ms], "tpot_ms"))
+    row.update(pcts([x for r in ok for x in r.itl_ms], "itl_ms"))
+    row.update(pcts([r.e2e_ms for r in ok], "e2e_ms"))
+    return row
+
+
+def bench_llm_api(
+    url: str,
+    model: str = "",
+    prompt: str = LONG_PROMPT,
+    max_tokens: int = 128,
+    runs: int = 10,
+    concurrency: int = 1,
+    ignore_eos: bool = True,
+    warmup: int = 1,
+    api_key: str | None = None,
+    progress: bool = True,
+) -> tuple[dict, list[StreamResult]]:
+    """`runs` streaming requests, `concurrency` at a time (1 = the synchronous, no-batching mode)."""
+    parts = urlsplit(url)
+    base, path = f"http://{parts.netloc}", parts.path or "/v1/chat/completions"
+    body = json.dumps(make_body(model, prompt, max_tokens, ignore_eos)).encode()
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+
+    async def run() -> tuple[list[StreamResult], float]:
+        conns = [Connection(base, timeout_s=600) for _ in range(concurrency)]
+        for _ in range(warmup):
+            await stream_one(conns[0], path, body, headers)
+        budget = iter(range(runs))
+        results: list[StreamResult] = []
+        bar = tqdm(total=runs, desc=f"llm c={concurrency}", disable=not progress, leave=False)
+
+        async def client(conn: Connection) -> None:
+            for _ in budget:
+                results.append(await stream_one(conn, path, body, headers))
+                bar.update()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in conns))
+        wall = time.perf_counter() - start
+        bar.close()
+        await asyncio.gather(*(c.close() for c in conns))
+        return results, wall
+
+    results, wall = asyncio.run(run())
+    row = {"kind": "llm-api", "url": url, "concurrency": concurrency, "max_tokens": max_tokens,
+           "ignore_eos": ignore_eos, **summarize(results, wall)}
+    short = [r for r in results if r.ok and r.output_tokens != max_tokens]
+    row["fixed_length_verified"] = not short
+    return row, results
+
+
+def bench_llm_engine(generator, prompt_lengths: list[int], max_tokens: int, runs: int = 3) -> list[dict]:
+    """In-process: prefill tokens/s per prompt length, and decode tokens/s, on the serving engine itself."""
+    rows = []
+    for length in prompt_lengths:
+        ids = [1 + (i * 7919) % 1000 for i in range(length)]
+        prefill, decode = [], []
+        for _ in range(runs):
+            start = time.perf_counter()
+            tokens = generator.tokens(ids, max_tokens, ignore_eos=True)
+            next(tokens)
+            first = time.perf_counter()
+            count = 1 + sum(1 for _ in tokens)
+            end = time.perf_counter()
+            prefill.append(length / (first - start))
+            if count > 1:
+                decode.append((count - 1) / (end - first))
+        rows.append({"kind": "llm-engine", "prompt_tokens": length, "max_tokens": max_tokens,
+                     "prefill_tokens_per_s": round(statistics.median(prefill), 1),
+                     "decode_tokens_per_s": round(statistics.median(decode), 2) if decode else None})
+    return rows
+
+
+def result_rows(results: list[StreamResult]) -> list[dict]:
+    return [{k: v for k, v in asdict(r).items() if k != "itl_ms"} | {"tpot_ms": r.tpot_ms} for r in results]

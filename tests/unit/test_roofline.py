@@ -1,0 +1,58 @@
+"""Roofline math against hand-computed cases."""
+
+import pytest
+
+from roofserve import roofline
+from roofserve.llm.model import RANDOM_CONFIGS
+
+SMOL = RANDOM_CONFIGS["smollm2-135m"]
+LLAMA1B = RANDOM_CONFIGS["llama-3.2-1b"]
+
+
+def test_vision_roofs():
+    # 0.77 GFLOP per image on a 0.9 TFLOP/s peak: 1168.8 images/s at best
+    assert roofline.compute_roof_per_s(0.77e9, 0.9) == pytest.approx(1168.83, rel=1e-4)
+    assert roofline.mfu(300, 0.77e9, 0.9) == pytest.approx(300 * 0.77e9 / 0.9e12)
+    assert roofline.memory_roof_per_s(1e6, 50) == pytest.approx(50_000)
+
+
+def test_smollm2_parameter_count_matches_the_model():
+    linear, other = roofline.llm_shapes(SMOL)
+    # per layer: q,o 576x576; k,v 576x192; gate,up,down 576x1536 -> 3,538,944; x30; LM head 49152x576
+    assert linear == 30 * 3_538_944 + 49_152 * 576 == 134_479_872
+    assert other == 61 * 576 + 576  # 2 norms per layer + final norm, and one embedding row
+
+
+def test_smollm2_bytes_per_token_per_format():
+    linear, other = 134_479_872, 35_712
+    assert roofline.weight_bytes_per_token(SMOL, "bf16") == (linear + other) * 2 == 269_031_168
+    assert roofline.weight_bytes_per_token(SMOL, "fp32") == (linear + other) * 4
+    # int4, group 64: half a byte per weight + (scale, zero) in bf16 per 64 weights
+    assert roofline.weight_bytes_per_token(SMOL, "int4", 64) == linear // 2 + (linear // 64) * 4 + other * 2
+    # int8: one byte per weight + one bf16 scale per output row (30 x (576+192+192+576+1536+1536+576) + 49152)
+    rows = 30 * 5184 + 49152
+    assert roofline.weight_bytes_per_token(SMOL, "int8") == linear + rows * 2 + other * 2
+
+
+def test_llama_3_2_1b_bf16_bytes_and_roof():
+    # per layer: q,o 2048x2048; k,v 2048x512; 3 x 2048x8192 -> 60,817,408; x16; LM head 128256x2048
+    linear, _ = roofline.llm_shapes(LLAMA1B)
+    assert linear == 16 * 60_817_408 + 128_256 * 2048 == 1_235_746_816
+    bytes_bf16 = roofline.weight_bytes_per_token(LLAMA1B, "bf16")
+    # a T4's 320 GB/s datasheet bandwidth: about 129 tokens/s at most in bf16
+    assert roofline.memory_roof_per_s(bytes_bf16, 320) == pytest.approx(129.4, abs=0.5)
+
+
+def test_kv_cache_bytes_and_mbu():
+    # SmolLM2: 2 (k, v) x 30 layers x 3 kv heads x 64 dims x 2 bytes = 23,040 bytes per position
+    assert roofline.kv_bytes_per_token(SMOL, 1) == 23_040
+    assert roofline.kv_bytes_per_token(SMOL, 100) == 2_304_000
+    assert roofline.mbu(100, 269e6, 80) == pytest.approx(100 * 269e6 / 80e9)
+
+
+def test_gguf_bytes_count_blocks(tmp_path):
+    from roofserve.llm.model import bundled_gguf
+
+    size = roofline.gguf_bytes_per_token(str(bundled_gguf()))
+    # Q4_1 stores 32 weights in 20 bytes (0.625 B/weight); some tensors may be kept wider
+    assert 134_515_008 * 0.6 < size < bundled_gguf().stat().st_size
