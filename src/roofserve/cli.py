@@ -158,6 +158,73 @@ def cmd_sweep_vision(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_llm(args: argparse.Namespace) -> int:
+    from roofserve.bench.llm import LONG_PROMPT, bench_llm_api, result_rows
+
+    prompt = LONG_PROMPT if not args.prompt_words else " ".join(["word"] * args.prompt_words) + ". " + LONG_PROMPT
+    rows = []
+    for concurrency in args.concurrency:
+        row, results = bench_llm_api(args.url, args.model, prompt, args.max_tokens, args.runs, concurrency,
+                                     args.ignore_eos, args.warmup, args.api_key)
+        row["step"] = args.label
+        rows.append(row)
+        rows += [{"kind": "llm-request", "concurrency": concurrency, **r} for r in result_rows(results)]
+    _table([r for r in rows if r["kind"] == "llm-api"],
+           ["concurrency", "ok", "errors", "output_tokens_mean", "decode_tokens_per_s", "output_tokens_per_s",
+            "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "fixed_length_verified"])
+    _save(args.out, "bench llm", {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}, rows)
+    return 0
+
+
+def cmd_bench_llm_engine(args: argparse.Namespace) -> int:
+    import torch
+
+    from roofserve.bench.llm import bench_llm_engine
+    from roofserve.llm.roof import step_roof
+    from roofserve.llm.runtime import build_generator
+
+    cfg = _layers(args, LLMConfig, "server")
+    torch.set_num_threads(cfg.threads_per_worker or torch.get_num_threads())
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    generator = build_generator(cfg, device)
+    rows = bench_llm_engine(generator, args.prompt_lengths, args.max_tokens, args.runs)
+    roof = step_roof(cfg, max(args.prompt_lengths) + args.max_tokens // 2, args.bandwidth_gb_s)
+    rows = [{**r, **roof, "step": args.label} for r in rows]
+    _table(rows, ["prompt_tokens", "prefill_tokens_per_s", "decode_tokens_per_s", "weight_format", "roof_tokens_per_s"])
+    _save(args.out, "bench llm-engine", {k: v for k, v in vars(args).items() if k != "func"}, rows)
+    return 0
+
+
+def cmd_sweep_llm(args: argparse.Namespace) -> int:
+    import torch
+
+    from roofserve.bench.sweep import load_ladder, run_llm_ladder
+    from roofserve.hardware import measure_bandwidth_gb_s
+
+    doc, steps = load_ladder(args.ladder, {"runs": args.runs, "max_tokens": args.max_tokens}, LLMConfig)
+    device = torch.device("cuda" if steps[0].config.device == "cuda" else "cpu")
+    peaks = [p.row() for p in measure_bandwidth_gb_s(device)]
+    read = next(p["value"] for p in peaks if p["name"] == "read")
+    print(f"measured read bandwidth: {read:.1f} GB/s")
+    skipped = []
+    if any(s.config.backend == "llamacpp" for s in steps):
+        import importlib.util
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            skipped = [s.name for s in steps if s.config.backend == "llamacpp"]
+            steps = [s for s in steps if s.config.backend != "llamacpp"]
+            print(f"skipping {', '.join(skipped)}: llama-cpp-python is not installed (pip install '.[llamacpp]')")
+    rows = peaks + run_llm_ladder(steps, read)
+    _table([r for r in rows if r["kind"] == "llm-api"],
+           ["step", "decode_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50", "weight_format", "roof_tokens_per_s"])
+    _save(args.out, "sweep llm", {"ladder": args.ladder, "doc": doc, "skipped": skipped}, rows)
+    if args.report:
+        from roofserve.report.markdown import build_report
+
+        print(f"report: {build_report([args.out], args.report)}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from roofserve.report.markdown import build_report
 
@@ -256,6 +323,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/vision-api.json")
     p.set_defaults(func=cmd_bench_vision_api)
 
+    p = bench.add_parser("llm", help="stream chat requests to an OpenAI-compatible URL: TTFT, TPOT, ITL, tokens/s")
+    p.add_argument("--url", default="http://127.0.0.1:8000/v1/chat/completions")
+    p.add_argument("--model", default="", help="model name to send (llama.cpp and vLLM servers check it)")
+    p.add_argument("--runs", type=int, default=10, help="requests per concurrency level")
+    p.add_argument("--concurrency", type=_ints, default=[1], help="1 = synchronous, the no-batching mode")
+    p.add_argument("--max-tokens", type=int, default=128, help="output length")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="ask for exactly max-tokens (vLLM/roofserve extension); the row says if usage confirmed it")
+    p.add_argument("--prompt-words", type=int, default=0, help="prepend this many words to lengthen the prompt")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--label", default="manual")
+    p.add_argument("--out", default="results/llm-api.json")
+    p.set_defaults(func=cmd_bench_llm)
+
+    p = bench.add_parser("llm-engine", help="the serving engine in-process: prefill and decode tokens/s, no HTTP")
+    p.add_argument("--config", metavar="TOML", help="config file with the server's settings")
+    add_config_args(p, LLMConfig)
+    p.add_argument("--prompt-lengths", type=_ints, default=[32, 256, 1024])
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--bandwidth-gb-s", type=float, default=None, help="for the roof (from `roofserve peak`)")
+    p.add_argument("--label", default="manual")
+    p.add_argument("--out", default="results/llm-engine.json")
+    p.set_defaults(func=cmd_bench_llm_engine)
+
     sweep = sub.add_parser("sweep", help="run a ladder of server configs").add_subparsers(dest="what", metavar="LADDER", required=True)
     p = sweep.add_parser("vision", help="start the vision server with each step's config, load it, stop it")
     p.add_argument("ladder", nargs="?", default="experiments/vision-cpu.toml", help="ladder TOML (default: %(default)s)")
@@ -266,6 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/vision-sweep.json")
     p.add_argument("--report", default=None, metavar="DIR", help="also write the Markdown report into DIR")
     p.set_defaults(func=cmd_sweep_vision)
+
+    p = sweep.add_parser("llm", help="start the LLM server with each step's config, stream requests, stop it")
+    p.add_argument("ladder", nargs="?", default="experiments/llm-cpu.toml", help="ladder TOML (default: %(default)s)")
+    p.add_argument("--runs", type=int, default=None, help="override requests per step")
+    p.add_argument("--max-tokens", type=int, default=None, help="override output length")
+    p.add_argument("--out", default="results/llm-sweep.json")
+    p.add_argument("--report", default=None, metavar="DIR", help="also write the Markdown report into DIR")
+    p.set_defaults(func=cmd_sweep_llm)
 
     p = sub.add_parser("demo", help="serve the default classifier, classify examples, run the ladder, write a report")
     p.add_argument("--ladder", default="experiments/vision-cpu.toml")

@@ -8,27 +8,33 @@ from dataclasses import dataclass
 from typing import Any
 
 from roofserve.bench.process import running_server
-from roofserve.config import VisionConfig, as_dict, load_toml, make_config
+from roofserve.config import LLMConfig, VisionConfig, as_dict, load_toml, make_config
 from roofserve.errors import UserError
 
 log = logging.getLogger(__name__)
-_BENCH_KEYS = {"payload", "concurrency", "rate", "requests", "duration_s", "warmup"}
+BENCH_DEFAULTS = {
+    VisionConfig: {"payload": "raw", "concurrency": [1, 8, 32, 64], "rate": [], "requests": 400, "duration_s": 60.0,
+                   "warmup": 16},
+    LLMConfig: {"runs": 8, "max_tokens": 128, "ignore_eos": True, "warmup": 1, "engine": True,
+                "prompt_lengths": [32, 256], "concurrency": 1},
+}
 
 
 @dataclass
 class Step:
     name: str
     why: str
-    config: VisionConfig
+    config: Any
     bench: dict[str, Any]
 
 
-def load_ladder(path: str, overrides: dict[str, Any] | None = None) -> tuple[dict, list[Step]]:
+def load_ladder(path: str, overrides: dict[str, Any] | None = None, cls: type = VisionConfig) -> tuple[dict, list[Step]]:
     """Steps are cumulative: each step's [step.server] table changes the config of the step before."""
     doc = load_toml(path)
     if not doc.get("step"):
         raise UserError(f"{path} has no [[step]] tables")
-    bench = {"payload": "raw", "concurrency": [1, 8, 32, 64], "rate": [], "requests": 400, "duration_s": 60.0, "warmup": 16}
+    bench = dict(BENCH_DEFAULTS[cls])
+    _BENCH_KEYS = set(bench)
     bench.update(doc.get("bench", {}))
     bench.update({k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = set(bench) - _BENCH_KEYS
@@ -41,11 +47,11 @@ def load_ladder(path: str, overrides: dict[str, Any] | None = None) -> tuple[dic
             raise UserError(f"step {i} in {path} has no name")
         server.update(table.get("server", {}))
         step_bench = {**bench, **{k: v for k, v in table.items() if k in _BENCH_KEYS}}
-        steps.append(Step(table["name"], table.get("why", ""), make_config(VisionConfig, server), step_bench))
+        steps.append(Step(table["name"], table.get("why", ""), make_config(cls, server), step_bench))
     return doc, steps
 
 
-def server_flags(cfg: VisionConfig) -> list[str]:
+def server_flags(cfg: Any) -> list[str]:
     flags = []
     for key, value in as_dict(cfg, hide=()).items():
         if key in ("host", "port") or value is None:
@@ -71,4 +77,31 @@ def run_ladder(doc: dict, steps: list[Step], images: list[tuple[str, bytes]], pr
         for row in level_rows:
             row.update({"step": step.name, "step_index": index, "why": step.why, "config": as_dict(step.config)})
         rows.extend(level_rows)
+    return rows
+
+
+def run_llm_ladder(steps: list[Step], bandwidth_gb_s: float | None, progress: bool = True) -> list[dict]:
+    """Each step: served (streaming over HTTP, one request at a time), then in-process on the same engine."""
+    from roofserve.bench.llm import bench_llm_api, bench_llm_engine
+    from roofserve.llm.roof import step_roof
+
+    rows = []
+    for index, step in enumerate(steps, 1):
+        cfg, b = step.config, step.bench
+        log.info("step %d/%d: %s", index, len(steps), step.name)
+        tag = {"step": step.name, "step_index": index, "why": step.why, "config": as_dict(cfg)}
+        with running_server(["llm", *server_flags(cfg)], ready_timeout_s=900) as url:
+            api_row, _ = bench_llm_api(f"{url}/v1/chat/completions", "", max_tokens=b["max_tokens"], runs=b["runs"],
+                                       concurrency=b["concurrency"], ignore_eos=b["ignore_eos"], warmup=b["warmup"],
+                                       api_key=cfg.api_key, progress=progress)
+        roof = step_roof(cfg, context_len=(api_row.get("prompt_tokens") or 0) + b["max_tokens"] // 2,
+                         bandwidth_gb_s=bandwidth_gb_s)
+        rows.append({**api_row, **tag, **roof})
+        if b["engine"]:
+            from roofserve.llm.runtime import build_generator
+
+            generator = build_generator(cfg, "cuda" if cfg.device == "cuda" else "cpu")
+            for row in bench_llm_engine(generator, b["prompt_lengths"], b["max_tokens"]):
+                rows.append({**row, **tag, **roof})
+            del generator
     return rows

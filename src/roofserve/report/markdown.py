@@ -119,6 +119,54 @@ def vision_section(rows: list[dict], out: Path) -> list[str]:
     return lines
 
 
+MBU_BANDWIDTH_BOUND = 0.6
+
+
+def llm_verdict(mbu: float | None) -> str:
+    if mbu is None:
+        return "-"
+    if mbu >= MBU_BANDWIDTH_BOUND:
+        return f"bandwidth-bound ({mbu:.0%} of the roof)"
+    return f"overhead-bound: {mbu:.0%} of the roof; per-token compute, dispatch and Python dominate"
+
+
+def llm_section(rows: list[dict], out: Path) -> list[str]:
+    api = sorted([r for r in rows if r["kind"] == "llm-api"], key=lambda r: r.get("step_index", 0))
+    engine = [r for r in rows if r["kind"] == "llm-engine"]
+    peaks = [r for r in rows if r["kind"] == "peak" and r["resource"] == "bandwidth"]
+    lines = ["## LLM", ""]
+    if peaks:
+        lines += ["Measured bandwidth: " + ", ".join(f"{p['name']} {p['value']:.1f} GB/s" for p in peaks)
+                  + ". Roofs use the read bandwidth.", ""]
+    lines += ["Bytes per token = weights at their storage size (every linear layer, the LM head included: with tied "
+              "embeddings it reads the embedding table; one embedding row; norms) + the KV cache at the mean context. "
+              "MBU = decode tokens/s x bytes per token / bandwidth.", ""]
+    body, bars = [], []
+    for r in api:
+        eng = [e for e in engine if e.get("step") == r.get("step")]
+        eng_decode = max((e["decode_tokens_per_s"] or 0 for e in eng), default=None) or None
+        prefill = max((e["prefill_tokens_per_s"] for e in eng), default=None)
+        bpt, bw, tps = r.get("bytes_per_token"), r.get("bandwidth_gb_s"), r.get("decode_tokens_per_s")
+        mbu = tps * bpt / (bw * 1e9) if tps and bpt and bw else None
+        body.append([r.get("step"), r.get("weight_format"), tps, eng_decode, _pct(tps, eng_decode),
+                     r.get("ttft_ms_p50"), r.get("ttft_ms_p99"), r.get("tpot_ms_p50"), r.get("tpot_ms_p99"), prefill,
+                     round(bpt / 1e6, 1) if bpt else None, r.get("roof_tokens_per_s"),
+                     f"{mbu:.0%}" if mbu else "-", llm_verdict(mbu)])
+        bars.append((str(r.get("step")), tps, eng_decode, r.get("roof_tokens_per_s")))
+    if body:
+        lines += _table(["step", "weights", "served decode tok/s", "in-process tok/s", "served / in-process",
+                         "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "prefill tok/s", "MB / token",
+                         "roof tok/s", "MBU", "verdict"], body)
+        unverified = [r.get("step") for r in api if not r.get("fixed_length_verified", True)]
+        if unverified:
+            lines += ["", f"Output length not confirmed by usage for: {', '.join(map(str, unverified))}."]
+        lines += ["", f"![llm decode]({plots.llm_decode_bars(bars, out / 'llm_decode.png').name})", ""]
+        why = [[r.get("step"), r.get("why", "")] for r in api if r.get("why")]
+        if why:
+            lines += ["### What each step changes", ""] + _table(["step", "change"], why) + [""]
+    return lines
+
+
 def build_report(paths: list[str], out_dir: str) -> Path:
     metas, rows = read_results(paths)
     out = Path(out_dir)
@@ -131,6 +179,8 @@ def build_report(paths: list[str], out_dir: str) -> Path:
              "Made from: " + ", ".join(f"`roofserve {m['command']}` ({m['created']})" for m in metas) + ".", ""]
     if any(r["kind"].startswith("vision") for r in rows):
         lines += vision_section(rows, out)
+    if any(r["kind"].startswith("llm") for r in rows):
+        lines += llm_section(rows, out)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

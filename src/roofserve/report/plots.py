@@ -82,3 +82,27 @@ def model_throughput(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def llm_decode_bars(steps: list[tuple[str, float | None, float | None, float | None]], path: Path) -> Path:
+    """Decode tokens/s per step (served, and in-process) with each step's bandwidth roof as a marker."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    names = [s[0] for s in steps]
+    x = range(len(steps))
+    ax.bar([i - 0.2 for i in x], [s[1] or 0 for s in steps], width=0.4, label="served (HTTP, streaming)")
+    ax.bar([i + 0.2 for i in x], [s[2] or 0 for s in steps], width=0.4, label="in-process engine")
+    roofs = [(i, s[3]) for i, s in zip(x, steps) if s[3]]
+    if roofs:
+        ax.scatter(*zip(*roofs), marker="_", s=900, color="black", label="bandwidth roof of the step's format")
+    ax.set_yscale("log")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("decode tokens / s (batch 1)")
+    ax.set_title("LLM decode speed per step, against the memory-bandwidth roof")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,55 @@
+"""The bandwidth roof of one LLM serving config: bytes read per token -> tokens/s at peak bandwidth."""
+
+from __future__ import annotations
+
+from roofserve import roofline
+from roofserve.config import LLMConfig
+from roofserve.hardware import datasheet_for
+
+
+def model_shape(model: str) -> dict:
+    """The architecture numbers the roofline needs, without loading weights."""
+    from roofserve.llm.model import DEFAULT_MODEL, RANDOM_CONFIGS
+
+    if model in (DEFAULT_MODEL, "default"):
+        return RANDOM_CONFIGS["smollm2-135m"]  # the bundled GGUF is SmolLM2-135M-Instruct
+    if model.startswith("random:"):
+        return RANDOM_CONFIGS[model[7:]]
+    from transformers import AutoConfig
+
+    if model.endswith(".gguf"):
+        from pathlib import Path
+
+        path = Path(model)
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+    return AutoConfig.from_pretrained(model).to_dict()
+
+
+def weight_format(cfg: LLMConfig) -> str:
+    if cfg.backend == "llamacpp":
+        return "gguf"
+    return cfg.quantize if cfg.quantize != "none" else cfg.precision
+
+
+def step_roof(cfg: LLMConfig, context_len: int, bandwidth_gb_s: float | None, gpu_name: str | None = None) -> dict:
+    """Bytes per token (weights at storage size + KV cache at context_len) and the tokens/s roof."""
+    shape = model_shape(cfg.model)
+    fmt = weight_format(cfg)
+    if fmt == "gguf":
+        from roofserve.llm.llamacpp import gguf_path
+
+        weights = roofline.gguf_bytes_per_token(str(gguf_path(cfg.model)))
+        kv_bytes = 2  # llama.cpp's default f16 KV cache
+    else:
+        weights = roofline.weight_bytes_per_token(shape, fmt, cfg.group_size,
+                                                  "bf16" if cfg.precision != "fp32" else "fp32")
+        kv_bytes = 4 if cfg.precision == "fp32" else 2
+    kv = roofline.kv_bytes_per_token(shape, context_len, kv_bytes)
+    total = weights + kv
+    out = {"weight_format": fmt, "weight_bytes_per_token": weights, "kv_bytes_per_token": kv,
+           "bytes_per_token": total, "bandwidth_gb_s": bandwidth_gb_s,
+           "roof_tokens_per_s": round(roofline.memory_roof_per_s(total, bandwidth_gb_s), 1) if bandwidth_gb_s else None}
+    sheet = datasheet_for(gpu_name)
+    if sheet:
+        out["datasheet_roof_tokens_per_s"] = round(roofline.memory_roof_per_s(total, sheet[1]["bandwidth_gb_s"]), 1)
+    return out

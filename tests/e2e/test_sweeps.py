@@ -1,0 +1,59 @@
+"""Tiny ladders end to end: real servers, real load, a report whose numbers come from the rows."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _roofserve(*args: str, timeout: int = 900) -> str:
+    done = subprocess.run([sys.executable, "-m", "roofserve", *args], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_vision_sweep_of_two_steps_writes_rows_and_report(tmp_path):
+    ladder = tmp_path / "ladder.toml"
+    ladder.write_text(
+        '[bench]\nconcurrency = [1, 4]\nrequests = 24\nwarmup = 2\npayload = "base64"\n'
+        '[model]\nprecisions = ["fp32"]\nbatch_sizes = [1, 4]\npipeline_batch_sizes = [4]\npipeline_precision = "fp32"\n'
+        "min_time_s = 0.2\n"
+        '[server]\nworkers_per_device = 1\nmax_batch_size = 1\nprecision = "fp32"\n'
+        '[[step]]\nname = "one"\n[[step]]\nname = "two"\nserver = { max_batch_size = 4 }\npayload = "raw"\n'
+    )
+    out = tmp_path / "sweep.json"
+    _roofserve("sweep", "vision", str(ladder), "--out", str(out), "--report", str(tmp_path / "report"))
+    rows = json.loads(out.read_text())["rows"]
+    api = [r for r in rows if r["kind"] == "vision-api"]
+    assert [(r["step"], r["concurrency"]) for r in api] == [("one", 1), ("one", 4), ("two", 1), ("two", 4)]
+    assert all(r["errors"] == 0 and r["ok"] == 24 for r in api)
+    assert api[2]["config"]["max_batch_size"] == 4 and api[2]["payload"] == "raw"
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["versions"]["torch"] and meta["machine"]["cores"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    best_two = max(r["req_per_s"] for r in api if r["step"] == "two")
+    assert f"| two | {best_two:.1f} |" in report
+    for png in ("vision_throughput.png", "vision_latency.png", "vision_model.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 1000
+
+
+def test_llm_sweep_of_two_steps_writes_rows_and_report(tmp_path):
+    ladder = tmp_path / "ladder.toml"
+    ladder.write_text(
+        "[bench]\nruns = 2\nmax_tokens = 8\nprompt_lengths = [16]\n"
+        '[server]\nmax_seq_len = 256\nprecision = "fp32"\nstatic_cache = false\n'
+        '[[step]]\nname = "fp32"\n[[step]]\nname = "bf16 static"\nserver = { precision = "bf16", static_cache = true }\n'
+    )
+    out = tmp_path / "llm.json"
+    _roofserve("sweep", "llm", str(ladder), "--out", str(out), "--report", str(tmp_path / "report"))
+    rows = json.loads(out.read_text())["rows"]
+    api = [r for r in rows if r["kind"] == "llm-api"]
+    assert [r["step"] for r in api] == ["fp32", "bf16 static"]
+    assert all(r["ok"] == 2 and r["fixed_length_verified"] and r["output_tokens_mean"] == 8 for r in api)
+    assert api[0]["weight_format"] == "fp32" and api[1]["weight_format"] == "bf16"
+    assert api[0]["weight_bytes_per_token"] == 2 * api[1]["weight_bytes_per_token"]
+    assert [r["step"] for r in rows if r["kind"] == "llm-engine"] == ["fp32", "bf16 static"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert f"| bf16 static | bf16 | {api[1]['decode_tokens_per_s']:.1f} |" in report
+    assert (tmp_path / "report" / "llm_decode.png").stat().st_size > 1000
