@@ -108,7 +108,7 @@ def cmd_bench_vision_model(args: argparse.Namespace) -> int:
     if args.pipeline_batch_sizes:
         pipe = bench_pipeline(args.model, args.weights, args.pipeline_precision, args.pipeline_batch_sizes,
                               example_images(args.images), args.device, args.channels_last, args.min_time_s)
-        _table(pipe, ["precision", "batch_size", "threads", "img_per_s", "decode_ms_per_image"])
+        _table(pipe, ["precision", "batch_size", "lanes", "threads", "img_per_s", "decode_ms_per_image"])
         rows += pipe
     _save(args.out, "bench vision-model", {k: v for k, v in vars(args).items() if k != "func"}, rows)
     return 0
@@ -144,7 +144,7 @@ def cmd_sweep_vision(args: argparse.Namespace) -> int:
         rows += bench_model(first.model, first.weights, model.get("precisions", ["fp32", "bf16"]),
                             model.get("batch_sizes", [1, 8, 32]), first.device, True, False,
                             model.get("min_time_s", 1.0), rows)
-        rows += bench_pipeline(first.model, first.weights, model.get("pipeline_precision", "bf16"),
+        rows += bench_pipeline(first.model, first.weights, model.get("pipeline_precision", "auto"),
                                model.get("pipeline_batch_sizes", [8, 32]), images, first.device, True,
                                model.get("min_time_s", 1.0))
     rows += run_ladder(doc, steps, images)
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--min-time-s", type=float, default=1.0, help="time each point for at least this long")
     p.add_argument("--pipeline-batch-sizes", type=_ints, default=[1, 8, 32], help="'' to skip the pipeline")
-    p.add_argument("--pipeline-precision", default="bf16")
+    p.add_argument("--pipeline-precision", default="auto")
     p.add_argument("--images", help="folder of images for the pipeline (default: the bundled examples)")
     p.add_argument("--no-peak", action="store_true", help="skip measuring peaks (MFU needs them)")
     p.add_argument("--out", default="results/vision-model.json")

@@ -17,6 +17,7 @@ from typing import Any
 from roofserve.errors import UserError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+VISION_PRECISIONS = ("auto", *PRECISIONS)
 DEVICES = ("auto", "cpu", "cuda")
 ALLOCATORS = ("glibc-tuned", "glibc", "jemalloc", "tcmalloc")
 
@@ -63,17 +64,20 @@ class VisionConfig(ServerConfig):
         "weights: a .safetensors/.pth file, 'hub' (download), 'random', or unset for the bundled default",
         default=None,
     )
-    precision: str = _help("fp32, fp16 or bf16 (fp16 only on cuda)", default="fp32")
+    precision: str = _help(
+        "auto, fp32, fp16 or bf16; auto = bf16 where the CPU/GPU runs it natively, else fp16 on GPU, fp32 on CPU",
+        default="auto",
+    )
     channels_last: bool = _help("NHWC memory layout for the conv net", default=True)
     compile: bool = _help("torch.compile the model (slow first start)", default=False)
-    max_batch_size: int = _help("largest batch a worker runs at once (1: no batching)", default=8)
+    max_batch_size: int = _help("largest batch a worker runs at once (1: no batching)", default=16)
     batch_timeout_s: float = _help("how long a worker waits to fill a batch", default=0.005)
     fast_decode: bool = _help("JPEG draft mode: decode big JPEGs at reduced scale before resizing", default=True)
     max_image_pixels: int = _help("images with more pixels are rejected with 413 (decompression bombs)", default=40_000_000)
 
     def validate(self) -> None:
         super().validate()
-        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("precision", self.precision, VISION_PRECISIONS)
         _check_positive("max_batch_size", self.max_batch_size)
         _check_positive("max_image_pixels", self.max_image_pixels)
         if self.batch_timeout_s < 0:

@@ -75,7 +75,9 @@ def run_ladder(doc: dict, steps: list[Step], images: list[tuple[str, bytes]], pr
             level_rows = bench_api(f"{url}/predict", images, b["payload"], b["concurrency"], b["rate"], b["requests"],
                                    b["duration_s"], b["warmup"], step.config.api_key, progress)
         for row in level_rows:
-            row.update({"step": step.name, "step_index": index, "why": step.why, "config": as_dict(step.config)})
+            # the server's own /info config records what ran (e.g. precision "auto" resolved)
+            row.update({"step": step.name, "step_index": index, "why": step.why,
+                        "config": row.get("config") or as_dict(step.config)})
         rows.extend(level_rows)
     return rows
 

@@ -74,12 +74,12 @@ def bench_model(
 ) -> list[dict]:
     """Model-only images/s per precision and batch size, with FLOPs, MFU and the compute roof."""
     from roofserve.hardware import peak_lookup
-    from roofserve.vision.model import build_classifier, resolve_device
+    from roofserve.vision.model import build_classifier, resolve_device, resolve_precision
 
     dev = resolve_device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     rows = []
-    for precision in precisions:
+    for precision in dict.fromkeys(resolve_precision(p, dev) for p in precisions):
         net, pre = build_classifier(model, weights, dev, precision, channels_last, compile=False)
         example = torch.zeros(1, 3, pre.input_size, pre.input_size, dtype=torch.uint8, device=dev)
         flops = roofline.count_flops(net, example)
@@ -124,36 +124,51 @@ def bench_pipeline(
     device: str = "cpu",
     channels_last: bool = True,
     min_time_s: float = 1.0,
+    lanes: list[int] | None = None,
 ) -> list[dict]:
-    """Decode + preprocess + model in one process (no HTTP): the ceiling a server can approach."""
-    from roofserve.vision.model import build_classifier, resolve_device
+    """Decode + preprocess + model in one process (no HTTP): the ceiling a server can approach.
+
+    Measured two ways, like a server can run: one lane with all cores for torch, and one lane per
+    core (Python threads; PIL and torch release the GIL) with one torch thread each, so decoding
+    one batch overlaps the model on another, as two server workers do.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from roofserve.vision.model import build_classifier, resolve_device, resolve_precision
     from roofserve.vision.preprocess import decode, to_batch
 
     dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
     net, pre = build_classifier(model, weights, dev, precision, channels_last)
     datas = [data for _, data in images]
     decode_rate = _timed_rate(lambda: [decode(d, pre, 10**9) for d in datas], len(datas), min_time_s)
+    cores = os.cpu_count() or 1
+    lanes = lanes or sorted({1, cores})
+    threads_before = torch.get_num_threads()
     rows = []
-    for batch in tqdm(batch_sizes, desc="pipeline", leave=False):
-        chunk = [datas[i % len(datas)] for i in range(batch)]
+    try:
+        for lane_count in lanes:
+            torch.set_num_threads(max(1, cores // lane_count))
+            for batch in tqdm(batch_sizes, desc=f"pipeline x{lane_count}", leave=False):
+                chunk = [datas[i % len(datas)] for i in range(batch)]
 
-        def step():
-            x = to_batch([decode(d, pre, 10**9) for d in chunk]).to(dev)
-            with torch.inference_mode():
-                net(x).cpu()
+                def step():
+                    x = to_batch([decode(d, pre, 10**9) for d in chunk]).to(dev)
+                    with torch.inference_mode():
+                        net(x).cpu()
 
-        rows.append(
-            {
-                "kind": "vision-pipeline",
-                "model": model,
-                "precision": precision,
-                "batch_size": batch,
-                "device": dev.type,
-                "threads": torch.get_num_threads(),
-                "img_per_s": round(_timed_rate(step, batch, min_time_s), 2),
-                "decode_ms_per_image": round(1e3 / decode_rate, 3),
-            }
-        )
+                def lane() -> float:
+                    return _timed_rate(step, batch, min_time_s)
+
+                with ThreadPoolExecutor(lane_count) as pool:
+                    rate = sum(pool.map(lambda _: lane(), range(lane_count)))
+                rows.append({
+                    "kind": "vision-pipeline", "model": model, "precision": precision, "batch_size": batch,
+                    "device": dev.type, "lanes": lane_count, "threads": torch.get_num_threads(),
+                    "img_per_s": round(rate, 2), "decode_ms_per_image": round(1e3 / decode_rate, 3),
+                })
+    finally:
+        torch.set_num_threads(threads_before)
     return rows
 
 

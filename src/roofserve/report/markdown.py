@@ -77,7 +77,7 @@ def vision_section(rows: list[dict], out: Path) -> list[str]:
         lines += _table(["precision", "model-only img/s (best)", "at batch", "compute roof img/s", "MFU"], body)
         if best_pipe:
             lines += ["", f"In-process pipeline (decode + preprocess + model, {best_pipe['precision']}, "
-                      f"batch {best_pipe['batch_size']}, {best_pipe['threads']} threads, no HTTP): "
+                      f"batch {best_pipe['batch_size']}, {best_pipe.get('lanes', 1)} lane(s) x {best_pipe['threads']} torch thread(s), no HTTP): "
                       f"**{best_pipe['img_per_s']:.1f} img/s**; decode {best_pipe['decode_ms_per_image']:.2f} ms per image."]
         lines += ["", f"![model-only throughput]({plots.model_throughput(model, out / 'vision_model.png').name})", ""]
 

@@ -35,6 +35,9 @@ def preflight(cfg: VisionConfig) -> str:
     accelerator = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
     if cfg.precision == "fp16" and accelerator == "cpu":
         raise UserError("fp16 is slow or unsupported on CPU; use --precision bf16 or fp32")
+    from roofserve.vision.model import resolve_precision
+
+    cfg.precision = resolve_precision(cfg.precision, torch.device(accelerator))  # results record what ran
     return accelerator
 
 
