@@ -147,7 +147,7 @@ def bench_llm_api(
             await stream_one(conns[0], path, body, headers)
         budget = iter(range(runs))
         results: list[StreamResult] = []
-        bar = tqdm(total=runs, desc=f"llm c={concurrency}", disable=not progress, leave=False)
+        bar = tqdm(total=runs, desc=f"llm c={concurrency}", disable=None if progress else True, leave=False)
 
         async def client(conn: Connection) -> None:
             for _ in budget:

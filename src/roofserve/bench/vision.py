@@ -85,7 +85,7 @@ def bench_model(
         flops = roofline.count_flops(net, example)
         runner = torch.compile(net, dynamic=False) if compile else net
         peak = peak_lookup(peak_rows or [], "matmul", precision)
-        for batch in tqdm(batch_sizes, desc=f"model {precision}", leave=False):
+        for batch in tqdm(batch_sizes, desc=f"model {precision}", leave=False, disable=None):
             images = torch.randint(0, 256, (batch, 3, pre.input_size, pre.input_size), dtype=torch.uint8, device=dev)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -149,7 +149,7 @@ def bench_pipeline(
     try:
         for lane_count in lanes:
             torch.set_num_threads(max(1, cores // lane_count))
-            for batch in tqdm(batch_sizes, desc=f"pipeline x{lane_count}", leave=False):
+            for batch in tqdm(batch_sizes, desc=f"pipeline x{lane_count}", leave=False, disable=None):
                 chunk = [datas[i % len(datas)] for i in range(batch)]
 
                 def step():
@@ -222,7 +222,7 @@ def bench_api(
     server_config = _server_config(base_url, api_key)
     levels = [("concurrency", c) for c in concurrencies] + [("rate_per_s", r) for r in rates]
     rows = []
-    bar = tqdm(total=len(levels) * requests, desc="api sweep", disable=not progress, leave=False)
+    bar = tqdm(total=len(levels) * requests, desc="api sweep", disable=None if progress else True, leave=False)
     for mode, level in levels:
         with Monitor() as mon:
             if mode == "concurrency":

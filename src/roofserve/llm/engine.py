@@ -137,6 +137,9 @@ def compile_step(engine: Engine):
     """
     import torch._inductor.config as inductor
 
+    # Compiled code is cached per code object, and we skip guards on the model: drop what an earlier
+    # engine in this process compiled (with its frozen weights) before compiling for this one.
+    torch._dynamo.reset()
     if engine.device.type == "cuda":
         return torch.compile(engine._steps, mode="reduce-overhead", fullgraph=True, dynamic=False)
     inductor.freezing = True
