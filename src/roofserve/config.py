@@ -35,7 +35,9 @@ class ServerConfig:
     device: str = _help("cpu, cuda or auto (cuda when a GPU is visible)", default="auto")
     workers_per_device: int = _help("inference worker processes per device", default=2)
     threads_per_worker: int = _help("torch intra-op threads in each worker (0: cores / workers)", default=0)
-    timeout_s: float = _help("a request waiting longer than this in the queue gets 504", default=30.0)
+    timeout_s: float = _help("deadline: a request not answered within this many seconds gets 504", default=30.0)
+    max_queued_requests: int = _help("admitted requests at once; beyond it the server answers 503 + Retry-After",
+                                     default=256)
     max_payload_bytes: int = _help("largest request body accepted; larger gets 413", default=10 * 1024 * 1024)
     fast_queue: bool = _help("use ZeroMQ instead of multiprocessing queues between HTTP and workers", default=False)
     allocator: str = _help(
@@ -49,6 +51,9 @@ class ServerConfig:
         _check_choice("allocator", self.allocator, ALLOCATORS)
         _check_positive("workers_per_device", self.workers_per_device)
         _check_positive("max_payload_bytes", self.max_payload_bytes)
+        _check_positive("max_queued_requests", self.max_queued_requests)
+        if self.timeout_s <= 0:
+            raise UserError("timeout_s must be > 0")
         if self.threads_per_worker < 0:
             raise UserError("threads_per_worker must be >= 0 (0 means cores / workers)")
         if not 0 < self.port < 65536:
@@ -99,6 +104,9 @@ class LLMConfig(ServerConfig):
     )
     backend: str = _help("torch (our decode loop) or llamacpp (llama-cpp-python on a .gguf)", default="torch")
     workers_per_device: int = _help("inference worker processes (one request at a time each)", default=1)
+    timeout_s: float = _help("deadline: a request not finished within this many seconds gets 504", default=300.0)
+    max_queued_requests: int = _help("admitted requests at once; beyond it the server answers 503 + Retry-After",
+                                     default=32)
     precision: str = _help("fp32, bf16 or fp16 (fp16 only on cuda)", default="bf16")
     static_cache: bool = _help("preallocated KV cache (needed for compile)", default=True)
     compile: bool = _help("torch.compile the one-token decode step (CUDA graphs on GPU)", default=False)

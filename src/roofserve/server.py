@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from litserve.server import RegularRequestHandler
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
 from roofserve.errors import UserError
+from roofserve.metrics import Metrics, MetricsMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +98,44 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return bytes(body)
 
 
+def overloaded(server: "RoofServer") -> JSONResponse | None:
+    """503 + Retry-After when the admitted requests are at the bound; else admit (count) the request."""
+    metrics = server.metrics
+    if metrics.in_flight >= server.max_queued_requests:
+        metrics.rejected_overload += 1
+        response = error_response(503, f"server busy: {metrics.in_flight} requests in progress; retry shortly")
+        response.headers["Retry-After"] = "1"
+        return response
+    metrics.in_flight += 1
+    return None
+
+
 class PayloadHandler(RegularRequestHandler):
-    """Reads the body itself (bounded) and hands the API's `read_payload` the bytes; answers Rejections as 4xx."""
+    """Reads the body itself (bounded) and hands the API's `read_payload` the bytes; answers Rejections as 4xx.
+
+    Bounds the admitted requests (503 beyond) and the time to answer (504 past the deadline, also
+    while the worker is busy with it: the late answer is dropped).
+    """
 
     async def handle_request(self, request: Request, request_type=None) -> Response:
+        if busy := overloaded(self.server):
+            return busy
+        try:
+            return await self._handle(request)
+        finally:
+            self.server.metrics.in_flight -= 1
+
+    async def _handle(self, request: Request) -> Response:
         body = await read_body(request, self.server.max_payload_bytes)
         payload = await self.lit_api.read_payload(request, body)
         uid, _ = await self._submit_request(payload)
         event = asyncio.Event()
         self.server.response_buffer[uid] = ResponseBufferItem(event)
-        await event.wait()
+        try:
+            await asyncio.wait_for(event.wait(), self.server.deadline_s)
+        except asyncio.TimeoutError:
+            self.server.response_buffer.pop(uid, None)
+            return error_response(504, f"no answer within the deadline of {self.server.deadline_s:g} s")
         response, status = self.server.response_buffer.pop(uid).response
         if status == LitAPIStatus.ERROR:
             self._handle_error_response(response)
@@ -119,8 +149,27 @@ class StreamingPayloadHandler(RegularRequestHandler):
     plain 4xx; then the API's `respond(payload, first, items, close)` builds the response."""
 
     async def handle_request(self, request: Request, request_type=None) -> Response:
+        if busy := overloaded(self.server):
+            return busy
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.server.metrics.in_flight -= 1
+
+        try:
+            return await self._handle(request, release)
+        except BaseException:
+            release()
+            raise
+
+    async def _handle(self, request: Request, release) -> Response:
+        started = time.perf_counter()
         body = await read_body(request, self.server.max_payload_bytes)
         payload = await self.lit_api.read_payload(request, body)
+        payload["deadline"] = time.time() + self.server.deadline_s  # checked by the worker between tokens
         uid, _ = await self._submit_request(payload)
         queue, event = deque(), asyncio.Event()
         self.server.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=queue)
@@ -128,9 +177,13 @@ class StreamingPayloadHandler(RegularRequestHandler):
 
         def close() -> None:
             self.server.response_buffer.pop(uid, None)
+            release()
 
         try:
-            first, status = await items.__anext__()
+            first, status = await asyncio.wait_for(items.__anext__(), self.server.deadline_s)
+        except asyncio.TimeoutError:
+            close()
+            return error_response(504, f"not started within the deadline of {self.server.deadline_s:g} s")
         except StopAsyncIteration:
             close()
             return error_response(500, "the worker ended the request without an answer")
@@ -140,7 +193,7 @@ class StreamingPayloadHandler(RegularRequestHandler):
         if isinstance(first, Rejection):
             close()
             return error_response(first.status, first.message)
-        return await self.lit_api.respond(payload, first, items, close)
+        return await self.lit_api.respond(payload, first, items, close, started, self.server.metrics)
 
 
 class RoofServer(ls.LitServer):
@@ -150,12 +203,22 @@ class RoofServer(ls.LitServer):
     the HTTP process; what it returns is what the worker's decode_request receives.
     """
 
-    def __init__(self, lit_api: ls.LitAPI, *, max_payload_bytes: int, api_key: str | None = None, **kwargs):
+    def __init__(self, lit_api: ls.LitAPI, *, max_payload_bytes: int, max_queued_requests: int, timeout: float,
+                 api_key: str | None = None, **kwargs):
         self.max_payload_bytes = max_payload_bytes
+        self.max_queued_requests = max_queued_requests
+        self.deadline_s = timeout
         self.api_key = api_key
-        super().__init__(lit_api, **kwargs)
+        super().__init__(lit_api, timeout=timeout, **kwargs)
         self.app.add_exception_handler(HTTPException, _http_exception)
         self.app.add_exception_handler(RequestValidationError, _validation_exception)
+        self.metrics = Metrics((lit_api.api_path, self.healthcheck_path, "/metrics", "/v1/models", self.info_path))
+        self.app.add_middleware(MetricsMiddleware, metrics=self.metrics)
+
+        async def metrics() -> Response:
+            return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+        self.app.add_api_route("/metrics", metrics, methods=["GET"], dependencies=[Depends(self.setup_auth())])
 
     def setup_auth(self, lit_api: ls.LitAPI | None = None):
         """X-API-Key or `Authorization: Bearer` on every route but health, compared in constant time."""

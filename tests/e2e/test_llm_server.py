@@ -12,7 +12,7 @@ CONTEXT = 256
 
 @pytest.fixture(scope="module")
 def url():
-    with running_server(["llm", "--max-seq-len", str(CONTEXT), "--max-tokens-cap", "128"]) as url:
+    with running_server(["llm", "--max-seq-len", str(CONTEXT), "--max-tokens-cap", "128", "--default-max-tokens", "16"]) as url:
         yield url
 
 
@@ -117,3 +117,37 @@ def test_client_that_disconnects_mid_stream_frees_the_server(url, client):
     # The worker serves one request at a time: this one only finishes quickly if the first was stopped.
     answer = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=8)
     assert answer.choices[0].message.content
+
+
+def test_metrics_count_tokens_and_time_to_first_token(url, client):
+    client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=4)
+    text = httpx.get(url + "/metrics").text
+    tokens = next(line for line in text.splitlines() if line.startswith("roofserve_tokens_generated_total"))
+    assert int(tokens.split()[-1]) >= 4
+    ttft = next(line for line in text.splitlines() if line.startswith("roofserve_time_to_first_token_seconds_count"))
+    assert int(ttft.split()[-1]) >= 1
+    assert 'route="/v1/chat/completions",status="400"' in text
+
+
+def test_fuzzed_chat_requests_never_get_5xx(url):
+    import json
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    values = st.recursive(st.none() | st.booleans() | st.integers(-5, 300) | st.floats(allow_nan=False) | st.text(max_size=12),
+                          lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                          max_leaves=8)
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", 3]), "content": values})
+    body = st.fixed_dictionaries({"messages": st.one_of(st.lists(message, max_size=2), values)},
+                                 optional={"max_tokens": values, "temperature": values, "top_p": values, "seed": values,
+                                           "stop": values, "stream": values, "n": values})
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(doc=body)
+    def check(doc):
+        response = httpx.post(url + "/v1/chat/completions", content=json.dumps(doc), timeout=60,
+                              headers={"Content-Type": "application/json"})
+        assert response.status_code < 500, (doc, response.text)
+
+    check()

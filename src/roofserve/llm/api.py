@@ -133,7 +133,8 @@ class LLMAPI(ls.LitAPI):
         self.cancelled[self._cancel_next % _CANCEL_SLOTS] = request_id
         self._cancel_next += 1
 
-    async def respond(self, payload: dict, first: dict, items: AsyncIterator, close: Callable[[], None]):
+    async def respond(self, payload: dict, first: dict, items: AsyncIterator, close: Callable[[], None],
+                      started: float, metrics) -> object:
         created, cid = int(time.time()), f"chatcmpl-{payload['request_id']:x}"
         base = {"id": cid, "created": created, "model": self.model_id}
         extra = {"roofserve": {"random_weights": True, "note": "random weights: this text is meaningless"}} if self.random_weights else {}
@@ -145,9 +146,12 @@ class LLMAPI(ls.LitAPI):
                     if isinstance(item, Rejection):
                         return JSONResponse({"error": {"message": item.message, "code": item.status}}, item.status)
                     if item["t"] == "delta":
+                        if not parts:
+                            metrics.ttft.observe(time.perf_counter() - started)
                         parts.append(item["text"])
                     elif item["t"] == "end":
                         end = item
+                        metrics.tokens_generated += item["usage"]["completion_tokens"]
             finally:
                 close()
             message = {"role": "assistant", "content": "".join(parts)}
@@ -163,7 +167,7 @@ class LLMAPI(ls.LitAPI):
             return f"data: {json.dumps(doc)}\n\n"
 
         async def events():
-            finished = False
+            finished, first_token = False, True
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 async for item, _status in items:
@@ -171,8 +175,12 @@ class LLMAPI(ls.LitAPI):
                         yield f"data: {json.dumps({'error': {'message': item.message, 'code': item.status}})}\n\n"
                         break
                     if item["t"] == "delta":
+                        if first_token:
+                            metrics.ttft.observe(time.perf_counter() - started)
+                            first_token = False
                         yield chunk({"content": item["text"]})
                     elif item["t"] == "end":
+                        metrics.tokens_generated += item["usage"]["completion_tokens"]
                         yield chunk({}, item["finish_reason"], item["usage"])
                 yield "data: [DONE]\n\n"
                 finished = True
@@ -205,10 +213,17 @@ class LLMAPI(ls.LitAPI):
                                  f"{len(ids) + max_tokens} is over the context of {self.cfg.max_seq_len} tokens")
             return
         yield {"t": "start", "prompt_tokens": len(ids)}
-        rid = request["request_id"]
-        should_stop = lambda: rid in self.cancelled  # noqa: E731
-        yield from gen.chat(ids, max_tokens, request["temperature"], request["top_p"], request["seed"],
-                            request["stop"], request["ignore_eos"], should_stop)
+        rid, deadline = request["request_id"], request.get("deadline", float("inf"))
+
+        def should_stop() -> bool:  # the client went away, or the deadline passed
+            return rid in self.cancelled or time.time() > deadline
+
+        for item in gen.chat(ids, max_tokens, request["temperature"], request["top_p"], request["seed"],
+                             request["stop"], request["ignore_eos"], should_stop):
+            if item["t"] == "end" and time.time() > deadline:
+                yield Rejection(504, f"generation passed the deadline of {self.cfg.timeout_s:g} s")
+                return
+            yield item
 
     def encode_response(self, outputs):
         yield from outputs

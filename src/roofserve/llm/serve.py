@@ -44,6 +44,7 @@ def serve(cfg: LLMConfig) -> None:
     server = RoofServer(
         api,
         max_payload_bytes=cfg.max_payload_bytes,
+        max_queued_requests=cfg.max_queued_requests,
         api_key=cfg.api_key,
         accelerator=accelerator,
         devices=1,

@@ -49,6 +49,7 @@ def serve(cfg: VisionConfig) -> None:
     server = RoofServer(
         VisionAPI(cfg),
         max_payload_bytes=cfg.max_payload_bytes,
+        max_queued_requests=cfg.max_queued_requests,
         api_key=cfg.api_key,
         accelerator=accelerator,
         devices=1,

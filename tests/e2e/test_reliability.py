@@ -1,0 +1,107 @@
+"""Overload, deadlines, auth, metrics and fuzzing against real servers on 127.0.0.1 (bounded)."""
+
+import concurrent.futures as cf
+import json
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import running_server
+
+KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def guarded(images):
+    args = ["vision", "--workers-per-device", "1", "--max-batch-size", "1", "--api-key", KEY,
+            "--max-queued-requests", "4", "--timeout-s", "20"]
+    with running_server(args) as url:
+        yield url
+
+
+def _post(url, data, key=KEY, **kw):
+    headers = {"Content-Type": "image/jpeg", **({"X-API-Key": key} if key else {})}
+    return httpx.post(url + "/predict", content=data, headers=headers, timeout=30, **kw)
+
+
+def test_auth_protects_every_route_but_health(guarded, images):
+    assert httpx.get(guarded + "/health").status_code == 200
+    assert _post(guarded, images["dalmatian"], key=None).status_code == 401
+    assert _post(guarded, images["dalmatian"], key="wrong").status_code == 401
+    assert httpx.get(guarded + "/metrics").status_code == 401
+    assert httpx.get(guarded + "/info").status_code == 401
+    assert _post(guarded, images["dalmatian"]).status_code == 200
+    bearer = httpx.post(guarded + "/predict", content=images["dalmatian"],
+                        headers={"Content-Type": "image/jpeg", "Authorization": f"Bearer {KEY}"})
+    assert bearer.status_code == 200
+
+
+def test_overload_gets_503_with_retry_after_and_admitted_requests_finish(guarded, images):
+    with cf.ThreadPoolExecutor(24) as pool:
+        responses = list(pool.map(lambda _: _post(guarded, images["dalmatian"]), range(24)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503, 504}, codes
+    assert 503 in codes, "24 concurrent requests against a bound of 4 must be refused in part"
+    assert all(r.headers.get("Retry-After") == "1" for r in responses if r.status_code == 503)
+    assert 200 in codes
+    assert _post(guarded, images["dalmatian"]).status_code == 200
+
+
+def test_deadline_gives_504_while_queued_or_running_and_the_server_moves_on(images):
+    import io
+
+    from PIL import Image
+
+    # decoding this 9-Mpixel noise PNG alone takes longer than the 0.2 s deadline
+    big = io.BytesIO()
+    Image.effect_noise((3000, 3000), 80).convert("RGB").save(big, "PNG")
+    args = ["vision", "--workers-per-device", "1", "--max-batch-size", "1", "--timeout-s", "0.2",
+            "--max-payload-bytes", "100000000"]
+    with running_server(args) as url:
+        with cf.ThreadPoolExecutor(3) as pool:
+            codes = list(pool.map(lambda _: _post(url, big.getvalue(), key=None).status_code, range(3)))
+        assert codes == [504, 504, 504]
+        # the worker finishes the late ones and drops their answers; then it serves again
+        import time
+
+        for _ in range(40):
+            if (ok := _post(url, images["bull mastiff"], key=None)).status_code == 200:
+                break
+            time.sleep(0.5)
+        assert ok.status_code == 200
+
+
+def test_metrics_count_requests_by_status(guarded, images):
+    _post(guarded, b"junk")
+    text = httpx.get(guarded + "/metrics", headers={"X-API-Key": KEY}).text
+    assert 'roofserve_requests_total{route="/predict",status="400"}' in text
+    assert 'roofserve_requests_total{route="/predict",status="200"}' in text
+    assert "roofserve_request_duration_seconds_bucket" in text
+    assert "roofserve_requests_in_flight 0" in text  # only /predict requests count, and none is running
+    assert "roofserve_rejected_overload_total" in text
+
+
+@pytest.fixture(scope="module")
+def vision_url():
+    with running_server(["vision", "--workers-per-device", "1", "--max-batch-size", "4"]) as url:
+        yield url
+
+
+bodies = st.one_of(
+    st.binary(max_size=2048),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                 lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                 max_leaves=10).map(lambda doc: json.dumps(doc).encode()),
+)
+content_types = st.sampled_from(["image/jpeg", "image/png", "application/json", "multipart/form-data; boundary=x",
+                                 "text/plain", "", "application/octet-stream"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=bodies, ctype=content_types)
+def test_fuzzed_vision_requests_never_get_5xx(vision_url, body, ctype):
+    headers = {"Content-Type": ctype} if ctype else {}
+    response = httpx.post(vision_url + "/predict", content=body, headers=headers, timeout=30)
+    assert response.status_code < 500, (body[:80], ctype, response.text)
