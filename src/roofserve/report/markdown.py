@@ -109,6 +109,8 @@ def vision_section(rows: list[dict], out: Path) -> list[str]:
         if best_model:
             top_model = max(best_model.values(), key=lambda r: r["img_per_s"])
             ceilings[f"model-only {top_model['precision']}"] = top_model["img_per_s"]
+            if top_model.get("compute_roof_img_per_s"):
+                ceilings[f"compute roof {top_model['precision']}"] = top_model["compute_roof_img_per_s"]
         if pipeline:
             ceilings["pipeline"] = pipeline
         lines += ["", f"![throughput]({plots.throughput_vs_concurrency(steps, ceilings, out / 'vision_throughput.png').name})",

@@ -14,19 +14,26 @@ def _plt():
     return plt
 
 
+def _color(i: int):
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"](i % 20)
+
+
 def throughput_vs_concurrency(steps: dict[str, list[dict]], ceilings: dict[str, float], path: Path) -> Path:
     """req/s per concurrency level, one line per step, ceilings as horizontal lines."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for name, rows in steps.items():
+    for i, (name, rows) in enumerate(steps.items()):
         pts = sorted((r["concurrency"], r["req_per_s"]) for r in rows if r.get("mode") == "concurrency")
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=name)
+            ax.plot(*zip(*pts), marker="os^vD"[i % 5], color=_color(i), label=name)
     styles = iter(["--", ":", "-."])
     for label, value in ceilings.items():
         ax.axhline(value, linestyle=next(styles, "--"), color="black", alpha=0.6)
         ax.annotate(f"{label}: {value:.0f}", (1, value), textcoords="offset points", xytext=(2, 3), fontsize=8)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("requests / s")
     ax.set_title("API throughput per step, against the ceilings")
@@ -43,11 +50,13 @@ def latency_vs_throughput(steps: dict[str, list[dict]], path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for i, (name, rows) in enumerate(steps.items()):
-        pts = sorted((r["req_per_s"], r["latency_p50_ms"], r["latency_p99_ms"]) for r in rows if r["latency_p50_ms"])
-        if not pts:
+        # in load order (concurrency, then rate), so each line walks up the load
+        ordered = sorted((r for r in rows if r["latency_p50_ms"]), key=lambda r: (r.get("mode") != "concurrency",
+                                                                               r.get("concurrency") or r.get("rate_per_s")))
+        if not ordered:
             continue
-        x, p50, p99 = zip(*pts)
-        color = f"C{i % 10}"
+        x, p50, p99 = zip(*((r["req_per_s"], r["latency_p50_ms"], r["latency_p99_ms"]) for r in ordered))
+        color = _color(i)
         ax.plot(x, p50, marker="o", color=color, label=f"{name} p50")
         ax.plot(x, p99, marker="x", linestyle="--", color=color, alpha=0.7)
     ax.set_yscale("log")
