@@ -1,0 +1,53 @@
+"""Percentiles, load summaries, TTFT/TPOT math and the result-file schema."""
+
+import json
+
+import numpy as np
+import pytest
+
+from roofserve.bench.llm import StreamResult, summarize as summarize_llm
+from roofserve.bench.load import RequestResult, percentile, summarize
+from roofserve.bench.results import read_results, run_meta, write_results
+from roofserve.errors import UserError
+
+
+@pytest.mark.parametrize("q", [0, 1, 50, 90, 99, 100])
+def test_percentile_matches_numpy_linear(q):
+    values = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0]
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_percentile_of_nothing_is_none():
+    assert percentile([], 50) is None
+
+
+def test_summary_counts_failures_as_rows_not_throughput():
+    results = [RequestResult(0, 10, 200, True), RequestResult(0, 30, 200, True),
+               RequestResult(0, 5, 503, False, "HTTP 503"), RequestResult(0, 0, 0, False, "ConnectError")]
+    row = summarize(results, wall_s=2.0)
+    assert row["ok"] == 2 and row["errors"] == 2 and row["req_per_s"] == 1.0
+    assert row["error_kinds"] == {"HTTP 503": 1, "ConnectError": 1}
+    assert row["latency_p50_ms"] == 20.0
+
+
+def test_ttft_tpot_itl():
+    r = StreamResult(ok=True, ttft_ms=100.0, e2e_ms=1000.0, output_tokens=10, itl_ms=[100.0] * 9)
+    assert r.tpot_ms == pytest.approx(100.0)  # (1000 - 100) / (10 - 1)
+    assert r.decode_tokens_per_s == pytest.approx(10.0)
+    assert StreamResult(ok=True, ttft_ms=5, e2e_ms=5, output_tokens=1).tpot_ms is None
+    row = summarize_llm([r, StreamResult(ok=False, error="HTTP 500")], wall_s=2.0)
+    assert row["ok"] == 1 and row["errors"] == 1 and row["error_kinds"] == ["HTTP 500"]
+    assert row["ttft_ms_p50"] == 100.0 and row["tpot_ms_p99"] == pytest.approx(100.0)
+    assert row["output_tokens_per_s"] == 5.0
+
+
+def test_result_files_embed_machine_versions_and_config(tmp_path):
+    path = write_results(tmp_path / "r.json", run_meta("bench x", {"a": 1}), [{"kind": "peak"}])
+    doc = json.loads(path.read_text())
+    assert doc["meta"]["command"] == "bench x" and doc["meta"]["config"] == {"a": 1}
+    assert doc["meta"]["machine"]["cores"] >= 1 and doc["meta"]["versions"]["torch"]
+    metas, rows = read_results([tmp_path])
+    assert rows == [{"kind": "peak"}] and len(metas) == 1
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(UserError, match="not a roofserve result file"):
+        read_results([tmp_path / "bad.json"])

@@ -1,0 +1,47 @@
+"""The report builder on fixed rows: the tables, the verdicts and the files it writes."""
+
+from roofserve.bench.results import write_results
+from roofserve.report.markdown import build_report, llm_verdict, verdict
+
+META = {"command": "sweep vision", "created": "2026-01-01T00:00:00+00:00", "config": {},
+        "machine": {"cpu": "Test CPU", "cores": 2, "memory_gb": 8.0, "gpu": None}, "versions": {"torch": "x"}}
+
+
+def _api(step, index, concurrency, rate, cpu, precision="bf16"):
+    return {"kind": "vision-api", "step": step, "step_index": index, "mode": "concurrency", "concurrency": concurrency,
+            "req_per_s": rate, "latency_p50_ms": 10.0 * concurrency, "latency_p99_ms": 20.0 * concurrency,
+            "errors": 0, "error_kinds": {}, "cpu_percent": cpu, "gpu_percent": None, "why": f"why {step}",
+            "config": {"precision": precision}}
+
+
+ROWS = [
+    {"kind": "peak", "resource": "matmul", "name": "bf16", "device": "cpu", "value": 1.0, "unit": "TFLOP/s", "size": 1},
+    {"kind": "vision-model", "precision": "bf16", "batch_size": 32, "img_per_s": 300.0, "flops_per_image": 1e9,
+     "compute_roof_img_per_s": 1000.0, "mfu": 0.3},
+    {"kind": "vision-pipeline", "precision": "bf16", "batch_size": 8, "lanes": 2, "threads": 1, "img_per_s": 200.0,
+     "decode_ms_per_image": 3.0},
+    _api("base", 1, 1, 40.0, 50.0, "fp32"), _api("base", 1, 8, 50.0, 60.0, "fp32"),
+    _api("best", 2, 1, 60.0, 95.0), _api("best", 2, 8, 180.0, 97.0),
+]
+
+
+def test_report_table_numbers_come_from_the_rows(tmp_path):
+    write_results(tmp_path / "r.json", META, ROWS)
+    report = build_report([str(tmp_path / "r.json")], str(tmp_path / "out")).read_text()
+    assert "| best | 180.0 | 8 | 80.0 | 160.0 | 97.0 | - | 60% | 90% | 18% | CPU-bound at the pipeline ceiling" in report
+    assert "| base | 50.0 | 8 |" in report
+    assert "3.60x the first step, 90% of the in-process pipeline" in report
+    assert "| bf16 | 300.0 | 32 | 1000.0 | 0.3 |" in report
+    for name in ("report.md", "vision_model.png", "vision_throughput.png", "vision_latency.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 500
+
+
+def test_verdicts_follow_the_measurements():
+    row = {"errors": 0, "error_kinds": {}, "cpu_percent": 40.0, "gpu_percent": None, "req_per_s": 50.0}
+    assert "cores idle" in verdict(row, 200.0, 300.0)
+    assert "below the pipeline" in verdict({**row, "cpu_percent": 99.0}, 200.0, 300.0)
+    assert "at the pipeline ceiling" in verdict({**row, "cpu_percent": 99.0, "req_per_s": 190.0}, 200.0, 300.0)
+    assert "GPU-bound" in verdict({**row, "gpu_percent": 95.0}, 200.0, 300.0)
+    assert "failing" in verdict({**row, "errors": 3, "error_kinds": {"HTTP 500": 3}}, 200.0, 300.0)
+    assert llm_verdict(0.7).startswith("bandwidth-bound")
+    assert llm_verdict(0.2).startswith("overhead-bound")
