@@ -50,3 +50,16 @@ def test_partial_stop_prefix_is_held_back_then_released():
 def test_stop_string_spanning_tokens_is_found():
     text, _ = run([1, 2, 3, 6, 7, 8, 4], stop=["#EN"])
     assert text == "Hello wor#"
+
+
+def test_incremental_text_equals_full_decode_on_the_real_tokenizer():
+    from roofserve.llm.model import _load_tokenizer, bundled_gguf
+
+    tok = _load_tokenizer(bundled_gguf())
+    sample = "Héllo wörld! 你好, ça va? Emoji 🙂🚀 and\nnew lines,   spaces."
+    ids = tok(sample, add_special_tokens=False)["input_ids"]
+    def decode(x):
+        return tok.decode(x, skip_special_tokens=True)
+    items = list(stream_text(ids, decode, [], 1000, 0))
+    assert "".join(i["text"] for i in items if i["t"] == "delta") == decode(ids)
+    assert all("\ufffd" not in i["text"] for i in items if i["t"] == "delta")

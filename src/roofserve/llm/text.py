@@ -10,16 +10,24 @@ def stream_text(
 ) -> Iterator[dict]:
     """Yield {"t": "delta", "text"} items, then one {"t": "end", "finish_reason", "usage"} item.
 
-    Text that might be the start of a stop string, or an incomplete UTF-8 sequence, is held back
-    until the next token decides it. finish_reason is "length" when max_tokens were generated,
-    else "stop" (end-of-sequence token or a stop string).
+    Detokenizes incrementally in O(1) per token: only the last few ids are decoded each step (a
+    token's text can depend on its left neighbours, so a short prefix is decoded along). Text that
+    might be the start of a stop string, or an incomplete UTF-8 sequence, is held back until the next
+    token decides it. finish_reason is "length" when max_tokens were generated, else "stop"
+    (end-of-sequence token or a stop string).
     """
     ids: list[int] = []
-    sent = 0
+    text = ""  # everything decoded so far
+    sent = 0  # characters of `text` already yielded
+    prefix, read = 0, 0  # ids[prefix:read] is the context for decoding what follows `read`
     finish = "stop"
     for token in tokens:
         ids.append(token)
-        text = decode(ids)
+        before = decode(ids[prefix:read])
+        after = decode(ids[prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            text += after[len(before):]
+            prefix, read = read, len(ids)
         hit = min((i for i in (text.find(s, max(0, sent - len(s))) for s in stop) if i >= 0), default=-1)
         if hit >= 0:
             if hit > sent:
@@ -31,7 +39,8 @@ def stream_text(
             yield {"t": "delta", "text": text[sent:safe]}
             sent = safe
     else:
-        text = decode(ids) if ids else ""
+        if read < len(ids):  # bytes of an unfinished character at the very end
+            text += decode(ids[prefix:])[len(decode(ids[prefix:read])):]
         if len(text) > sent:
             yield {"t": "delta", "text": text[sent:]}
         if len(ids) >= max_tokens:
