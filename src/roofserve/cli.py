@@ -240,7 +240,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from roofserve.bench.process import running_server
     from roofserve.bench.vision import example_images
 
-    print("1/3 starting the vision server on 127.0.0.1 with the default EfficientNet-Lite0 ...")
+    print("1/4 starting the vision server on 127.0.0.1 with the default EfficientNet-Lite0 ...")
     with running_server(["vision"]) as url:
         for name, data in example_images():
             ctype = "image/png" if name.endswith(".png") else "image/jpeg"
@@ -249,11 +249,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 out = json.loads(response.read())
             breed = f", breed {out['breeds'][0]['breed']}" if out["animal"] == "dog" else ""
             print(f"    {name:24s} -> {out['animal']} ({out['confidence']:.2f}){breed}; top class {out['top_classes'][0]['label']}")
-    print(f"2/3 running the optimization ladder {args.ladder} (a few minutes) ...")
+    print(f"2/4 running the optimization ladder {args.ladder} (a few minutes) ...")
     sweep = argparse.Namespace(ladder=args.ladder, requests=args.requests, concurrency=args.concurrency, images=None,
                                skip_model=False, out=f"{args.out}/vision-sweep.json", report=f"{args.out}/report")
     cmd_sweep_vision(sweep)
-    print(f"3/3 done: results in {args.out}/, report in {args.out}/report/report.md")
+    print("3/4 starting the chat server (SmolLM2-135M-Instruct, OpenAI-compatible) and asking it ...")
+    from roofserve.bench.llm import bench_llm_api
+
+    with running_server(["llm", "--max-seq-len", "512"]) as url:
+        body = json.dumps({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                           "max_tokens": 32, "temperature": 0}).encode()
+        request = urllib.request.Request(url + "/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        print(f"    Q: What is the capital of France?  A: {answer['choices'][0]['message']['content']!r}")
+        row, _ = bench_llm_api(url + "/v1/chat/completions", max_tokens=64, runs=3, progress=False)
+        print(f"    streaming, 64 tokens: {row['decode_tokens_per_s']} tok/s decode, TTFT p50 {row['ttft_ms_p50']:.0f} ms "
+              "(bf16 eager; `make bench-llm` runs the whole LLM ladder)")
+    print(f"4/4 done: results in {args.out}/, report in {args.out}/report/report.md")
     return 0
 
 

@@ -247,6 +247,29 @@ class RoofServer(ls.LitServer):
         )
 
 
+def make_server(api: ls.LitAPI, cfg, accelerator: str, model: str) -> RoofServer:
+    """A RoofServer for `api` with the knobs every roofserve server shares (a ServerConfig)."""
+    from roofserve.config import as_dict
+
+    return RoofServer(
+        api,
+        max_payload_bytes=cfg.max_payload_bytes,
+        max_queued_requests=cfg.max_queued_requests,
+        api_key=cfg.api_key,
+        accelerator=accelerator,
+        devices=1,
+        workers_per_device=cfg.workers_per_device,
+        timeout=cfg.timeout_s,
+        fast_queue=cfg.fast_queue,
+        model_metadata={"model": model, "config": as_dict(cfg)},
+    )
+
+
+def run_server(server: RoofServer, cfg) -> None:
+    """Serve on cfg.host:cfg.port with one HTTP process and no access log (it costs CPU per request)."""
+    server.run(host=cfg.host, port=cfg.port, generate_client_file=False, num_api_servers=1, access_log=False)
+
+
 async def _http_exception(request: Request, exc: HTTPException) -> JSONResponse:
     response = error_response(exc.status_code, str(exc.detail))
     for key, value in (exc.headers or {}).items():

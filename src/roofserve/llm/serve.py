@@ -6,9 +6,11 @@ import logging
 
 from fastapi.responses import JSONResponse
 
-from roofserve.config import LLMConfig, as_dict
+from fastapi import Depends
+
+from roofserve.config import LLMConfig
 from roofserve.errors import UserError
-from roofserve.server import RoofServer, reexec_with, tuned_environ
+from roofserve.server import make_server, reexec_with, run_server, tuned_environ
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +43,13 @@ def serve(cfg: LLMConfig) -> None:
     from roofserve.llm.api import LLMAPI
 
     api = LLMAPI(cfg, model_id, random_weights)
-    server = RoofServer(
-        api,
-        max_payload_bytes=cfg.max_payload_bytes,
-        max_queued_requests=cfg.max_queued_requests,
-        api_key=cfg.api_key,
-        accelerator=accelerator,
-        devices=1,
-        workers_per_device=cfg.workers_per_device,
-        timeout=cfg.timeout_s,
-        fast_queue=cfg.fast_queue,
-        model_metadata={"model": model_id, "config": as_dict(cfg)},
-    )
+    server = make_server(api, cfg, accelerator, model_id)
     card = {"id": model_id, "object": "model", "created": 0, "owned_by": "roofserve",
             "backend": cfg.backend, "random_weights": random_weights}
 
     async def models() -> JSONResponse:
         return JSONResponse({"object": "list", "data": [card]})
 
-    server.app.add_api_route("/v1/models", models, methods=["GET"], dependencies=[])
+    server.app.add_api_route("/v1/models", models, methods=["GET"], dependencies=[Depends(server.setup_auth())])
     log.info("serving %s on http://%s:%d/v1/chat/completions (%s)", model_id, cfg.host, cfg.port, accelerator)
-    server.run(host=cfg.host, port=cfg.port, generate_client_file=False, num_api_servers=1, access_log=False)
+    run_server(server, cfg)

@@ -20,6 +20,21 @@ def _color(i: int):
     return matplotlib.colormaps["tab20"](i % 20)
 
 
+def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, legend_outside: bool = True) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend_outside:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    else:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def throughput_vs_concurrency(steps: dict[str, list[dict]], ceilings: dict[str, float], path: Path) -> Path:
     """req/s per concurrency level, one line per step, ceilings as horizontal lines."""
     plt = _plt()
@@ -34,15 +49,7 @@ def throughput_vs_concurrency(steps: dict[str, list[dict]], ceilings: dict[str, 
         ax.annotate(f"{label}: {value:.0f}", (1, value), textcoords="offset points", xytext=(2, 3), fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("requests / s")
-    ax.set_title("API throughput per step, against the ceilings")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "API throughput per step, against the ceilings", "concurrent clients", "requests / s")
 
 
 def latency_vs_throughput(steps: dict[str, list[dict]], path: Path) -> Path:
@@ -60,15 +67,7 @@ def latency_vs_throughput(steps: dict[str, list[dict]], path: Path) -> Path:
         ax.plot(x, p50, marker="o", color=color, label=f"{name} p50")
         ax.plot(x, p99, marker="x", linestyle="--", color=color, alpha=0.7)
     ax.set_yscale("log")
-    ax.set_xlabel("requests / s")
-    ax.set_ylabel("latency ms (solid p50, dashed p99)")
-    ax.set_title("Latency against throughput")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "Latency against throughput", "requests / s", "latency ms (solid p50, dashed p99)")
 
 
 def model_throughput(rows: list[dict], path: Path) -> Path:
@@ -82,15 +81,7 @@ def model_throughput(rows: list[dict], path: Path) -> Path:
             ax.axhline(mine[0][2], color=f"C{i}", linestyle="--", alpha=0.6, label=f"{precision} compute roof")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("images / s")
-    ax.set_title("Model-only throughput against the compute roof")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "Model-only throughput against the compute roof", "batch size", "images / s", False)
 
 
 def llm_decode_bars(steps: list[tuple[str, float | None, float | None, float | None]], path: Path) -> Path:
@@ -107,11 +98,5 @@ def llm_decode_bars(steps: list[tuple[str, float | None, float | None, float | N
     ax.set_yscale("log")
     ax.set_xticks(list(x))
     ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("decode tokens / s (batch 1)")
-    ax.set_title("LLM decode speed per step, against the memory-bandwidth roof")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "LLM decode speed per step, against the memory-bandwidth roof", "",
+                   "decode tokens / s (batch 1)", False)

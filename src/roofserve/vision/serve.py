@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from roofserve.config import VisionConfig, as_dict
+from roofserve.config import VisionConfig
 from roofserve.errors import UserError
-from roofserve.server import RoofServer, reexec_with, tuned_environ
+from roofserve.server import make_server, reexec_with, run_server, tuned_environ
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,6 @@ def serve(cfg: VisionConfig) -> None:
     accelerator = preflight(cfg)
     from roofserve.vision.api import VisionAPI
 
-    server = RoofServer(
-        VisionAPI(cfg),
-        max_payload_bytes=cfg.max_payload_bytes,
-        max_queued_requests=cfg.max_queued_requests,
-        api_key=cfg.api_key,
-        accelerator=accelerator,
-        devices=1,
-        workers_per_device=cfg.workers_per_device,
-        timeout=cfg.timeout_s,
-        fast_queue=cfg.fast_queue,
-        model_metadata={"model": cfg.model, "config": as_dict(cfg)},
-    )
+    server = make_server(VisionAPI(cfg), cfg, accelerator, cfg.model)
     log.info("serving %s on http://%s:%d/predict (%s)", cfg.model, cfg.host, cfg.port, accelerator)
-    server.run(host=cfg.host, port=cfg.port, generate_client_file=False, num_api_servers=1, access_log=False)
+    run_server(server, cfg)
