@@ -47,7 +47,7 @@ def test_result_files_embed_machine_versions_and_config(tmp_path):
     assert doc["meta"]["command"] == "bench x" and doc["meta"]["config"] == {"a": 1}
     assert doc["meta"]["machine"]["cores"] >= 1 and doc["meta"]["versions"]["torch"]
     metas, rows = read_results([tmp_path])
-    assert rows == [{"kind": "peak"}] and len(metas) == 1
+    assert rows == [{"kind": "peak", "source": "bench x"}] and len(metas) == 1  # rows say which run made them
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(UserError, match="not a roofserve result file"):
         read_results([tmp_path / "bad.json"])

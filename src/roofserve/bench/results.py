@@ -44,7 +44,7 @@ def read_results(paths: list[str | Path]) -> tuple[list[dict], list[dict]]:
         try:
             doc = json.loads(f.read_text())
             metas.append(doc["meta"])
-            rows.extend(doc["rows"])
+            rows.extend({**row, "source": doc["meta"]["command"]} for row in doc["rows"])
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{f} is not a roofserve result file") from None
     return metas, rows

@@ -51,7 +51,7 @@ def _pct(a: float | None, b: float | None) -> str:
 
 
 def vision_section(rows: list[dict], out: Path) -> list[str]:
-    peaks = [r for r in rows if r["kind"] == "peak"]
+    peaks = [r for r in rows if r["kind"] == "peak" and "llm" not in r.get("source", "")]
     model = [r for r in rows if r["kind"] == "vision-model"]
     pipe = [r for r in rows if r["kind"] == "vision-pipeline"]
     api = [r for r in rows if r["kind"] == "vision-api"]
@@ -135,10 +135,10 @@ def llm_verdict(mbu: float | None) -> str:
 def llm_section(rows: list[dict], out: Path) -> list[str]:
     api = sorted([r for r in rows if r["kind"] == "llm-api"], key=lambda r: r.get("step_index", 0))
     engine = [r for r in rows if r["kind"] == "llm-engine"]
-    peaks = [r for r in rows if r["kind"] == "peak" and r["resource"] == "bandwidth"]
+    peaks = [r for r in rows if r["kind"] == "peak" and r["resource"] == "bandwidth" and "llm" in r.get("source", "")]
     lines = ["## LLM", ""]
     if peaks:
-        lines += ["Measured bandwidth: " + ", ".join(f"{p['name']} {p['value']:.1f} GB/s" for p in peaks)
+        lines += ["Bandwidth measured in the LLM run: " + ", ".join(f"{p['name']} {p['value']:.1f} GB/s" for p in peaks)
                   + ". Roofs use the read bandwidth.", ""]
     lines += ["Bytes per token = weights at their storage size (every linear layer, the LM head included: with tied "
               "embeddings it reads the embedding table; one embedding row; norms) + the KV cache at the mean context. "
