@@ -190,7 +190,8 @@ def cmd_bench_llm_engine(args: argparse.Namespace) -> int:
     rows = bench_llm_engine(generator, args.prompt_lengths, args.max_tokens, args.runs)
     roof = step_roof(cfg, max(args.prompt_lengths) + args.max_tokens // 2, args.bandwidth_gb_s)
     rows = [{**r, **roof, "step": args.label} for r in rows]
-    _table(rows, ["prompt_tokens", "prefill_tokens_per_s", "decode_tokens_per_s", "weight_format", "roof_tokens_per_s"])
+    _table(rows, ["prompt", "prompt_tokens", "ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "weight_format",
+                  "roof_tokens_per_s"])
     _save(args.out, "bench llm-engine", {k: v for k, v in vars(args).items() if k != "func"}, rows)
     return 0
 
@@ -206,14 +207,17 @@ def cmd_sweep_llm(args: argparse.Namespace) -> int:
     peaks = [p.row() for p in measure_bandwidth_gb_s(device)]
     read = next(p["value"] for p in peaks if p["name"] == "read")
     print(f"measured read bandwidth: {read:.1f} GB/s")
-    skipped = []
-    if any(s.config.backend == "llamacpp" for s in steps):
-        import importlib.util
+    from roofserve.llm.serve import preflight
 
-        if importlib.util.find_spec("llama_cpp") is None:
-            skipped = [s.name for s in steps if s.config.backend == "llamacpp"]
-            steps = [s for s in steps if s.config.backend != "llamacpp"]
-            print(f"skipping {', '.join(skipped)}: llama-cpp-python is not installed (pip install '.[llamacpp]')")
+    runnable, skipped = [], []
+    for step in steps:  # a step this machine cannot run (llama.cpp missing, bnb4 without CUDA) is skipped
+        try:
+            preflight(step.config)
+            runnable.append(step)
+        except UserError as e:
+            skipped.append({"step": step.name, "why": str(e)})
+            print(f"skipping {step.name}: {e}")
+    steps = runnable
     rows = peaks + run_llm_ladder(steps, read)
     _table([r for r in rows if r["kind"] == "llm-api"],
            ["step", "decode_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50", "weight_format", "roof_tokens_per_s"])

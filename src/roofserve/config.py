@@ -89,7 +89,8 @@ class VisionConfig(ServerConfig):
             raise UserError("batch_timeout_s must be >= 0")
 
 
-QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZATIONS = ("none", "int8", "int4", "bnb4")
+ATTENTIONS = ("auto", "sdpa", "eager")
 BACKENDS = ("torch", "llamacpp")
 
 
@@ -110,7 +111,14 @@ class LLMConfig(ServerConfig):
     precision: str = _help("fp32, bf16 or fp16 (fp16 only on cuda)", default="bf16")
     static_cache: bool = _help("preallocated KV cache (needed for compile)", default=True)
     compile: bool = _help("torch.compile the one-token decode step (CUDA graphs on GPU)", default=False)
-    quantize: str = _help("torchao weight-only quantization: none, int8, int4", default="none")
+    quantize: str = _help(
+        "weight-only quantization: none, int8 / int4 (torchao), bnb4 (bitsandbytes NF4, CUDA only, eager)",
+        default="none",
+    )
+    lora: str | None = _help("a PEFT LoRA adapter folder, applied unmerged (the reference deployment's row)",
+                             default=None)
+    attention: str = _help("auto, sdpa or eager; auto = sdpa, but the fused matmul-softmax when compiled on CPU",
+                           default="auto")
     group_size: int = _help("int4 group size (must divide the hidden size; 64 fits SmolLM2)", default=64)
     max_seq_len: int = _help("context length served: prompt + max_tokens must fit", default=2048)
     max_tokens_cap: int = _help("server-side cap on max_tokens", default=1024)
@@ -121,6 +129,9 @@ class LLMConfig(ServerConfig):
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("quantize", self.quantize, QUANTIZATIONS)
         _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("attention", self.attention, ATTENTIONS)
+        if self.quantize == "bnb4" and self.compile:
+            raise UserError("bnb4 runs eager, as the reference deployment did: drop --compile")
         for name in ("group_size", "max_seq_len", "max_tokens_cap", "default_max_tokens"):
             _check_positive(name, getattr(self, name))
         if self.compile and not self.static_cache:

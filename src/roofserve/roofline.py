@@ -72,6 +72,10 @@ def weight_bytes_per_token(config: dict, fmt: str, group_size: int = 64, act_dty
         return linear + rows * scale + other * scale
     if fmt == "int4":
         return linear // 2 + (linear // group_size) * 2 * scale + other * scale
+    if fmt == "bnb4":  # NF4: half a byte + an fp32 absmax per 64 weights; the LM head stays unquantized
+        head = config["vocab_size"] * config["hidden_size"]
+        body = linear - head
+        return body // 2 + (body // 64) * 4 + head * scale + other * scale
     raise ValueError(f"unknown weight format {fmt!r}")
 
 

@@ -30,3 +30,32 @@ def test_bad_config_is_one_clear_error(layer, message):
 
 def test_secrets_stay_out_of_result_files():
     assert as_dict(make_config(VisionConfig, {"api_key": "s3cret"}))["api_key"] == "***"
+
+
+def test_llm_config_refuses_combinations_that_cannot_run():
+    from roofserve.config import LLMConfig
+
+    with pytest.raises(UserError, match="compile needs the static KV cache"):
+        make_config(LLMConfig, {"compile": True, "static_cache": False})
+    with pytest.raises(UserError, match="bnb4 runs eager"):
+        make_config(LLMConfig, {"quantize": "bnb4", "compile": True})
+    with pytest.raises(UserError, match="attention must be one of"):
+        make_config(LLMConfig, {"attention": "flash"})
+
+
+def test_user_mistakes_are_one_line_errors_not_tracebacks():
+    import subprocess
+    import sys
+
+    cases = [
+        (["serve", "llm", "--quantize", "bnb4", "--device", "cpu"], "bitsandbytes 4-bit needs a CUDA GPU"),
+        (["serve", "llm", "--model", "random:gpt-9"], "unknown random config"),
+        (["serve", "vision", "--weights", "/nope.pth"], "weights file not found"),
+        (["serve", "vision", "--model", "not_a_model"], "unknown timm model"),
+        (["serve", "vision", "--precision", "fp16", "--device", "cpu"], "fp16 is slow or unsupported on CPU"),
+        (["report", "/nope"], "no result file or folder"),
+    ]
+    for args, message in cases:
+        done = subprocess.run([sys.executable, "-m", "roofserve", *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, (args, done.stderr[-500:])
+        assert message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr[-500:])

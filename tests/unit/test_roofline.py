@@ -56,3 +56,9 @@ def test_gguf_bytes_count_blocks(tmp_path):
     size = roofline.gguf_bytes_per_token(str(bundled_gguf()))
     # Q4_1 stores 32 weights in 20 bytes (0.625 B/weight); some tensors may be kept wider
     assert 134_515_008 * 0.6 < size < bundled_gguf().stat().st_size
+
+
+def test_bnb4_keeps_the_lm_head_wide():
+    linear, other = roofline.llm_shapes(SMOL)
+    head = 49_152 * 576
+    assert roofline.weight_bytes_per_token(SMOL, "bnb4") == (linear - head) // 2 + ((linear - head) // 64) * 4 + head * 2 + other * 2

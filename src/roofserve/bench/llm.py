@@ -169,12 +169,19 @@ def bench_llm_api(
     return row, results
 
 
-def bench_llm_engine(generator, prompt_lengths: list[int], max_tokens: int, runs: int = 3) -> list[dict]:
-    """In-process: prefill tokens/s per prompt length, and decode tokens/s, on the serving engine itself."""
+def bench_llm_engine(generator, prompt_lengths: list[int], max_tokens: int, runs: int = 3,
+                     chat_prompt: str | None = LONG_PROMPT) -> list[dict]:
+    """In-process, on the serving engine itself: TTFT, prefill tokens/s and decode tokens/s per prompt.
+
+    Prompts: synthetic ids of each length in prompt_lengths, and (chat_prompt) the very prompt that
+    `bench_llm_api` sends, through the chat template, so that served TTFT can be compared with it.
+    """
+    prompts = [(f"{n} tokens", [1 + (i * 7919) % 1000 for i in range(n)]) for n in prompt_lengths]
+    if chat_prompt:
+        prompts.append(("chat", generator.prompt_ids([{"role": "user", "content": chat_prompt}])))
     rows = []
-    for length in prompt_lengths:
-        ids = [1 + (i * 7919) % 1000 for i in range(length)]
-        prefill, decode = [], []
+    for label, ids in prompts:
+        ttft, decode = [], []
         for _ in range(runs):
             start = time.perf_counter()
             tokens = generator.tokens(ids, max_tokens, ignore_eos=True)
@@ -182,11 +189,12 @@ def bench_llm_engine(generator, prompt_lengths: list[int], max_tokens: int, runs
             first = time.perf_counter()
             count = 1 + sum(1 for _ in tokens)
             end = time.perf_counter()
-            prefill.append(length / (first - start))
+            ttft.append(first - start)
             if count > 1:
                 decode.append((count - 1) / (end - first))
-        rows.append({"kind": "llm-engine", "prompt_tokens": length, "max_tokens": max_tokens,
-                     "prefill_tokens_per_s": round(statistics.median(prefill), 1),
+        rows.append({"kind": "llm-engine", "prompt": label, "prompt_tokens": len(ids), "max_tokens": max_tokens,
+                     "ttft_ms": round(statistics.median(ttft) * 1e3, 2),
+                     "prefill_tokens_per_s": round(len(ids) / statistics.median(ttft), 1),
                      "decode_tokens_per_s": round(statistics.median(decode), 2) if decode else None})
     return rows
 

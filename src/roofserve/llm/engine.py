@@ -41,8 +41,12 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, max_seq_len: int, static_cache: bool = True, compile: bool = False):
+    def __init__(self, model: torch.nn.Module, max_seq_len: int, static_cache: bool = True, compile: bool = False,
+                 attention: str = "auto"):
         self.model = model
+        self.attention = attention
+        if attention != "auto":
+            model.set_attn_implementation(attention)
         self.device = next(model.parameters()).device
         self.max_seq_len = max_seq_len
         self.static_cache = static_cache
@@ -144,6 +148,7 @@ def compile_step(engine: Engine):
         return torch.compile(engine._steps, mode="reduce-overhead", fullgraph=True, dynamic=False)
     inductor.freezing = True
     inductor.cpp_wrapper = True
-    engine.model.set_attn_implementation("eager")
+    if engine.attention == "auto":
+        engine.model.set_attn_implementation("eager")
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     return torch.compile(engine._steps, fullgraph=True, dynamic=False, options=options)

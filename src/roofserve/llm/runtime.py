@@ -18,6 +18,8 @@ def quantize(model: torch.nn.Module, scheme: str, group_size: int, device: torch
     """torchao weight-only quantization of every nn.Linear (the LM head included; the embedding table stays)."""
     if scheme == "none":
         return
+    if scheme == "bnb4":
+        return quantize_bnb4(model, device)
     from torchao.quantization import quantize_
 
     if scheme == "int8":
@@ -39,6 +41,35 @@ def quantize(model: torch.nn.Module, scheme: str, group_size: int, device: torch
             from torchao.quantization import Int4WeightOnlyConfig
 
             quantize_(model, Int4WeightOnlyConfig(group_size=group_size))
+
+
+def quantize_bnb4(model: torch.nn.Module, device: torch.device) -> None:
+    """bitsandbytes NF4 for every linear layer but the LM head, as the reference deployment served."""
+    if device.type != "cuda":
+        raise UserError("bitsandbytes 4-bit needs a CUDA GPU; on CPU use --quantize int4 (torchao)")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError("--quantize bnb4 needs bitsandbytes: pip install bitsandbytes") from None
+    dtype = next(model.parameters()).dtype
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and name != "lm_head":
+                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                        compute_dtype=dtype, quant_type="nf4")
+                new.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    new.bias = child.bias
+                setattr(parent, name, new.to(device))  # moving to the GPU quantizes
+
+
+def apply_lora(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Wrap the model with a PEFT LoRA adapter, unmerged (extra matmuls per layer, as in the reference)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise UserError("--lora needs peft: pip install peft") from None
+    return PeftModel.from_pretrained(model, path).eval()
 
 
 class Generator:
@@ -74,10 +105,11 @@ class TorchGenerator(Generator):
         device = torch.device(device)
         loaded = load(cfg.model, cfg.precision, device)
         quantize(loaded.model, cfg.quantize, cfg.group_size, device)
+        model = apply_lora(loaded.model, cfg.lora) if cfg.lora else loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
         self.random_weights = loaded.random_weights
-        self.engine = Engine(loaded.model, cfg.max_seq_len, cfg.static_cache, cfg.compile)
+        self.engine = Engine(model, cfg.max_seq_len, cfg.static_cache, cfg.compile, cfg.attention)
         log.info("warm-up took %.1f s", self.engine.warm_up())
         eos = loaded.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]

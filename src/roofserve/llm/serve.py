@@ -28,10 +28,21 @@ def preflight(cfg: LLMConfig) -> tuple[str, str, bool]:
     accelerator = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
     if cfg.precision == "fp16" and accelerator == "cpu":
         raise UserError("fp16 is slow or unsupported on CPU; use --precision bf16 or fp32")
+    if cfg.quantize == "bnb4" and accelerator == "cpu":
+        raise UserError("bitsandbytes 4-bit needs a CUDA GPU; on CPU use --quantize int4 (torchao)")
+    if cfg.lora:
+        from pathlib import Path
+
+        if not (Path(cfg.lora) / "adapter_config.json").is_file():
+            raise UserError(f"no PEFT adapter (adapter_config.json) in {cfg.lora}")
     if cfg.backend == "llamacpp":
+        import importlib.util
+
         from roofserve.llm.llamacpp import gguf_path
 
         gguf_path(cfg.model)
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise UserError("llama-cpp-python is not installed: pip install 'roofserve[llamacpp]' (builds in ~5 min)")
     random_weights = cfg.model.startswith("random:")
     model_id = f"random-{cfg.model[7:]}" if random_weights else cfg.model
     return accelerator, model_id, random_weights

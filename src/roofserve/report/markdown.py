@@ -148,16 +148,19 @@ def llm_section(rows: list[dict], out: Path) -> list[str]:
         eng = [e for e in engine if e.get("step") == r.get("step")]
         eng_decode = max((e["decode_tokens_per_s"] or 0 for e in eng), default=None) or None
         prefill = max((e["prefill_tokens_per_s"] for e in eng), default=None)
+        chat = next((e for e in eng if e.get("prompt") == "chat"), None)
+        ttft_added = round(r["ttft_ms_p50"] - chat["ttft_ms"], 1) if chat and r.get("ttft_ms_p50") else None
         bpt, bw, tps = r.get("bytes_per_token"), r.get("bandwidth_gb_s"), r.get("decode_tokens_per_s")
         mbu = tps * bpt / (bw * 1e9) if tps and bpt and bw else None
         body.append([r.get("step"), r.get("weight_format"), tps, eng_decode, _pct(tps, eng_decode),
-                     r.get("ttft_ms_p50"), r.get("ttft_ms_p99"), r.get("tpot_ms_p50"), r.get("tpot_ms_p99"), prefill,
+                     r.get("ttft_ms_p50"), chat["ttft_ms"] if chat else None, ttft_added, r.get("ttft_ms_p99"),
+                     r.get("tpot_ms_p50"), r.get("tpot_ms_p99"), prefill,
                      round(bpt / 1e6, 1) if bpt else None, r.get("roof_tokens_per_s"),
                      f"{mbu:.0%}" if mbu else "-", llm_verdict(mbu)])
         bars.append((str(r.get("step")), tps, eng_decode, r.get("roof_tokens_per_s")))
     if body:
         lines += _table(["step", "weights", "served decode tok/s", "in-process tok/s", "served / in-process",
-                         "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "prefill tok/s", "MB / token",
+                         "TTFT p50 ms", "in-process TTFT ms", "TTFT added ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "prefill tok/s", "MB / token",
                          "roof tok/s", "MBU", "verdict"], body)
         unverified = [r.get("step") for r in api if not r.get("fixed_length_verified", True)]
         if unverified:
@@ -183,6 +186,9 @@ def build_report(paths: list[str], out_dir: str) -> Path:
         lines += vision_section(rows, out)
     if any(r["kind"].startswith("llm") for r in rows):
         lines += llm_section(rows, out)
+    skipped = [item for m in metas for item in m.get("config", {}).get("skipped", [])]
+    if skipped:
+        lines += ["Skipped on this machine: " + "; ".join(f"{i['step']} ({i['why']})" for i in skipped) + ".", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
