@@ -53,7 +53,10 @@ def test_llm_sweep_of_two_steps_writes_rows_and_report(tmp_path):
     assert all(r["ok"] == 2 and r["fixed_length_verified"] and r["output_tokens_mean"] == 8 for r in api)
     assert api[0]["weight_format"] == "fp32" and api[1]["weight_format"] == "bf16"
     assert api[0]["weight_bytes_per_token"] == 2 * api[1]["weight_bytes_per_token"]
-    assert [r["step"] for r in rows if r["kind"] == "llm-engine"] == ["fp32", "bf16 static"]
+    engine = [(r["step"], r["prompt"]) for r in rows if r["kind"] == "llm-engine"]
+    assert engine == [("fp32", "16 tokens"), ("fp32", "chat"), ("bf16 static", "16 tokens"), ("bf16 static", "chat")]
+    chat = [r for r in rows if r["kind"] == "llm-engine" and r["prompt"] == "chat"]
+    assert chat[0]["prompt_tokens"] == api[0]["prompt_tokens"], "in-process TTFT is measured on the served prompt"
     report = (tmp_path / "report" / "report.md").read_text()
     assert f"| bf16 static | bf16 | {api[1]['decode_tokens_per_s']:.1f} |" in report
     assert (tmp_path / "report" / "llm_decode.png").stat().st_size > 1000

@@ -100,10 +100,24 @@ def run_llm_ladder(steps: list[Step], bandwidth_gb_s: float | None, progress: bo
                          bandwidth_gb_s=bandwidth_gb_s)
         rows.append({**api_row, **tag, **roof})
         if b["engine"]:
-            from roofserve.llm.runtime import build_generator
-
-            generator = build_generator(cfg, "cuda" if cfg.device == "cuda" else "cpu")
-            for row in bench_llm_engine(generator, b["prompt_lengths"], b["max_tokens"]):
+            for row in engine_rows(cfg, b):
                 rows.append({**row, **tag, **roof})
-            del generator
     return rows
+
+
+def engine_rows(cfg: Any, bench: dict[str, Any]) -> list[dict]:
+    """`roofserve bench llm-engine` with the step's config, in a fresh process: nothing (compiled code,
+    thread pools, memory) carries over from one step, or from the sweep's own client, to the next."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = f"{folder}/engine.json"
+        args = [sys.executable, "-m", "roofserve", "bench", "llm-engine", *server_flags(cfg), "--out", out,
+                "--prompt-lengths", ",".join(map(str, bench["prompt_lengths"])), "--max-tokens", str(bench["max_tokens"])]
+        done = subprocess.run(args, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise UserError(f"in-process engine bench failed: {done.stderr.strip().splitlines()[-1:]}")
+        return [r for r in json.loads(open(out).read())["rows"] if r["kind"] == "llm-engine"]
