@@ -142,13 +142,15 @@ def llm_section(rows: list[dict], out: Path) -> list[str]:
                   + ". Roofs use the read bandwidth.", ""]
     lines += ["Bytes per token = weights at their storage size (every linear layer, the LM head included: with tied "
               "embeddings it reads the embedding table; one embedding row; norms) + the KV cache at the mean context. "
-              "MBU = decode tokens/s x bytes per token / bandwidth.", ""]
+              "MBU = decode tokens/s x bytes per token / bandwidth. In-process numbers are the same engine on the "
+              "same prompt, without HTTP.", ""]
     body, bars = [], []
     for r in api:
         eng = [e for e in engine if e.get("step") == r.get("step")]
-        eng_decode = max((e["decode_tokens_per_s"] or 0 for e in eng), default=None) or None
-        prefill = max((e["prefill_tokens_per_s"] for e in eng), default=None)
         chat = next((e for e in eng if e.get("prompt") == "chat"), None)
+        # compare like with like: the engine on the very prompt the server was sent, where measured
+        eng_decode = chat["decode_tokens_per_s"] if chat else max((e["decode_tokens_per_s"] or 0 for e in eng), default=None)
+        prefill = max((e["prefill_tokens_per_s"] for e in eng), default=None)
         ttft_added = round(r["ttft_ms_p50"] - chat["ttft_ms"], 1) if chat and r.get("ttft_ms_p50") else None
         bpt, bw, tps = r.get("bytes_per_token"), r.get("bandwidth_gb_s"), r.get("decode_tokens_per_s")
         mbu = tps * bpt / (bw * 1e9) if tps and bpt and bw else None
