@@ -247,6 +247,19 @@ class RoofServer(ls.LitServer):
         )
 
 
+def resolve_accelerator(cfg) -> str:
+    """'cpu' or 'cuda' for LitServe from cfg.device, refusing what this machine cannot run."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise UserError("device cuda asked for, but torch sees no GPU; use --device cpu")
+    accelerator = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
+    if cfg.precision == "fp16" and accelerator == "cpu":
+        raise UserError("fp16 is slow or unsupported on CPU; use --precision bf16 or fp32")
+    return accelerator
+
+
 def make_server(api: ls.LitAPI, cfg, accelerator: str, model: str) -> RoofServer:
     """A RoofServer for `api` with the knobs every roofserve server shares (a ServerConfig)."""
     from roofserve.config import as_dict

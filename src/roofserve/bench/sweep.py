@@ -84,7 +84,7 @@ def run_ladder(doc: dict, steps: list[Step], images: list[tuple[str, bytes]], pr
 
 def run_llm_ladder(steps: list[Step], bandwidth_gb_s: float | None, progress: bool = True) -> list[dict]:
     """Each step: served (streaming over HTTP, one request at a time), then in-process on the same engine."""
-    from roofserve.bench.llm import bench_llm_api, bench_llm_engine
+    from roofserve.bench.llm import bench_llm_api
     from roofserve.llm.roof import step_roof
 
     rows = []

@@ -10,24 +10,18 @@ from fastapi import Depends
 
 from roofserve.config import LLMConfig
 from roofserve.errors import UserError
-from roofserve.server import make_server, reexec_with, run_server, tuned_environ
+from roofserve.server import make_server, reexec_with, resolve_accelerator, run_server, tuned_environ
 
 log = logging.getLogger(__name__)
 
 
 def preflight(cfg: LLMConfig) -> tuple[str, str, bool]:
     """(accelerator, model id, random weights?) or a UserError before any worker starts."""
-    import torch
 
     from roofserve.llm.model import check_source
 
     check_source(cfg.model)
-    cuda = torch.cuda.is_available()
-    if cfg.device == "cuda" and not cuda:
-        raise UserError("device cuda asked for, but torch sees no GPU; use --device cpu")
-    accelerator = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
-    if cfg.precision == "fp16" and accelerator == "cpu":
-        raise UserError("fp16 is slow or unsupported on CPU; use --precision bf16 or fp32")
+    accelerator = resolve_accelerator(cfg)
     if cfg.quantize == "bnb4" and accelerator == "cpu":
         raise UserError("bitsandbytes 4-bit needs a CUDA GPU; on CPU use --quantize int4 (torchao)")
     if cfg.lora:

@@ -9,6 +9,10 @@ P(dog) = sum over the 118 breeds, P(cat) = sum over the 5 cats, P(other) = the r
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 DOG_CLASSES = range(151, 269)
 CAT_CLASSES = range(281, 286)

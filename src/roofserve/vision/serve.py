@@ -6,7 +6,7 @@ import logging
 
 from roofserve.config import VisionConfig
 from roofserve.errors import UserError
-from roofserve.server import make_server, reexec_with, run_server, tuned_environ
+from roofserve.server import make_server, reexec_with, resolve_accelerator, run_server, tuned_environ
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +29,7 @@ def preflight(cfg: VisionConfig) -> str:
 
         if not Path(cfg.weights).is_file():
             raise UserError(f"weights file not found: {cfg.weights}")
-    cuda = torch.cuda.is_available()
-    if cfg.device == "cuda" and not cuda:
-        raise UserError("device cuda asked for, but torch sees no GPU; use --device cpu")
-    accelerator = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
-    if cfg.precision == "fp16" and accelerator == "cpu":
-        raise UserError("fp16 is slow or unsupported on CPU; use --precision bf16 or fp32")
+    accelerator = resolve_accelerator(cfg)
     from roofserve.vision.model import resolve_precision
 
     cfg.precision = resolve_precision(cfg.precision, torch.device(accelerator))  # results record what ran
