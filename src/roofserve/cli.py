@@ -10,7 +10,7 @@ from roofserve.config import LLMConfig, VisionConfig, add_config_args, load_toml
 from roofserve.errors import UserError
 
 
-def _layers(args: argparse.Namespace, cls: type, section: str | None = None) -> VisionConfig:
+def _layers(args: argparse.Namespace, cls: type, section: str | None = None):
     """Defaults < config file < CLI flags."""
     file_layer = None
     if args.config:
@@ -69,8 +69,6 @@ def _fmt(value) -> str:
 
 
 def cmd_peak(args: argparse.Namespace) -> int:
-    import torch
-
     from roofserve.hardware import datasheet_for, describe_machine, measure_peaks
     from roofserve.vision.model import resolve_device
 
@@ -86,7 +84,6 @@ def cmd_peak(args: argparse.Namespace) -> int:
     _table(rows, ["resource", "name", "device", "value", "unit", "datasheet"])
     if args.out:
         _save(args.out, "peak", {"device": str(device), "datasheet": sheet[0] if sheet else None}, rows)
-    del torch
     return 0
 
 
