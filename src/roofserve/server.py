@@ -41,9 +41,19 @@ class Rejection:
     message: str
 
 
-def error_response(status: int, message: str, kind: str | None = None) -> JSONResponse:
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+def error_body(status: int, message: str) -> dict:
+    """The one error shape of every roofserve answer (OpenAI's)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse(error_body(status, message), status_code=status)
+
+
+def worker_threads(cfg) -> int:
+    """torch threads per worker: the configured number, or the cores shared among the workers."""
+    return cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers_per_device)
 
 
 def tuned_environ(allocator: str, environ: dict[str, str] | None = None) -> dict[str, str]:

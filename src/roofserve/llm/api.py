@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +19,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from roofserve.config import LLMConfig
-from roofserve.server import Rejection, parse_json
+from roofserve.server import Rejection, error_body, error_response, parse_json, worker_threads
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
@@ -144,7 +143,7 @@ class LLMAPI(ls.LitAPI):
             try:
                 async for item, _status in items:
                     if isinstance(item, Rejection):
-                        return JSONResponse({"error": {"message": item.message, "code": item.status}}, item.status)
+                        return error_response(item.status, item.message)
                     if item["t"] == "delta":
                         if not parts:
                             metrics.ttft.observe(time.perf_counter() - started)
@@ -172,7 +171,7 @@ class LLMAPI(ls.LitAPI):
                 yield chunk({"role": "assistant", "content": ""})
                 async for item, _status in items:
                     if isinstance(item, Rejection):
-                        yield f"data: {json.dumps({'error': {'message': item.message, 'code': item.status}})}\n\n"
+                        yield f"data: {json.dumps(error_body(item.status, item.message))}\n\n"
                         break
                     if item["t"] == "delta":
                         if first_token:
@@ -195,10 +194,8 @@ class LLMAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         from roofserve.llm.runtime import build_generator
 
-        threads = self.cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // self.cfg.workers_per_device)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(worker_threads(self.cfg))
         self.generator = build_generator(self.cfg, device)
-        self.tokenizer = self.generator.tokenizer
 
     def decode_request(self, request: dict) -> dict:
         return request

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import os
 import time
 
 import litserve as ls
@@ -14,7 +13,7 @@ from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 
 from roofserve.config import VisionConfig
-from roofserve.server import Rejection, parse_json
+from roofserve.server import Rejection, parse_json, worker_threads
 from roofserve.vision.labels import describe
 from roofserve.vision.preprocess import BadImage, decode, to_batch
 
@@ -32,10 +31,6 @@ def batch_buckets(max_batch_size: int) -> list[int]:
         sizes.add(size)
         size *= 2
     return sorted(sizes)
-
-
-def worker_threads(cfg: VisionConfig) -> int:
-    return cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers_per_device)
 
 
 def image_from_json(body: bytes) -> bytes:
