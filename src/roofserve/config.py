@@ -39,6 +39,7 @@ class ServerConfig:
     max_queued_requests: int = _help("admitted requests at once; beyond it the server answers 503 + Retry-After",
                                      default=256)
     max_payload_bytes: int = _help("largest request body accepted; larger gets 413", default=10 * 1024 * 1024)
+    grace_s: float = _help("on SIGTERM: seconds to finish admitted requests before stopping", default=20.0)
     fast_queue: bool = _help("use ZeroMQ instead of multiprocessing queues between HTTP and workers", default=False)
     allocator: str = _help(
         "malloc for all server processes: glibc-tuned (no mmap, no trim), glibc, jemalloc, tcmalloc",
@@ -54,6 +55,8 @@ class ServerConfig:
         _check_positive("max_queued_requests", self.max_queued_requests)
         if self.timeout_s <= 0:
             raise UserError("timeout_s must be > 0")
+        if self.grace_s < 0:
+            raise UserError("grace_s must be >= 0")
         if self.threads_per_worker < 0:
             raise UserError("threads_per_worker must be >= 0 (0 means cores / workers)")
         if not 0 < self.port < 65536:

@@ -38,6 +38,7 @@ class Metrics:
         self.latency: dict[str, Histogram] = defaultdict(Histogram)
         self.in_flight = 0
         self.rejected_overload = 0
+        self.worker_deaths = 0
         self.tokens_generated = 0
         self.ttft = Histogram()
 
@@ -49,7 +50,7 @@ class Metrics:
         self.requests[(route, status)] += 1
         self.latency[route].observe(seconds)
 
-    def render(self) -> str:
+    def render(self, extra_lines: list[str] = ()) -> str:
         lines = ["# TYPE roofserve_requests_total counter"]
         lines += [f'roofserve_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
         lines.append("# TYPE roofserve_request_duration_seconds histogram")
@@ -58,11 +59,13 @@ class Metrics:
         lines += ["# TYPE roofserve_requests_in_flight gauge", f"roofserve_requests_in_flight {self.in_flight}",
                   "# TYPE roofserve_rejected_overload_total counter",
                   f"roofserve_rejected_overload_total {self.rejected_overload}",
+                  "# TYPE roofserve_worker_deaths_total counter",
+                  f"roofserve_worker_deaths_total {self.worker_deaths}",
                   "# TYPE roofserve_tokens_generated_total counter",
                   f"roofserve_tokens_generated_total {self.tokens_generated}",
                   "# TYPE roofserve_time_to_first_token_seconds histogram"]
         lines += self.ttft.lines("roofserve_time_to_first_token_seconds", "")
-        return "\n".join(lines) + "\n"
+        return "\n".join([*lines, *extra_lines]) + "\n"
 
 
 class MetricsMiddleware:

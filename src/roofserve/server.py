@@ -1,15 +1,20 @@
 """What every roofserve server adds on top of LitServe: bounded request bodies, 4xx answers for bad
-input that never fail a whole batch, one error body shape, and a tuned process environment."""
+input that never fail a whole batch, one error body shape, a bounded queue and deadlines, fast
+failure of the requests a dead worker held, a graceful SIGTERM, and a tuned process environment."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes.util
 import hmac
 import json
 import logging
 import os
+import signal
+import socket
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -20,7 +25,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from litserve.server import RegularRequestHandler
-from litserve.utils import LitAPIStatus, ResponseBufferItem
+from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 
 from roofserve.errors import UserError
 from roofserve.metrics import Metrics, MetricsMiddleware
@@ -48,7 +53,8 @@ def error_body(status: int, message: str) -> dict:
 
 
 def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse(error_body(status, message), status_code=status)
+    headers = {"Retry-After": "1"} if status == 503 else None  # 503s here are all worth a retry
+    return JSONResponse(error_body(status, message), status_code=status, headers=headers)
 
 
 def worker_threads(cfg) -> int:
@@ -113,9 +119,7 @@ def overloaded(server: "RoofServer") -> JSONResponse | None:
     metrics = server.metrics
     if metrics.in_flight >= server.max_queued_requests:
         metrics.rejected_overload += 1
-        response = error_response(503, f"server busy: {metrics.in_flight} requests in progress; retry shortly")
-        response.headers["Retry-After"] = "1"
-        return response
+        return error_response(503, f"server busy: {metrics.in_flight} requests in progress; retry shortly")
     metrics.in_flight += 1
     return None
 
@@ -211,24 +215,108 @@ class RoofServer(ls.LitServer):
 
     An API without a spec must define `async read_payload(request, body) -> picklable` that runs in
     the HTTP process; what it returns is what the worker's decode_request receives.
+
+    Faults: LitServe's monitor restarts a worker that dies (its `/health` is 503 until the new one is
+    warm); our watchdog in the HTTP process answers 503 at once to the requests the dead worker held,
+    which LitServe would leave waiting. SIGTERM drains: see `begin_shutdown`.
     """
 
     def __init__(self, lit_api: ls.LitAPI, *, max_payload_bytes: int, max_queued_requests: int, timeout: float,
-                 api_key: str | None = None, **kwargs):
+                 grace_s: float, api_key: str | None = None, **kwargs):
         self.max_payload_bytes = max_payload_bytes
         self.max_queued_requests = max_queued_requests
         self.deadline_s = timeout
         self.api_key = api_key
-        super().__init__(lit_api, timeout=timeout, **kwargs)
+        super().__init__(lit_api, timeout=timeout, restart_workers=True, **kwargs)
+        self.monitor_internal = 0.2  # seconds between LitServe's worker liveness checks (its spelling)
+        self.uvicorn_graceful_timeout = grace_s
         self.app.add_exception_handler(HTTPException, _http_exception)
         self.app.add_exception_handler(RequestValidationError, _validation_exception)
         self.metrics = Metrics((lit_api.api_path, self.healthcheck_path, "/metrics", "/v1/models", self.info_path))
         self.app.add_middleware(MetricsMiddleware, metrics=self.metrics)
 
         async def metrics() -> Response:
-            return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+            lines = getattr(lit_api, "metrics_lines", list)()  # what only the API knows (from its workers)
+            return Response(self.metrics.render(lines), media_type="text/plain; version=0.0.4")
 
         self.app.add_api_route("/metrics", metrics, methods=["GET"], dependencies=[Depends(self.setup_auth())])
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        """LitServe's lifespan (it moves answers from the workers to the handlers) plus our watchdog."""
+        watchdog = asyncio.get_running_loop().create_task(self._watch_workers())
+        try:
+            async with super().lifespan(app):
+                yield
+        finally:
+            watchdog.cancel()
+
+    async def _watch_workers(self, interval_s: float = 0.1) -> None:
+        """Fail the requests of a worker that left READY (it died; LitServe's monitor is restarting it)."""
+        ready: set[str] = set()
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                status = self.workers_setup_status.copy()  # one round trip to the manager
+            except Exception:  # the manager is gone: the server is shutting down
+                return
+            for key, value in status.items():
+                if value == WorkerSetupStatus.READY:
+                    ready.add(key)
+                elif key in ready:
+                    ready.discard(key)
+                    self.metrics.worker_deaths += 1
+                    self._fail_requests_of(int(key.rsplit("_", 1)[1]))
+
+    def _fail_requests_of(self, worker_id: int) -> None:
+        # LitServe records which worker took a request (its START message, sent with restart_workers on).
+        dead = Rejection(503, "the worker serving this request died and is being restarted; retry shortly")
+        for uid, item in list(self.response_buffer.items()):
+            if item.worker_id != worker_id or (item.response_queue is None and item.event.is_set()):
+                continue
+            log.warning("request %s failed: its worker %d died", uid, worker_id)
+            if item.response_queue is not None:
+                item.response_queue.extend([(dead, LitAPIStatus.OK), (None, LitAPIStatus.FINISH_STREAMING)])
+            else:
+                item.response = (dead, LitAPIStatus.OK)
+            item.event.set()
+
+    def _start_server(self, port, num_uvicorn_servers, log_level, sockets, uvicorn_worker_type, **kwargs):
+        self._listen_sockets = sockets  # kept to stop listening for good at shutdown
+        return super()._start_server(port, num_uvicorn_servers, log_level, sockets, uvicorn_worker_type, **kwargs)
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: end `run`, which then drains (see _perform_graceful_shutdown). Safe in a signal
+        handler: the manager call runs on its own thread, not on the main thread's busy connection."""
+        if self._shutdown_event is None:  # nothing started yet
+            raise SystemExit(0)
+        threading.Thread(target=self._shutdown_event.set, daemon=True).start()
+
+    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
+        """Stop the HTTP processes first, so that they refuse new connections and finish the admitted
+        requests (up to grace_s) while the workers still run; then LitServe stops transport and workers."""
+        with contextlib.suppress(Exception):
+            self._shutdown_event.set()  # so that LitServe's monitor does not restart workers we stop
+        if shutdown_reason != "keyboard_interrupt":
+            for proc in uvicorn_workers.values():
+                if proc.is_alive():
+                    proc.terminate()  # uvicorn's graceful shutdown: stop accepting, finish requests
+            # LitServe's manager process, forked after the socket was bound, keeps the port listening
+            # after uvicorn stops accepting: new clients would wait in a backlog nobody reads. Once
+            # uvicorn has let go of it, shutting the socket down refuses them at once.
+            time.sleep(0.5)
+            for sock in getattr(self, "_listen_sockets", ()):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            for proc in uvicorn_workers.values():
+                proc.join(self.uvicorn_graceful_timeout + 5)
+                if proc.is_alive():
+                    log.warning("HTTP process %s did not stop within the grace period; killing it", proc.pid)
+                    proc.kill()
+                    proc.join(5)
+            uvicorn_workers = {}
+        super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
 
     def setup_auth(self, lit_api: ls.LitAPI | None = None):
         """X-API-Key or `Authorization: Bearer` on every route but health, compared in constant time."""
@@ -283,13 +371,16 @@ def make_server(api: ls.LitAPI, cfg, accelerator: str, model: str) -> RoofServer
         devices=1,
         workers_per_device=cfg.workers_per_device,
         timeout=cfg.timeout_s,
+        grace_s=cfg.grace_s,
         fast_queue=cfg.fast_queue,
         model_metadata={"model": model, "config": as_dict(cfg)},
     )
 
 
 def run_server(server: RoofServer, cfg) -> None:
-    """Serve on cfg.host:cfg.port with one HTTP process and no access log (it costs CPU per request)."""
+    """Serve on cfg.host:cfg.port with one HTTP process and no access log (it costs CPU per request).
+    Returns after SIGTERM once the server has drained and every child process has stopped."""
+    signal.signal(signal.SIGTERM, lambda *_: server.begin_shutdown())
     server.run(host=cfg.host, port=cfg.port, generate_client_file=False, num_api_servers=1, access_log=False)
 
 

@@ -13,6 +13,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 from roofserve.errors import UserError
 
@@ -31,38 +33,54 @@ def _healthy(url: str) -> bool:
         return False
 
 
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    url: str
+    log_path: str
+
+    def log_tail(self, chars: int = 2000) -> str:
+        return Path(self.log_path).read_text(errors="replace")[-chars:]
+
+
+def start_server(args: list[str], ready_timeout_s: float = 300.0, env: dict | None = None) -> ServerProcess:
+    """`roofserve serve ARGS` on 127.0.0.1 and a free port, returned once /health is 200."""
+    port = free_port()
+    with tempfile.NamedTemporaryFile("w", prefix=f"roofserve-{port}-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "roofserve", "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so that nothing it starts can outlive it
+            env={**os.environ, **(env or {})},
+        )
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log.name)
+    deadline = time.monotonic() + ready_timeout_s
+    while not _healthy(server.url):
+        if proc.poll() is not None:
+            raise UserError(f"server exited with code {proc.returncode}; its log ends:\n{server.log_tail()}")
+        if time.monotonic() > deadline:
+            stop_process_group(proc)
+            raise UserError(f"server not healthy after {ready_timeout_s:.0f} s; log: {log.name}")
+        time.sleep(0.5)
+    return server
+
+
 @contextlib.contextmanager
 def running_server(args: list[str], ready_timeout_s: float = 300.0, env: dict | None = None) -> Iterator[str]:
     """`roofserve serve ARGS` on 127.0.0.1 and a free port; yields the base URL once /health is 200."""
-    port = free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix=f"roofserve-{port}-", suffix=".log", delete=False)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "roofserve", "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group, so that stopping it reaches every worker
-        env={**os.environ, **(env or {})},
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = start_server(args, ready_timeout_s, env)
     try:
-        deadline = time.monotonic() + ready_timeout_s
-        while not _healthy(url):
-            if proc.poll() is not None:
-                log.seek(0)
-                raise UserError(f"server exited with code {proc.returncode}; its log ends:\n{log.read()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise UserError(f"server not healthy after {ready_timeout_s:.0f} s; log: {log.name}")
-            time.sleep(0.5)
-        yield url
+        yield server.url
     finally:
-        stop_process_group(proc)
-        log.close()
+        stop_process_group(server.proc)
 
 
-def stop_process_group(proc: subprocess.Popen, grace_s: float = 15.0) -> int:
-    """SIGTERM the group, wait up to grace_s, then SIGKILL what is left; returns the exit code."""
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 30.0) -> int:
+    """SIGTERM the server (it drains and stops its workers), wait up to grace_s, then SIGKILL its
+    whole process group, so that nothing is left behind whatever happened; returns the exit code."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
