@@ -116,6 +116,8 @@ class LLMAPI(ls.LitAPI):
         self.random_weights = random_weights
         # Request ids whose client went away; the worker checks them between tokens.
         self.cancelled = mp.get_context("spawn").Array("q", _CANCEL_SLOTS, lock=False)
+        # Written by the workers: generations stopped because their client left, and the tokens they had made.
+        self.stopped = mp.get_context("spawn").Array("q", 2)
         self._cancel_next = 0
 
     # --- HTTP process ---------------------------------------------------------------------
@@ -131,6 +133,13 @@ class LLMAPI(ls.LitAPI):
     def cancel(self, request_id: int) -> None:
         self.cancelled[self._cancel_next % _CANCEL_SLOTS] = request_id
         self._cancel_next += 1
+
+    def metrics_lines(self) -> list[str]:
+        stopped, tokens = self.stopped[:]
+        return ["# TYPE roofserve_generations_stopped_total counter",
+                f"roofserve_generations_stopped_total {stopped}",
+                "# TYPE roofserve_stopped_generation_tokens_total counter",
+                f"roofserve_stopped_generation_tokens_total {tokens}"]
 
     async def respond(self, payload: dict, first: dict, items: AsyncIterator, close: Callable[[], None],
                       started: float, metrics) -> object:
@@ -217,6 +226,10 @@ class LLMAPI(ls.LitAPI):
 
         for item in gen.chat(ids, max_tokens, request["temperature"], request["top_p"], request["seed"],
                              request["stop"], request["ignore_eos"], should_stop):
+            if item["t"] == "end" and rid in self.cancelled:
+                with self.stopped.get_lock():
+                    self.stopped[0] += 1
+                    self.stopped[1] += item["usage"]["completion_tokens"]
             if item["t"] == "end" and time.time() > deadline:
                 yield Rejection(504, f"generation passed the deadline of {self.cfg.timeout_s:g} s")
                 return
