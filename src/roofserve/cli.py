@@ -193,6 +193,31 @@ def cmd_bench_llm_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_soak(args: argparse.Namespace) -> int:
+    import shlex
+
+    import httpx
+
+    from roofserve.bench.process import start_server, stop_process_group
+    from roofserve.bench.soak import llm_cases, soak, vision_cases
+    from roofserve.bench.vision import example_images
+
+    server = start_server([args.server, *shlex.split(args.server_args)], ready_timeout_s=900)
+    try:
+        cfg = httpx.get(server.url + "/info", timeout=10).json()["model"]["config"]  # the caps the server runs with
+        cases = (vision_cases(example_images(), cfg["max_payload_bytes"]) if args.server == "vision"
+                 else llm_cases(cfg["max_seq_len"], cfg["max_payload_bytes"]))
+        rows = soak(server, cases, args.duration_s, args.concurrency, args.server, args.warmup_s, args.rss_tolerance)
+    finally:
+        exit_code = stop_process_group(server.proc)
+    rows[0]["server_exit_code"] = exit_code
+    _table(rows[1:], ["case", "good", "requests", "statuses"])
+    _table(rows[:1], ["server", "requests", "good_requests", "good_5xx", "bad_requests", "bad_4xx", "rss_start_mb",
+                      "rss_warm_mb", "rss_end_mb", "rss_growth_pct", "passed"])
+    _save(args.out or f"results/soak-{args.server}.json", "bench soak", {k: v for k, v in vars(args).items() if k != "func"}, rows)
+    return 0 if rows[0]["passed"] and exit_code == 0 else 1
+
+
 def cmd_sweep_llm(args: argparse.Namespace) -> int:
     import torch
 
@@ -364,6 +389,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/llm-engine.json")
     p.set_defaults(func=cmd_bench_llm_engine)
 
+    p = bench.add_parser(
+        "soak", help="mixed good and bad requests for a while against a server it starts; checks 5xx and memory",
+        description="Start a server on 127.0.0.1, send it good and malformed requests round-robin for "
+        "--duration-s after a warm-up, and sample the memory of its process tree. Passes (exit 0) when no "
+        "good request failed, every bad one got a 4xx, memory grew at most --rss-tolerance after the "
+        "warm-up, and the server stopped cleanly on SIGTERM.",
+    )
+    p.add_argument("server", choices=["vision", "llm"])
+    p.add_argument("--duration-s", type=float, default=180.0, help="measured part of the run (default: 180)")
+    p.add_argument("--warmup-s", type=float, default=15.0, help="traffic before the memory baseline (default: 15)")
+    p.add_argument("--concurrency", type=int, default=4, help="client threads (default: 4)")
+    p.add_argument("--server-args", default="", help='flags for `roofserve serve SERVER`, e.g. "--max-seq-len 512"')
+    p.add_argument("--rss-tolerance", type=float, default=0.05, help="allowed memory growth (default: 0.05 = 5%%)")
+    p.add_argument("--out", default=None, help="JSON rows (default: results/soak-SERVER.json)")
+    p.set_defaults(func=cmd_bench_soak)
+
     sweep = sub.add_parser("sweep", help="run a ladder of server configs").add_subparsers(dest="what", metavar="LADDER", required=True)
     p = sweep.add_parser("vision", help="start the vision server with each step's config, load it, stop it")
     p.add_argument("ladder", nargs="?", default="experiments/vision-cpu.toml", help="ladder TOML (default: %(default)s)")
@@ -403,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # a line per request
     try:
         if args.command in ("bench", "sweep", "demo", "peak"):
             from roofserve.server import reexec_with, tuned_environ

@@ -1,0 +1,42 @@
+"""Soak runs, shortened: mixed good and bad traffic against each real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from roofserve.bench.process import start_server, stop_process_group
+from roofserve.bench.soak import soak, vision_cases
+from roofserve.bench.vision import example_images
+
+
+@pytest.mark.parametrize("server,server_args", [("vision", ""), ("llm", "--max-seq-len 512")])
+def test_soak_has_no_5xx_refuses_every_bad_request_and_keeps_memory_flat(tmp_path, server, server_args):
+    out = tmp_path / "soak.json"
+    run = subprocess.run([sys.executable, "-m", "roofserve", "bench", "soak", server, "--server-args", server_args,
+                          "--duration-s", "15", "--warmup-s", "5", "--concurrency", "3", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary, *cases = json.loads(out.read_text())["rows"]
+    assert summary["passed"] and summary["server_exit_code"] == 0
+    assert summary["good_5xx"] == 0 and summary["good_ok"] == summary["good_requests"] > 0
+    assert summary["bad_4xx"] == summary["bad_requests"] > 0
+    assert summary["rss_growth_pct"] <= 5
+    assert all(case["requests"] > 0 for case in cases)  # every kind of request was sent
+
+
+def test_soak_fails_when_a_good_request_fails():
+    server = start_server(["vision", "--workers-per-device", "1"])
+    try:
+        cases = {case.name: case for case in vision_cases(example_images(), max_payload_bytes=1000)}
+        mislabeled = dataclasses.replace(cases["not an image"], name="junk sent as good", good=True)
+        summary = soak(server, [cases["jpeg"], mislabeled], duration_s=2, concurrency=2, name="vision", warmup_s=1,
+                       progress=False)[0]
+    finally:
+        stop_process_group(server.proc)
+    assert not summary["passed"]
+    assert 0 < summary["good_ok"] < summary["good_requests"]
