@@ -36,6 +36,8 @@ def test_auth_protects_every_route_but_health(guarded, images):
     bearer = httpx.post(guarded + "/predict", content=images["dalmatian"],
                         headers={"Content-Type": "image/jpeg", "Authorization": f"Bearer {KEY}"})
     assert bearer.status_code == 200
+    info = httpx.get(guarded + "/info", headers={"X-API-Key": KEY})
+    assert info.status_code == 200 and KEY not in info.text  # the config it shows masks the key
 
 
 def test_overload_gets_503_with_retry_after_and_admitted_requests_finish(guarded, images):

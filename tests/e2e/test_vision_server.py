@@ -68,6 +68,9 @@ BAD = {
     "malformed multipart": ({"content": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data; boundary=x"}}, 400, None),
     "too many pixels": ({"content": _bomb(), "headers": {"Content-Type": "image/png"}}, 413, "pixels"),
     "too many bytes": ({"content": b"\xff" * (CAP + 1), "headers": {"Content-Type": "image/jpeg"}}, 413, "limit"),
+    "multipart over the cap": ({"files": {"file": ("x.jpg", b"\xff" * (CAP + 1), "image/jpeg")}}, 413, "limit"),
+    "chunked over the cap": ({"content": iter([b"\xff" * (CAP // 2 + 1)] * 2), "headers": {"Content-Type": "image/jpeg"}},
+                             413, "limit"),
 }
 
 
