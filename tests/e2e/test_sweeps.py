@@ -40,7 +40,7 @@ def test_vision_sweep_of_two_steps_writes_rows_and_report(tmp_path):
 def test_llm_sweep_of_two_steps_writes_rows_and_report(tmp_path):
     ladder = tmp_path / "ladder.toml"
     ladder.write_text(
-        "[bench]\nruns = 2\nmax_tokens = 8\nprompt_lengths = [16]\n"
+        "[bench]\nruns = 2\nrounds = 2\nmax_tokens = 8\nprompt_lengths = [16]\n"
         '[server]\nmax_seq_len = 256\nprecision = "fp32"\nstatic_cache = false\n'
         '[[step]]\nname = "fp32"\n[[step]]\nname = "bf16 static"\nserver = { precision = "bf16", static_cache = true }\n'
     )
@@ -56,6 +56,8 @@ def test_llm_sweep_of_two_steps_writes_rows_and_report(tmp_path):
     assert engine == [("fp32", "16 tokens"), ("fp32", "chat"), ("bf16 static", "16 tokens"), ("bf16 static", "chat")]
     chat = [r for r in rows if r["kind"] == "llm-engine" and r["prompt"] == "chat"]
     assert chat[0]["prompt_tokens"] == api[0]["prompt_tokens"], "in-process TTFT is measured on the served prompt"
+    # served and in-process alternate in 2 rounds, each with its own bandwidth measurement
+    assert all(len(r["rounds_decode_tokens_per_s"]) == 2 and len(r["rounds_bandwidth_gb_s"]) == 2 for r in api + chat)
     report = (tmp_path / "report" / "report.md").read_text()
     assert f"| bf16 static | bf16 | {api[1]['decode_tokens_per_s']:.1f} |" in report
     assert (tmp_path / "report" / "llm_decode.png").stat().st_size > 1000

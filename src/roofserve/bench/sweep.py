@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 BENCH_DEFAULTS = {
     VisionConfig: {"payload": "raw", "concurrency": [1, 8, 32, 64], "rate": [], "requests": 400, "duration_s": 60.0,
                    "warmup": 16},
-    LLMConfig: {"runs": 8, "max_tokens": 128, "ignore_eos": True, "warmup": 1, "engine": True,
+    LLMConfig: {"runs": 12, "rounds": 3, "max_tokens": 128, "ignore_eos": True, "warmup": 1, "engine": True,
                 "prompt_lengths": [32, 256], "concurrency": 1},
 }
 
@@ -83,8 +83,12 @@ def run_ladder(doc: dict, steps: list[Step], images: list[tuple[str, bytes]], pr
 
 
 def run_llm_ladder(steps: list[Step], bandwidth_gb_s: float | None, progress: bool = True) -> list[dict]:
-    """Each step: served (streaming over HTTP, one request at a time), then in-process on the same engine."""
-    from roofserve.bench.llm import bench_llm_api
+    """Each step: served (streaming over HTTP, one request at a time) and in-process on the same engine,
+    alternating in `rounds` (see engine_process), with the read bandwidth measured in every round."""
+    import statistics
+
+    from roofserve.bench.engine_process import EngineProcess
+    from roofserve.bench.llm import bench_llm_api, summarize
     from roofserve.llm.roof import step_roof
 
     rows = []
@@ -92,32 +96,43 @@ def run_llm_ladder(steps: list[Step], bandwidth_gb_s: float | None, progress: bo
         cfg, b = step.config, step.bench
         log.info("step %d/%d: %s", index, len(steps), step.name)
         tag = {"step": step.name, "step_index": index, "why": step.why, "config": as_dict(cfg)}
-        with running_server(["llm", *server_flags(cfg)], ready_timeout_s=900) as url:
-            api_row, _ = bench_llm_api(f"{url}/v1/chat/completions", "", max_tokens=b["max_tokens"], runs=b["runs"],
-                                       concurrency=b["concurrency"], ignore_eos=b["ignore_eos"], warmup=b["warmup"],
-                                       api_key=cfg.api_key, progress=progress)
+        rounds = b["rounds"] if b["engine"] else 1
+        per_round = max(1, b["runs"] // rounds)
+        served, walls, served_rates, engine_chat, bandwidths = [], 0.0, [], [], []
+        engine = EngineProcess(cfg) if b["engine"] else None  # loads (and compiles) while the server does
+        try:
+            with running_server(["llm", *server_flags(cfg)], ready_timeout_s=900) as url:
+                if engine:
+                    engine.wait_ready()
+                for i in range(rounds):
+                    if engine:
+                        bandwidths.append(engine.read_bandwidth_gb_s())
+                    row, results = bench_llm_api(f"{url}/v1/chat/completions", "", max_tokens=b["max_tokens"],
+                                                 runs=per_round, concurrency=b["concurrency"],
+                                                 ignore_eos=b["ignore_eos"], warmup=b["warmup"] if i == 0 else 0,
+                                                 api_key=cfg.api_key, progress=progress)
+                    served += results
+                    walls += row["wall_s"]
+                    served_rates.append(row["decode_tokens_per_s"])
+                    if engine:
+                        engine_chat += engine.bench([], b["max_tokens"], per_round, chat=True)
+            prompt_rows = engine.bench(b["prompt_lengths"], b["max_tokens"], 3, chat=False) if engine else []
+        finally:
+            if engine:
+                engine.close()
+        api_row = {**row, **summarize(served, walls), "rounds_decode_tokens_per_s": served_rates,
+                   "fixed_length_verified": all(r.output_tokens == b["max_tokens"] for r in served if r.ok)}
+        bandwidth = statistics.median(bandwidths) if bandwidths else bandwidth_gb_s
         roof = step_roof(cfg, context_len=(api_row.get("prompt_tokens") or 0) + b["max_tokens"] // 2,
-                         bandwidth_gb_s=bandwidth_gb_s)
+                         bandwidth_gb_s=bandwidth)
+        roof["sweep_bandwidth_gb_s"] = bandwidth_gb_s
+        roof["rounds_bandwidth_gb_s"] = [round(x, 1) for x in bandwidths]
         rows.append({**api_row, **tag, **roof})
-        if b["engine"]:
-            for row in engine_rows(cfg, b):
-                rows.append({**row, **tag, **roof})
+        if engine_chat:
+            first = engine_chat[0]
+            chat = {**first, "ttft_ms": statistics.median(r["ttft_ms"] for r in engine_chat),
+                    "decode_tokens_per_s": round(statistics.median(r["decode_tokens_per_s"] for r in engine_chat), 2),
+                    "rounds_decode_tokens_per_s": [r["decode_tokens_per_s"] for r in engine_chat]}
+            chat["prefill_tokens_per_s"] = round(first["prompt_tokens"] / chat["ttft_ms"] * 1e3, 1)
+            rows += [{**r, **tag, **roof} for r in [*prompt_rows, chat]]
     return rows
-
-
-def engine_rows(cfg: Any, bench: dict[str, Any]) -> list[dict]:
-    """`roofserve bench llm-engine` with the step's config, in a fresh process: nothing (compiled code,
-    thread pools, memory) carries over from one step, or from the sweep's own client, to the next."""
-    import json
-    import subprocess
-    import sys
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        out = f"{folder}/engine.json"
-        args = [sys.executable, "-m", "roofserve", "bench", "llm-engine", *server_flags(cfg), "--out", out,
-                "--prompt-lengths", ",".join(map(str, bench["prompt_lengths"])), "--max-tokens", str(bench["max_tokens"])]
-        done = subprocess.run(args, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise UserError(f"in-process engine bench failed: {done.stderr.strip().splitlines()[-1:]}")
-        return [r for r in json.loads(open(out).read())["rows"] if r["kind"] == "llm-engine"]

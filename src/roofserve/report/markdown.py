@@ -144,6 +144,11 @@ def llm_section(rows: list[dict], out: Path) -> list[str]:
               "embeddings it reads the embedding table; one embedding row; norms) + the KV cache at the mean context. "
               "MBU = decode tokens/s x bytes per token / bandwidth. In-process numbers are the same engine on the "
               "same prompt, without HTTP.", ""]
+    if any(r.get("rounds_bandwidth_gb_s") for r in rows if r["kind"] == "llm-api"):
+        lines += ["Each step alternates served requests, in-process runs and a read-bandwidth measurement in rounds, "
+                  "so that both sides and the roof see the same machine (a shared VM drifts by tens of percent within "
+                  "minutes); the table gives medians, and each step's roof and MBU use the bandwidth measured "
+                  "during that step (read GB/s).", ""]
     body, bars = [], []
     for r in api:
         eng = [e for e in engine if e.get("step") == r.get("step")]
@@ -157,13 +162,13 @@ def llm_section(rows: list[dict], out: Path) -> list[str]:
         body.append([r.get("step"), r.get("weight_format"), tps, eng_decode, _pct(tps, eng_decode),
                      r.get("ttft_ms_p50"), chat["ttft_ms"] if chat else None, ttft_added, r.get("ttft_ms_p99"),
                      r.get("tpot_ms_p50"), r.get("tpot_ms_p99"), prefill,
-                     round(bpt / 1e6, 1) if bpt else None, r.get("roof_tokens_per_s"),
+                     round(bpt / 1e6, 1) if bpt else None, round(bw, 1) if bw else None, r.get("roof_tokens_per_s"),
                      f"{mbu:.0%}" if mbu else "-", llm_verdict(mbu)])
         bars.append((str(r.get("step")), tps, eng_decode, r.get("roof_tokens_per_s")))
     if body:
         lines += _table(["step", "weights", "served decode tok/s", "in-process tok/s", "served / in-process",
                          "TTFT p50 ms", "in-process TTFT ms", "TTFT added ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "prefill tok/s", "MB / token",
-                         "roof tok/s", "MBU", "verdict"], body)
+                         "read GB/s", "roof tok/s", "MBU", "verdict"], body)
         unverified = [r.get("step") for r in api if not r.get("fixed_length_verified", True)]
         if unverified:
             lines += ["", f"Output length not confirmed by usage for: {', '.join(map(str, unverified))}."]

@@ -1,0 +1,108 @@
+"""The LLM engine in a long-lived subprocess, driven one command at a time.
+
+The sweep compares served and in-process decode speed. On a shared VM both drift by 10-30% within
+minutes, so measuring one after the other compares two machine states. With the engine kept loaded
+(and compiled) in its own process, the sweep can alternate: a few served requests, a few in-process
+runs, a bandwidth measurement, and again; each side is idle while the other runs.
+
+Protocol: one JSON object per line on stdin ({"cmd": "bench", ...} or {"cmd": "bandwidth"}), one JSON
+line back on stdout; EOF ends the process. `python -m roofserve.bench.engine_process CONFIG_JSON`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from roofserve.errors import UserError
+
+
+class EngineProcess:
+    """Starts loading at once; `wait_ready()` blocks until the model is loaded and compiled."""
+
+    def __init__(self, cfg: Any):
+        from roofserve.config import as_dict
+
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="roofserve-engine-", suffix=".log")  # never a full pipe
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "roofserve.bench.engine_process", json.dumps(as_dict(cfg, hide=()))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+        )
+
+    def wait_ready(self) -> None:
+        self._read()  # {"ready": true}
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.log.seek(0)
+            tail = self.log.read()[-1500:].strip()
+            raise UserError(f"in-process engine stopped (exit {self.proc.returncode}): {tail}")
+        return json.loads(line)
+
+    def _call(self, **command) -> dict:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def bench(self, prompt_lengths: list[int], max_tokens: int, runs: int, chat: bool = True) -> list[dict]:
+        return self._call(cmd="bench", prompt_lengths=prompt_lengths, max_tokens=max_tokens, runs=runs,
+                          chat=chat)["rows"]
+
+    def read_bandwidth_gb_s(self) -> float:
+        return self._call(cmd="bandwidth")["read_gb_s"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def __enter__(self) -> EngineProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def main() -> None:
+    import torch
+
+    from roofserve.bench.llm import LONG_PROMPT, bench_llm_engine
+    from roofserve.config import LLMConfig, make_config
+    from roofserve.hardware import measure_bandwidth_gb_s
+    from roofserve.llm.runtime import build_generator
+
+    cfg = make_config(LLMConfig, None, json.loads(sys.argv[1]))
+    torch.set_num_threads(cfg.threads_per_worker or torch.get_num_threads())
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    generator = build_generator(cfg, device)
+    out = sys.stdout
+    sys.stdout = sys.stderr  # anything else that prints must not break the protocol
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["cmd"] == "bench":
+            rows = bench_llm_engine(generator, command["prompt_lengths"], command["max_tokens"], command["runs"],
+                                    LONG_PROMPT if command["chat"] else None)
+            reply = {"rows": rows}
+        elif command["cmd"] == "bandwidth":
+            peaks = measure_bandwidth_gb_s(torch.device(device))
+            reply = {"read_gb_s": next(p.value for p in peaks if p.name == "read")}
+        else:
+            reply = {"error": f"unknown command {command['cmd']!r}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()
