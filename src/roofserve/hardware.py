@@ -129,16 +129,40 @@ def measure_matmul_tflops(dtype: torch.dtype, device: torch.device, n: int | Non
 
 
 def measure_bandwidth_gb_s(device: torch.device, size_bytes: int | None = None) -> list[Peak]:
-    """Large copy (bytes read + bytes written) and a read-only reduction (bytes read)."""
+    """Large copy (bytes read + bytes written), a read-only reduction (bytes read), and the weight
+    bytes a one-token bf16 linear layer reads per second (see measure_gemv_gb_s)."""
     size_bytes = size_bytes or (2 << 30 if device.type == "cuda" else 512 << 20)
     src = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     copy_s = median_time_s(lambda: dst.copy_(src), device)
     read_s = median_time_s(lambda: src.sum(), device)
+    del src, dst
     return [
         Peak("bandwidth", "copy", device.type, 2 * size_bytes / copy_s / 1e9, "GB/s", size_bytes),
         Peak("bandwidth", "read", device.type, size_bytes / read_s / 1e9, "GB/s", size_bytes),
+        measure_gemv_gb_s(device, size_bytes=size_bytes // 2),
     ]
+
+
+def measure_gemv_gb_s(device: torch.device, dtype: torch.dtype = torch.bfloat16, shape: tuple[int, int] = (1536, 576),
+                      size_bytes: int = 256 << 20) -> Peak:
+    """Weight bytes per second that one-row matmuls (a decode step's linear layers; the default is
+    SmolLM2's MLP shape) read from a set of weights too big for the caches. The plain read bandwidth
+    is the roof; this is what the matmul library reaches under it, so a decode step near this number
+    is limited by the kernel, not by the code around it."""
+    out_features, in_features = shape
+    weight_bytes = out_features * in_features * torch.finfo(dtype).bits // 8
+    weights = [torch.randn(out_features, in_features, device=device).to(dtype)
+               for _ in range(max(1, size_bytes // weight_bytes))]
+    x = torch.randn(1, in_features, device=device).to(dtype)
+
+    def all_layers() -> None:
+        for w in weights:
+            torch.nn.functional.linear(x, w)
+
+    seconds = median_time_s(all_layers, device, warmup=2, repeats=5)
+    name = f"gemv-{str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16').replace('float16', 'fp16')}"
+    return Peak("bandwidth", name, device.type, weight_bytes * len(weights) / seconds / 1e9, "GB/s", weight_bytes * len(weights))
 
 
 def measure_peaks(device: torch.device) -> list[Peak]:

@@ -53,8 +53,9 @@ class EngineProcess:
         return self._call(cmd="bench", prompt_lengths=prompt_lengths, max_tokens=max_tokens, runs=runs,
                           chat=chat)["rows"]
 
-    def read_bandwidth_gb_s(self) -> float:
-        return self._call(cmd="bandwidth")["read_gb_s"]
+    def bandwidth_gb_s(self) -> dict:
+        """{"read_gb_s": plain reads, "gemv_gb_s": one-token bf16 linear layers} measured now."""
+        return self._call(cmd="bandwidth")
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -96,8 +97,8 @@ def main() -> None:
                                     LONG_PROMPT if command["chat"] else None)
             reply = {"rows": rows}
         elif command["cmd"] == "bandwidth":
-            peaks = measure_bandwidth_gb_s(torch.device(device))
-            reply = {"read_gb_s": next(p.value for p in peaks if p.name == "read")}
+            peaks = {p.name: p.value for p in measure_bandwidth_gb_s(torch.device(device))}
+            reply = {"read_gb_s": peaks["read"], "gemv_gb_s": peaks["gemv-bf16"]}
         else:
             reply = {"error": f"unknown command {command['cmd']!r}"}
         out.write(json.dumps(reply) + "\n")

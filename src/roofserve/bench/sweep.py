@@ -106,7 +106,7 @@ def run_llm_ladder(steps: list[Step], bandwidth_gb_s: float | None, progress: bo
                     engine.wait_ready()
                 for i in range(rounds):
                     if engine:
-                        bandwidths.append(engine.read_bandwidth_gb_s())
+                        bandwidths.append(engine.bandwidth_gb_s())
                     row, results = bench_llm_api(f"{url}/v1/chat/completions", "", max_tokens=b["max_tokens"],
                                                  runs=per_round, concurrency=b["concurrency"],
                                                  ignore_eos=b["ignore_eos"], warmup=b["warmup"] if i == 0 else 0,
@@ -122,11 +122,12 @@ def run_llm_ladder(steps: list[Step], bandwidth_gb_s: float | None, progress: bo
                 engine.close()
         api_row = {**row, **summarize(served, walls), "rounds_decode_tokens_per_s": served_rates,
                    "fixed_length_verified": all(r.output_tokens == b["max_tokens"] for r in served if r.ok)}
-        bandwidth = statistics.median(bandwidths) if bandwidths else bandwidth_gb_s
+        bandwidth = statistics.median(m["read_gb_s"] for m in bandwidths) if bandwidths else bandwidth_gb_s
         roof = step_roof(cfg, context_len=(api_row.get("prompt_tokens") or 0) + b["max_tokens"] // 2,
                          bandwidth_gb_s=bandwidth)
         roof["sweep_bandwidth_gb_s"] = bandwidth_gb_s
-        roof["rounds_bandwidth_gb_s"] = [round(x, 1) for x in bandwidths]
+        roof["rounds_bandwidth_gb_s"] = [round(m["read_gb_s"], 1) for m in bandwidths]
+        roof["gemv_gb_s"] = round(statistics.median(m["gemv_gb_s"] for m in bandwidths), 1) if bandwidths else None
         rows.append({**api_row, **tag, **roof})
         if engine_chat:
             first = engine_chat[0]

@@ -122,13 +122,18 @@ def vision_section(rows: list[dict], out: Path) -> list[str]:
 
 
 MBU_BANDWIDTH_BOUND = 0.6
+KERNEL_BOUND = 0.8  # a bf16 decode step reading at 80%+ of what bf16 one-token matmuls read alone
 
 
-def llm_verdict(mbu: float | None) -> str:
+def llm_verdict(mbu: float | None, kernel_share: float | None = None) -> str:
+    """kernel_share: decode bytes/s over what one-token bf16 linear layers read alone (bf16 steps only)."""
     if mbu is None:
         return "-"
     if mbu >= MBU_BANDWIDTH_BOUND:
         return f"bandwidth-bound ({mbu:.0%} of the roof)"
+    if kernel_share is not None and kernel_share >= KERNEL_BOUND:
+        return (f"matmul-kernel-bound: {mbu:.0%} of the roof, but {kernel_share:.0%} of what bf16 one-token "
+                "matmuls read alone")
     return f"overhead-bound: {mbu:.0%} of the roof; per-token compute, dispatch and Python dominate"
 
 
@@ -139,7 +144,8 @@ def llm_section(rows: list[dict], out: Path) -> list[str]:
     lines = ["## LLM", ""]
     if peaks:
         lines += ["Bandwidth measured in the LLM run: " + ", ".join(f"{p['name']} {p['value']:.1f} GB/s" for p in peaks)
-                  + ". Roofs use the read bandwidth.", ""]
+                  + ". Roofs use the read bandwidth; gemv-bf16 is the weight bytes per second that one-token bf16 "
+                  "linear layers read (SmolLM2's MLP shape), i.e. what the matmul library reaches under the roof.", ""]
     lines += ["Bytes per token = weights at their storage size (every linear layer, the LM head included: with tied "
               "embeddings it reads the embedding table; one embedding row; norms) + the KV cache at the mean context. "
               "MBU = decode tokens/s x bytes per token / bandwidth. In-process numbers are the same engine on the "
@@ -159,16 +165,19 @@ def llm_section(rows: list[dict], out: Path) -> list[str]:
         ttft_added = round(r["ttft_ms_p50"] - chat["ttft_ms"], 1) if chat and r.get("ttft_ms_p50") else None
         bpt, bw, tps = r.get("bytes_per_token"), r.get("bandwidth_gb_s"), r.get("decode_tokens_per_s")
         mbu = tps * bpt / (bw * 1e9) if tps and bpt and bw else None
+        gemv = r.get("gemv_gb_s")
+        kernel_share = tps * bpt / (gemv * 1e9) if tps and bpt and gemv and r.get("weight_format") == "bf16" else None
         body.append([r.get("step"), r.get("weight_format"), tps, eng_decode, _pct(tps, eng_decode),
                      r.get("ttft_ms_p50"), chat["ttft_ms"] if chat else None, ttft_added, r.get("ttft_ms_p99"),
                      r.get("tpot_ms_p50"), r.get("tpot_ms_p99"), prefill,
-                     round(bpt / 1e6, 1) if bpt else None, round(bw, 1) if bw else None, r.get("roof_tokens_per_s"),
-                     f"{mbu:.0%}" if mbu else "-", llm_verdict(mbu)])
+                     round(bpt / 1e6, 1) if bpt else None, round(bw, 1) if bw else None, r.get("gemv_gb_s"),
+                     round(tps * bpt / 1e9, 1) if tps and bpt else None, r.get("roof_tokens_per_s"),
+                     f"{mbu:.0%}" if mbu else "-", llm_verdict(mbu, kernel_share)])
         bars.append((str(r.get("step")), tps, eng_decode, r.get("roof_tokens_per_s")))
     if body:
         lines += _table(["step", "weights", "served decode tok/s", "in-process tok/s", "served / in-process",
                          "TTFT p50 ms", "in-process TTFT ms", "TTFT added ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "prefill tok/s", "MB / token",
-                         "read GB/s", "roof tok/s", "MBU", "verdict"], body)
+                         "read GB/s", "GEMV GB/s", "decode GB/s", "roof tok/s", "MBU", "verdict"], body)
         unverified = [r.get("step") for r in api if not r.get("fixed_length_verified", True)]
         if unverified:
             lines += ["", f"Output length not confirmed by usage for: {', '.join(map(str, unverified))}."]
