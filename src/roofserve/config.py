@@ -118,8 +118,8 @@ class LLMConfig(ServerConfig):
         "weight-only quantization: none, int8 / int4 (torchao), bnb4 (bitsandbytes NF4, CUDA only, eager)",
         default="none",
     )
-    lora: str | None = _help("a PEFT LoRA adapter folder, applied unmerged (the reference deployment's row)",
-                             default=None)
+    lora: str | None = _help("a PEFT LoRA adapter folder, or random:RANK (for speed work), applied unmerged "
+                             "as the reference deployment served it", default=None)
     attention: str = _help("auto, sdpa or eager; auto = sdpa, but the fused matmul-softmax when compiled on CPU",
                            default="auto")
     group_size: int = _help("int4 group size (must divide the hidden size; 64 fits SmolLM2)", default=64)

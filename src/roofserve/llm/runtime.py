@@ -63,13 +63,23 @@ def quantize_bnb4(model: torch.nn.Module, device: torch.device) -> None:
                 setattr(parent, name, new.to(device))  # moving to the GPU quantizes
 
 
-def apply_lora(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    """Wrap the model with a PEFT LoRA adapter, unmerged (extra matmuls per layer, as in the reference)."""
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def apply_lora(model: torch.nn.Module, source: str) -> torch.nn.Module:
+    """Wrap the model with a PEFT LoRA adapter, unmerged (two extra thin matmuls per linear layer, as
+    the reference deployment served it). `source`: an adapter folder, or random:RANK (random A and B on
+    every linear layer of the blocks: the cost of an adapter, for speed work; answers drift from the
+    base model's)."""
     try:
-        from peft import PeftModel
+        from peft import LoraConfig, PeftModel, get_peft_model
     except ImportError:
-        raise UserError("--lora needs peft: pip install peft") from None
-    return PeftModel.from_pretrained(model, path).eval()
+        raise UserError("--lora needs peft: pip install 'roofserve[lora]'") from None
+    if source.startswith("random:"):
+        rank = int(source.removeprefix("random:"))
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, init_lora_weights=False)
+        return get_peft_model(model, config).eval()
+    return PeftModel.from_pretrained(model, source).eval()
 
 
 class Generator:

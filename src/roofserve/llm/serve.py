@@ -25,9 +25,15 @@ def preflight(cfg: LLMConfig) -> tuple[str, str, bool]:
     if cfg.quantize == "bnb4" and accelerator == "cpu":
         raise UserError("bitsandbytes 4-bit needs a CUDA GPU; on CPU use --quantize int4 (torchao)")
     if cfg.lora:
+        import importlib.util
         from pathlib import Path
 
-        if not (Path(cfg.lora) / "adapter_config.json").is_file():
+        if importlib.util.find_spec("peft") is None:
+            raise UserError("--lora needs peft: pip install 'roofserve[lora]'")
+        if cfg.lora.startswith("random:"):
+            if not cfg.lora.removeprefix("random:").isdigit() or int(cfg.lora.removeprefix("random:")) < 1:
+                raise UserError(f"--lora random:RANK needs a positive integer rank, got {cfg.lora!r}")
+        elif not (Path(cfg.lora) / "adapter_config.json").is_file():
             raise UserError(f"no PEFT adapter (adapter_config.json) in {cfg.lora}")
     if cfg.backend == "llamacpp":
         import importlib.util

@@ -1,0 +1,36 @@
+"""A LoRA adapter applied unmerged (the reference deployment's row) on the real default model, on CPU."""
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from roofserve.config import LLMConfig
+from roofserve.llm.model import load
+from roofserve.llm.runtime import LORA_TARGETS, TorchGenerator
+
+QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+def test_adapter_folder_is_applied_as_transformers_applies_it(tmp_path):
+    torch.set_num_threads(2)
+    cfg = LLMConfig(precision="fp32", static_cache=True, max_seq_len=256)
+    base = TorchGenerator(cfg, "cpu")
+    ids = base.prompt_ids(QUESTION)
+    plain = list(base.tokens(ids, 12, ignore_eos=True))
+
+    # an adapter folder as a user brings it (trained elsewhere; random here, with B != 0 so that it acts)
+    torch.manual_seed(0)
+    reference = get_peft_model(load("default", "fp32").model,
+                               LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS, init_lora_weights=False))
+    reference.save_pretrained(tmp_path)
+    adapted = TorchGenerator(LLMConfig(precision="fp32", static_cache=True, max_seq_len=256, lora=str(tmp_path)), "cpu")
+    ours = list(adapted.tokens(ids, 12, ignore_eos=True))
+
+    expected = reference.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert ours == expected[0, len(ids):].tolist()
+    assert ours != plain, "the adapter must change the answer"
+
+
+def test_random_rank_adapter_serves_tokens():
+    generator = TorchGenerator(LLMConfig(precision="bf16", static_cache=True, max_seq_len=128, lora="random:4"), "cpu")
+    tokens = list(generator.tokens(generator.prompt_ids(QUESTION), 6, ignore_eos=True))
+    assert len(tokens) == 6
