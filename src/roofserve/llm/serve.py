@@ -24,6 +24,11 @@ def preflight(cfg: LLMConfig) -> tuple[str, str, bool]:
     accelerator = resolve_accelerator(cfg)
     if cfg.quantize == "bnb4" and accelerator == "cpu":
         raise UserError("bitsandbytes 4-bit needs a CUDA GPU; on CPU use --quantize int4 (torchao)")
+    if cfg.quantize == "bnb4":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("--quantize bnb4 needs bitsandbytes: pip install bitsandbytes")
     if cfg.lora:
         import importlib.util
         from pathlib import Path
