@@ -214,7 +214,8 @@ def cmd_bench_soak(args: argparse.Namespace) -> int:
     _table(rows[1:], ["case", "good", "requests", "statuses"])
     _table(rows[:1], ["server", "requests", "good_requests", "good_5xx", "bad_requests", "bad_4xx", "rss_start_mb",
                       "rss_warm_mb", "rss_end_mb", "rss_growth_pct", "passed"])
-    _save(args.out or f"results/soak-{args.server}.json", "bench soak", {k: v for k, v in vars(args).items() if k != "func"}, rows)
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    _save(args.out or f"results/soak-{args.server}.json", "bench soak", config, rows)
     return 0 if rows[0]["passed"] and exit_code == 0 else 1
 
 
@@ -400,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration-s", type=float, default=180.0, help="measured part of the run (default: 180)")
     p.add_argument("--warmup-s", type=float, default=15.0, help="traffic before the memory baseline (default: 15)")
     p.add_argument("--concurrency", type=int, default=4, help="client threads (default: 4)")
-    p.add_argument("--server-args", default="", help='flags for `roofserve serve SERVER`, e.g. "--max-seq-len 512"')
+    p.add_argument("--server-args", default="",
+                   help='flags for `roofserve serve SERVER`, written with =: --server-args="--max-seq-len 512"')
     p.add_argument("--rss-tolerance", type=float, default=0.05, help="allowed memory growth (default: 0.05 = 5%%)")
     p.add_argument("--out", default=None, help="JSON rows (default: results/soak-SERVER.json)")
     p.set_defaults(func=cmd_bench_soak)

@@ -132,16 +132,18 @@ def measure_bandwidth_gb_s(device: torch.device, size_bytes: int | None = None) 
     """Large copy (bytes read + bytes written), a read-only reduction (bytes read), and the weight
     bytes a one-token bf16 linear layer reads per second (see measure_gemv_gb_s)."""
     size_bytes = size_bytes or (2 << 30 if device.type == "cuda" else 512 << 20)
-    src = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    copy_s = median_time_s(lambda: dst.copy_(src), device)
-    read_s = median_time_s(lambda: src.sum(), device)
-    del src, dst
+    copy_s, read_s = _copy_and_read_s(size_bytes, device)  # its buffers are freed before the GEMV test
     return [
         Peak("bandwidth", "copy", device.type, 2 * size_bytes / copy_s / 1e9, "GB/s", size_bytes),
         Peak("bandwidth", "read", device.type, size_bytes / read_s / 1e9, "GB/s", size_bytes),
         measure_gemv_gb_s(device, size_bytes=size_bytes // 2),
     ]
+
+
+def _copy_and_read_s(size_bytes: int, device: torch.device) -> tuple[float, float]:
+    src = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return median_time_s(lambda: dst.copy_(src), device), median_time_s(lambda: src.sum(), device)
 
 
 def measure_gemv_gb_s(device: torch.device, dtype: torch.dtype = torch.bfloat16, shape: tuple[int, int] = (1536, 576),
@@ -162,7 +164,8 @@ def measure_gemv_gb_s(device: torch.device, dtype: torch.dtype = torch.bfloat16,
 
     seconds = median_time_s(all_layers, device, warmup=2, repeats=5)
     name = f"gemv-{str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16').replace('float16', 'fp16')}"
-    return Peak("bandwidth", name, device.type, weight_bytes * len(weights) / seconds / 1e9, "GB/s", weight_bytes * len(weights))
+    total = weight_bytes * len(weights)
+    return Peak("bandwidth", name, device.type, total / seconds / 1e9, "GB/s", total)
 
 
 def measure_peaks(device: torch.device) -> list[Peak]:

@@ -46,7 +46,7 @@ def _bomb_png() -> bytes:
 def vision_cases(images: list[tuple[str, bytes]], max_payload_bytes: int) -> list[Case]:
     jpeg = next(data for name, data in images if name.endswith(".jpg"))
     png = next(data for name, data in images if name.endswith(".png"))
-    raw = {"Content-Type": "image/jpeg"}
+    raw, as_json = {"Content-Type": "image/jpeg"}, {"Content-Type": "application/json"}
     return [
         Case("jpeg", True, _post("/predict", content=jpeg, headers=raw)),
         Case("png", True, _post("/predict", content=png, headers={"Content-Type": "image/png"})),
@@ -55,10 +55,11 @@ def vision_cases(images: list[tuple[str, bytes]], max_payload_bytes: int) -> lis
         Case("not an image", False, _post("/predict", content=b"hello", headers=raw)),
         Case("truncated jpeg", False, _post("/predict", content=jpeg[: len(jpeg) // 2], headers=raw)),
         Case("empty body", False, _post("/predict", content=b"", headers=raw)),
-        Case("malformed json", False, _post("/predict", content=b"{nope", headers={"Content-Type": "application/json"})),
+        Case("malformed json", False, _post("/predict", content=b"{nope", headers=as_json)),
         Case("invalid base64", False, _post("/predict", json={"image": "%%%"})),
         Case("wrong content type", False, _post("/predict", content=b"hi", headers={"Content-Type": "text/plain"})),
-        Case("decompression bomb", False, _post("/predict", content=_bomb_png(), headers={"Content-Type": "image/png"})),
+        Case("decompression bomb", False,
+             _post("/predict", content=_bomb_png(), headers={"Content-Type": "image/png"})),
         Case("over the size cap", False, _post("/predict", content=b"\xff" * (max_payload_bytes + 1), headers=raw)),
     ]
 
