@@ -126,18 +126,15 @@ def test_sigterm_stops_an_idle_vision_server_with_all_its_workers():
 def test_a_predict_that_raises_fails_only_its_request():
     """The error stays with its request (500, our error shape, no traceback or path) among neighbours
     in flight at once, and the same worker serves the next one."""
-    import subprocess
     import sys
 
-    from roofserve.bench.process import free_port
+    from roofserve.bench.process import free_port, start_process
 
-    port = free_port()
     # tests/e2e/faulty_api.py: a real RoofServer over an API whose predict raises on b"boom"
-    proc = subprocess.Popen([sys.executable, "-m", "tests.e2e.faulty_api", str(port)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    port = free_port()
+    server = start_process([sys.executable, "-m", "tests.e2e.faulty_api", str(port)], port, ready_timeout_s=120)
+    url = server.url
     try:
-        _wait_for_health_up(url, proc)
         with cf.ThreadPoolExecutor(4) as pool:  # the failing one among neighbours in flight at once
             answers = list(pool.map(lambda body: httpx.post(url + "/predict", content=body, timeout=30),
                                     [b"ok", b"boom", b"fine", b"ok!"]))
@@ -146,17 +143,4 @@ def test_a_predict_that_raises_fails_only_its_request():
         assert error["code"] == 500 and "secret" not in answers[1].text and "Traceback" not in answers[1].text
         assert httpx.post(url + "/predict", content=b"again", timeout=30).json() == {"bytes": 5}
     finally:
-        assert stop_process_group(proc) == 0
-
-
-def _wait_for_health_up(url: str, proc, within_s: float = 120) -> None:
-    start = time.monotonic()
-    while time.monotonic() - start < within_s:
-        assert proc.poll() is None, "the server exited"
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server not healthy")
+        assert stop_process_group(server.proc) == 0

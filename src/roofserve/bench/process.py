@@ -25,9 +25,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _healthy(url: str) -> bool:
+def _ready(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -43,12 +43,12 @@ class ServerProcess:
         return Path(self.log_path).read_text(errors="replace")[-chars:]
 
 
-def start_server(args: list[str], ready_timeout_s: float = 300.0, env: dict | None = None) -> ServerProcess:
-    """`roofserve serve ARGS` on 127.0.0.1 and a free port, returned once /health is 200."""
-    port = free_port()
+def start_process(command: list[str], port: int, ready_path: str = "/health", ready_timeout_s: float = 300.0,
+                  env: dict | None = None) -> ServerProcess:
+    """Any HTTP server `command` that listens on 127.0.0.1:port, returned once GET ready_path is 200."""
     with tempfile.NamedTemporaryFile("w", prefix=f"roofserve-{port}-", suffix=".log", delete=False) as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "roofserve", "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
+            command,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so that nothing it starts can outlive it
@@ -56,7 +56,7 @@ def start_server(args: list[str], ready_timeout_s: float = 300.0, env: dict | No
         )
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log.name)
     deadline = time.monotonic() + ready_timeout_s
-    while not _healthy(server.url):
+    while not _ready(server.url + ready_path):
         if proc.poll() is not None:
             raise UserError(f"server exited with code {proc.returncode}; its log ends:\n{server.log_tail()}")
         if time.monotonic() > deadline:
@@ -64,6 +64,13 @@ def start_server(args: list[str], ready_timeout_s: float = 300.0, env: dict | No
             raise UserError(f"server not healthy after {ready_timeout_s:.0f} s; log: {log.name}")
         time.sleep(0.5)
     return server
+
+
+def start_server(args: list[str], ready_timeout_s: float = 300.0, env: dict | None = None) -> ServerProcess:
+    """`roofserve serve ARGS` on 127.0.0.1 and a free port, returned once /health is 200."""
+    port = free_port()
+    command = [sys.executable, "-m", "roofserve", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    return start_process(command, port, ready_timeout_s=ready_timeout_s, env=env)
 
 
 @contextlib.contextmanager
