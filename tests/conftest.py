@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import httpx
 import pytest
 
 from roofserve.bench.process import running_server  # noqa: F401  (shared with `roofserve sweep`)
@@ -26,6 +27,12 @@ def images() -> dict[str, bytes]:
         "bull mastiff": (foolbox / "imagenet_00_243.jpg").read_bytes(),
         "dalmatian": (foolbox / "imagenet_16_251.jpg").read_bytes(),
     }
+
+
+def metric(url: str, name: str) -> float:
+    """The value of one unlabelled metric from the server's /metrics."""
+    lines = httpx.get(url + "/metrics").text.splitlines()
+    return float(next(line for line in lines if line.startswith(name + " ")).split()[-1])
 
 
 EXPECTED = {"chelsea": ("cat", None), "bull mastiff": ("dog", "bull mastiff"), "dalmatian": ("dog", "dalmatian")}

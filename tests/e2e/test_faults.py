@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from roofserve.bench.process import start_server, stop_process_group
+from tests.conftest import metric
 
 LLM = ["llm", "--max-seq-len", "512", "--workers-per-device", "1"]
 
@@ -36,11 +37,6 @@ def _wait_for_health(url: str, status: int, within_s: float) -> float:
     raise AssertionError(f"/health did not answer {status} within {within_s} s")
 
 
-def _in_flight(url: str) -> int:
-    lines = httpx.get(url + "/metrics").text.splitlines()
-    return int(next(line for line in lines if line.startswith("roofserve_requests_in_flight ")).split()[-1])
-
-
 @pytest.fixture
 def llm_server():
     server = start_server(LLM)
@@ -60,7 +56,7 @@ def test_killed_worker_fails_its_requests_fast_and_comes_back(llm_server):
                 answer = pool.submit(read_stream)
             else:
                 answer = pool.submit(httpx.post, url, json=_chat_body(400, False), timeout=60)
-            while _in_flight(llm_server.url) == 0:
+            while metric(llm_server.url, "roofserve_requests_in_flight") == 0:
                 time.sleep(0.02)
             time.sleep(0.5)  # the worker has taken it and is generating 400 tokens (several seconds)
             worker.kill()
@@ -81,7 +77,7 @@ def test_killed_worker_fails_its_requests_fast_and_comes_back(llm_server):
         assert _inference_workers(llm_server.proc.pid)[0].pid != worker.pid
         again = httpx.post(url, json=_chat_body(4, False), timeout=60)
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
-    assert "roofserve_worker_deaths_total 2" in httpx.get(llm_server.url + "/metrics").text
+    assert metric(llm_server.url, "roofserve_worker_deaths_total") == 2
 
 
 def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_leaves_no_process(llm_server):

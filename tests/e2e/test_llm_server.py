@@ -4,7 +4,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import running_server
+from tests.conftest import metric, running_server
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 CONTEXT = 256
@@ -107,14 +107,9 @@ def test_context_error_names_the_numbers(url):
     assert f"context of {CONTEXT} tokens" in response.json()["error"]["message"]
 
 
-def _metric(url: str, name: str) -> float:
-    line = next(line for line in httpx.get(url + "/metrics").text.splitlines() if line.startswith(name + " "))
-    return float(line.split()[-1])
-
-
 def test_client_that_disconnects_mid_stream_stops_generation(url, client):
-    before = _metric(url, "roofserve_generations_stopped_total")
-    tokens_before = _metric(url, "roofserve_stopped_generation_tokens_total")
+    before = metric(url, "roofserve_generations_stopped_total")
+    tokens_before = metric(url, "roofserve_stopped_generation_tokens_total")
     body = {"messages": [{"role": "user", "content": "Write a long story about a dragon."}], "max_tokens": 128,
             "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
@@ -124,9 +119,9 @@ def test_client_that_disconnects_mid_stream_stops_generation(url, client):
     # The worker serves one request at a time, so once this answers the first one has ended.
     answer = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=8)
     assert answer.choices[0].message.content
-    assert _metric(url, "roofserve_generations_stopped_total") == before + 1
+    assert metric(url, "roofserve_generations_stopped_total") == before + 1
     # It stopped early: far fewer than the 128 tokens asked for (and ignore_eos kept it from ending).
-    assert _metric(url, "roofserve_stopped_generation_tokens_total") - tokens_before < 100
+    assert metric(url, "roofserve_stopped_generation_tokens_total") - tokens_before < 100
 
 
 def test_metrics_count_tokens_and_time_to_first_token(url, client):
