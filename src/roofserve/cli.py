@@ -174,16 +174,12 @@ def cmd_bench_llm(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_llm_engine(args: argparse.Namespace) -> int:
-    import torch
-
     from roofserve.bench.llm import bench_llm_engine
     from roofserve.llm.roof import step_roof
-    from roofserve.llm.runtime import build_generator
+    from roofserve.llm.runtime import build_in_process
 
     cfg = _layers(args, LLMConfig, "server")
-    torch.set_num_threads(cfg.threads_per_worker or torch.get_num_threads())
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    generator = build_generator(cfg, device)
+    generator, _ = build_in_process(cfg)
     rows = bench_llm_engine(generator, args.prompt_lengths, args.max_tokens, args.runs)
     roof = step_roof(cfg, max(args.prompt_lengths) + args.max_tokens // 2, args.bandwidth_gb_s)
     rows = [{**r, **roof, "step": args.label} for r in rows]

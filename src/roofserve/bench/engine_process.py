@@ -80,12 +80,9 @@ def main() -> None:
     from roofserve.bench.llm import LONG_PROMPT, bench_llm_engine
     from roofserve.config import LLMConfig, make_config
     from roofserve.hardware import measure_bandwidth_gb_s
-    from roofserve.llm.runtime import build_generator
+    from roofserve.llm.runtime import build_in_process
 
-    cfg = make_config(LLMConfig, None, json.loads(sys.argv[1]))
-    torch.set_num_threads(cfg.threads_per_worker or torch.get_num_threads())
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    generator = build_generator(cfg, device)
+    generator, device = build_in_process(make_config(LLMConfig, None, json.loads(sys.argv[1])))
     out = sys.stdout
     sys.stdout = sys.stderr  # anything else that prints must not break the protocol
     out.write(json.dumps({"ready": True}) + "\n")

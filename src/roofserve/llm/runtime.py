@@ -138,3 +138,11 @@ def build_generator(cfg: LLMConfig, device: str):
 
         return LlamaCppGenerator(cfg)
     return TorchGenerator(cfg, device)
+
+
+def build_in_process(cfg: LLMConfig) -> tuple[Generator, str]:
+    """(generator, device) for an in-process bench: cfg's device (auto: cuda when visible) and its
+    threads per worker, or all of torch's threads when that is 0."""
+    torch.set_num_threads(cfg.threads_per_worker or torch.get_num_threads())
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    return build_generator(cfg, device), device
