@@ -116,13 +116,16 @@ class Peak:
         return {"kind": "peak", **asdict(self)}
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
 def measure_matmul_tflops(dtype: torch.dtype, device: torch.device, n: int | None = None) -> Peak:
     """FLOP/s of one large square matmul: 2 * n^3 FLOPs per call."""
     n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     seconds = median_time_s(lambda: torch.mm(a, b), device, repeats=10 if device.type == "cuda" else 5)
-    name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    name = DTYPE_NAMES[dtype]
     if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         name = "tf32"
     return Peak("matmul", name, device.type, 2 * n**3 / seconds / 1e12, "TFLOP/s", n)
@@ -163,7 +166,7 @@ def measure_gemv_gb_s(device: torch.device, dtype: torch.dtype = torch.bfloat16,
             torch.nn.functional.linear(x, w)
 
     seconds = median_time_s(all_layers, device, warmup=2, repeats=5)
-    name = f"gemv-{str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16').replace('float16', 'fp16')}"
+    name = f"gemv-{DTYPE_NAMES[dtype]}"
     total = weight_bytes * len(weights)
     return Peak("bandwidth", name, device.type, total / seconds / 1e9, "GB/s", total)
 

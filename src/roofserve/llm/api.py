@@ -226,13 +226,14 @@ class LLMAPI(ls.LitAPI):
 
         for item in gen.chat(ids, max_tokens, request["temperature"], request["top_p"], request["seed"],
                              request["stop"], request["ignore_eos"], should_stop):
-            if item["t"] == "end" and rid in self.cancelled:
-                with self.stopped.get_lock():
-                    self.stopped[0] += 1
-                    self.stopped[1] += item["usage"]["completion_tokens"]
-            if item["t"] == "end" and time.time() > deadline:
-                yield Rejection(504, f"generation passed the deadline of {self.cfg.timeout_s:g} s")
-                return
+            if item["t"] == "end":
+                if rid in self.cancelled:
+                    with self.stopped.get_lock():
+                        self.stopped[0] += 1
+                        self.stopped[1] += item["usage"]["completion_tokens"]
+                if time.time() > deadline:
+                    yield Rejection(504, f"generation passed the deadline of {self.cfg.timeout_s:g} s")
+                    return
             yield item
 
     def encode_response(self, outputs):

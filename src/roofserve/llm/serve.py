@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from fastapi.responses import JSONResponse
-
 from fastapi import Depends
+from fastapi.responses import JSONResponse
 
 from roofserve.config import LLMConfig
 from roofserve.errors import UserError
@@ -17,22 +16,19 @@ log = logging.getLogger(__name__)
 
 def preflight(cfg: LLMConfig) -> tuple[str, str, bool]:
     """(accelerator, model id, random weights?) or a UserError before any worker starts."""
+    import importlib.util
+    from pathlib import Path
 
     from roofserve.llm.model import check_source
 
     check_source(cfg.model)
     accelerator = resolve_accelerator(cfg)
-    if cfg.quantize == "bnb4" and accelerator == "cpu":
-        raise UserError("bitsandbytes 4-bit needs a CUDA GPU; on CPU use --quantize int4 (torchao)")
     if cfg.quantize == "bnb4":
-        import importlib.util
-
+        if accelerator == "cpu":
+            raise UserError("bitsandbytes 4-bit needs a CUDA GPU; on CPU use --quantize int4 (torchao)")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("--quantize bnb4 needs bitsandbytes: pip install bitsandbytes")
     if cfg.lora:
-        import importlib.util
-        from pathlib import Path
-
         if importlib.util.find_spec("peft") is None:
             raise UserError("--lora needs peft: pip install 'roofserve[lora]'")
         if cfg.lora.startswith("random:"):
@@ -41,8 +37,6 @@ def preflight(cfg: LLMConfig) -> tuple[str, str, bool]:
         elif not (Path(cfg.lora) / "adapter_config.json").is_file():
             raise UserError(f"no PEFT adapter (adapter_config.json) in {cfg.lora}")
     if cfg.backend == "llamacpp":
-        import importlib.util
-
         from roofserve.llm.llamacpp import gguf_path
 
         gguf_path(cfg.model)

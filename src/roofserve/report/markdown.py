@@ -170,7 +170,7 @@ def llm_section(rows: list[dict], out: Path) -> list[str]:
         body.append([r.get("step"), r.get("weight_format"), tps, eng_decode, _pct(tps, eng_decode),
                      r.get("ttft_ms_p50"), chat["ttft_ms"] if chat else None, ttft_added, r.get("ttft_ms_p99"),
                      r.get("tpot_ms_p50"), r.get("tpot_ms_p99"), prefill,
-                     round(bpt / 1e6, 1) if bpt else None, round(bw, 1) if bw else None, r.get("gemv_gb_s"),
+                     round(bpt / 1e6, 1) if bpt else None, round(bw, 1) if bw else None, gemv,
                      round(tps * bpt / 1e9, 1) if tps and bpt else None, r.get("roof_tokens_per_s"),
                      f"{mbu:.0%}" if mbu else "-", llm_verdict(mbu, kernel_share)])
         bars.append((str(r.get("step")), tps, eng_decode, r.get("roof_tokens_per_s")))
