@@ -40,9 +40,24 @@ def test_auth_protects_every_route_but_health(guarded, images):
     assert info.status_code == 200 and KEY not in info.text  # the config it shows masks the key
 
 
+def _noise_png(side: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise((side, side), 80).convert("RGB").save(buf, "PNG")  # incompressible: slow to send and decode
+    return buf.getvalue()
+
+
 def test_overload_gets_503_with_retry_after_and_admitted_requests_finish(guarded, images):
+    # 5 MB each, decoded one at a time by the single worker: the 24 overlap however fast the machine
+    # (with a small JPEG a fast machine answered them so quickly that none was ever refused)
+    slow = _noise_png(1500)
+    headers = {"Content-Type": "image/png", "X-API-Key": KEY}
     with cf.ThreadPoolExecutor(24) as pool:
-        responses = list(pool.map(lambda _: _post(guarded, images["dalmatian"]), range(24)))
+        responses = list(pool.map(lambda _: httpx.post(guarded + "/predict", content=slow, headers=headers,
+                                                       timeout=30), range(24)))
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 503, 504}, codes
     assert 503 in codes, "24 concurrent requests against a bound of 4 must be refused in part"
@@ -52,18 +67,13 @@ def test_overload_gets_503_with_retry_after_and_admitted_requests_finish(guarded
 
 
 def test_deadline_gives_504_while_queued_or_running_and_the_server_moves_on(images):
-    import io
-
-    from PIL import Image
-
     # decoding this 9-Mpixel noise PNG alone takes longer than the 0.2 s deadline
-    big = io.BytesIO()
-    Image.effect_noise((3000, 3000), 80).convert("RGB").save(big, "PNG")
+    big = _noise_png(3000)
     args = ["vision", "--workers-per-device", "1", "--max-batch-size", "1", "--timeout-s", "0.2",
             "--max-payload-bytes", "100000000"]
     with running_server(args) as url:
         with cf.ThreadPoolExecutor(3) as pool:
-            codes = list(pool.map(lambda _: _post(url, big.getvalue(), key=None).status_code, range(3)))
+            codes = list(pool.map(lambda _: _post(url, big, key=None).status_code, range(3)))
         assert codes == [504, 504, 504]
         # the worker finishes the late ones and drops their answers; then it serves again
         import time
