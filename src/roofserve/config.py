@@ -93,8 +93,9 @@ class VisionConfig(ServerConfig):
 
 
 QUANTIZATIONS = ("none", "int8", "int4", "bnb4")
-ATTENTIONS = ("auto", "sdpa", "eager")
+ATTENTIONS = ("auto", "sdpa", "eager", "roofserve")
 BACKENDS = ("torch", "llamacpp")
+GEMVS = ("torch", "roofserve")
 
 
 @dataclass
@@ -120,8 +121,11 @@ class LLMConfig(ServerConfig):
     )
     lora: str | None = _help("a PEFT LoRA adapter folder, or random:RANK (for speed work), applied unmerged "
                              "as the reference deployment served it", default=None)
-    attention: str = _help("auto, sdpa or eager; auto = sdpa, but the fused matmul-softmax when compiled on CPU",
+    attention: str = _help("auto, sdpa, eager or roofserve (our CPU bf16 decode kernel: reads only the filled "
+                           "part of the cache); auto = sdpa, but the fused matmul-softmax when compiled on CPU",
                            default="auto")
+    gemv: str = _help("one-row matmuls of bf16 weights on CPU (decode steps): torch (oneDNN) or roofserve (our "
+                      "streaming AVX512-BF16 kernel, built with g++ on first use)", default="torch")
     group_size: int = _help("int4 group size (must divide the hidden size; 64 fits SmolLM2)", default=64)
     max_seq_len: int = _help("context length served: prompt + max_tokens must fit", default=2048)
     max_tokens_cap: int = _help("server-side cap on max_tokens", default=1024)
@@ -133,10 +137,17 @@ class LLMConfig(ServerConfig):
         _check_choice("quantize", self.quantize, QUANTIZATIONS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("attention", self.attention, ATTENTIONS)
+        _check_choice("gemv", self.gemv, GEMVS)
         if self.quantize == "bnb4" and self.compile:
             raise UserError("bnb4 runs eager, as the reference deployment did: drop --compile")
         for name in ("group_size", "max_seq_len", "max_tokens_cap", "default_max_tokens"):
             _check_positive(name, getattr(self, name))
+        if self.gemv == "roofserve" and (self.precision != "bf16" or self.quantize != "none" or self.lora
+                                         or self.backend != "torch"):
+            raise UserError("--gemv roofserve is for plain bf16 weights: it needs --precision bf16, no --quantize, "
+                            "no --lora and the torch backend")
+        if self.attention == "roofserve" and (self.precision != "bf16" or self.backend != "torch"):
+            raise UserError("--attention roofserve is a bf16 kernel: it needs --precision bf16 and the torch backend")
         if self.compile and not self.static_cache:
             raise UserError("compile needs the static KV cache: drop --no-static-cache")
 

@@ -42,22 +42,23 @@ def test_llm_sweep_of_two_steps_writes_rows_and_report(tmp_path):
     ladder.write_text(
         "[bench]\nruns = 2\nrounds = 2\nmax_tokens = 8\nprompt_lengths = [16]\n"
         '[server]\nmax_seq_len = 256\nprecision = "fp32"\nstatic_cache = false\n'
-        '[[step]]\nname = "fp32"\n[[step]]\nname = "bf16 static"\nserver = { precision = "bf16", static_cache = true }\n'
+        '[[step]]\nname = "fp32"\n[[step]]\nname = "bf16 kernels"\n'
+        'server = { precision = "bf16", static_cache = true, gemv = "roofserve", attention = "roofserve" }\n'
     )
     out = tmp_path / "llm.json"
     _roofserve("sweep", "llm", str(ladder), "--out", str(out), "--report", str(tmp_path / "report"))
     rows = json.loads(out.read_text())["rows"]
     api = [r for r in rows if r["kind"] == "llm-api"]
-    assert [r["step"] for r in api] == ["fp32", "bf16 static"]
+    assert [r["step"] for r in api] == ["fp32", "bf16 kernels"]
     assert all(r["ok"] == 2 and r["fixed_length_verified"] and r["output_tokens_mean"] == 8 for r in api)
     assert api[0]["weight_format"] == "fp32" and api[1]["weight_format"] == "bf16"
     assert api[0]["weight_bytes_per_token"] == 2 * api[1]["weight_bytes_per_token"]
     engine = [(r["step"], r["prompt"]) for r in rows if r["kind"] == "llm-engine"]
-    assert engine == [("fp32", "16 tokens"), ("fp32", "chat"), ("bf16 static", "16 tokens"), ("bf16 static", "chat")]
+    assert engine == [("fp32", "16 tokens"), ("fp32", "chat"), ("bf16 kernels", "16 tokens"), ("bf16 kernels", "chat")]
     chat = [r for r in rows if r["kind"] == "llm-engine" and r["prompt"] == "chat"]
     assert chat[0]["prompt_tokens"] == api[0]["prompt_tokens"], "in-process TTFT is measured on the served prompt"
     # served and in-process alternate in 2 rounds, each with its own bandwidth measurement
     assert all(len(r["rounds_decode_tokens_per_s"]) == 2 and len(r["rounds_bandwidth_gb_s"]) == 2 for r in api + chat)
     report = (tmp_path / "report" / "report.md").read_text()
-    assert f"| bf16 static | bf16 | {api[1]['decode_tokens_per_s']:.1f} |" in report
+    assert f"| bf16 kernels | bf16 | {api[1]['decode_tokens_per_s']:.1f} |" in report
     assert (tmp_path / "report" / "llm_decode.png").stat().st_size > 1000

@@ -41,6 +41,11 @@ def test_llm_config_refuses_combinations_that_cannot_run():
         make_config(LLMConfig, {"quantize": "bnb4", "compile": True})
     with pytest.raises(UserError, match="attention must be one of"):
         make_config(LLMConfig, {"attention": "flash"})
+    with pytest.raises(UserError, match="gemv roofserve is for plain bf16 weights"):
+        make_config(LLMConfig, {"gemv": "roofserve", "quantize": "int4"})
+    with pytest.raises(UserError, match="attention roofserve is a bf16 kernel"):
+        make_config(LLMConfig, {"attention": "roofserve", "precision": "fp32"})
+    make_config(LLMConfig, {"gemv": "roofserve", "attention": "roofserve", "compile": True})
 
 
 def test_user_mistakes_are_one_line_errors_not_tracebacks():
@@ -52,6 +57,7 @@ def test_user_mistakes_are_one_line_errors_not_tracebacks():
         (["serve", "llm", "--model", "random:gpt-9"], "unknown random config"),
         (["serve", "llm", "--lora", "random:many"], "needs a positive integer rank"),
         (["serve", "llm", "--lora", "/nope"], "no PEFT adapter"),
+        (["serve", "llm", "--gemv", "roofserve", "--precision", "fp16"], "needs --precision bf16"),
         (["serve", "vision", "--weights", "/nope.pth"], "weights file not found"),
         (["serve", "vision", "--model", "not_a_model"], "unknown timm model"),
         (["serve", "vision", "--precision", "fp16", "--device", "cpu"], "fp16 is slow or unsupported on CPU"),

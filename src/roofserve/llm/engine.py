@@ -45,7 +45,11 @@ class Engine:
                  attention: str = "auto"):
         self.model = model
         self.attention = attention
-        if attention != "auto":
+        if attention == "roofserve":
+            from roofserve.llm.kernels import use_decode_attention
+
+            use_decode_attention(model)
+        elif attention != "auto":
             model.set_attn_implementation(attention)
         self.device = next(model.parameters()).device
         self.max_seq_len = max_seq_len

@@ -115,6 +115,10 @@ class TorchGenerator(Generator):
         device = torch.device(device)
         loaded = load(cfg.model, cfg.precision, device)
         quantize(loaded.model, cfg.quantize, cfg.group_size, device)
+        if cfg.gemv == "roofserve":
+            from roofserve.llm.kernels import use_gemv_kernel
+
+            log.info("GEMV kernel on %d linear layers", use_gemv_kernel(loaded.model))
         model = apply_lora(loaded.model, cfg.lora) if cfg.lora else loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name

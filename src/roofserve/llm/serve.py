@@ -28,6 +28,12 @@ def preflight(cfg: LLMConfig) -> tuple[str, str, bool]:
             raise UserError("bitsandbytes 4-bit needs a CUDA GPU; on CPU use --quantize int4 (torchao)")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("--quantize bnb4 needs bitsandbytes: pip install bitsandbytes")
+    if "roofserve" in (cfg.gemv, cfg.attention):
+        if accelerator != "cpu":
+            raise UserError("--gemv roofserve and --attention roofserve are CPU kernels; on a GPU leave them out")
+        from roofserve.llm.kernels import load_kernel
+
+        load_kernel()  # builds them now (a compiler error is one line here), so workers load them from the cache
     if cfg.lora:
         if importlib.util.find_spec("peft") is None:
             raise UserError("--lora needs peft: pip install 'roofserve[lora]'")

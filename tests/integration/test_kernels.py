@@ -1,0 +1,91 @@
+"""roofserve's CPU decode kernels (built here from source) against torch, alone and inside the engine."""
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from roofserve.llm.engine import Engine, Sampling
+from roofserve.llm.kernels import gemv_bf16, load_kernel, use_gemv_kernel
+from roofserve.llm.model import load
+
+QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    torch.set_num_threads(2)
+    load_kernel()
+
+
+@pytest.mark.parametrize("shape", [(1536, 576), (576, 1536), (49152, 576), (7, 100), (5, 31), (4, 32)])
+def test_gemv_matches_fp32_matmul(shape):
+    torch.manual_seed(0)
+    w = torch.randn(shape).bfloat16()
+    x = torch.randn(1, 1, shape[1]).bfloat16()
+    expected = x.float() @ w.float().T
+    got = gemv_bf16(x, w)
+    assert got.shape == (1, 1, shape[0]) and got.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max() <= 1e-2 * expected.abs().max()  # bf16 output rounding: 2^-8
+
+
+def test_gemv_refuses_what_it_cannot_compute():
+    with pytest.raises(RuntimeError, match="bf16"):
+        gemv_bf16(torch.randn(1, 8), torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="one row"):
+        gemv_bf16(torch.randn(2, 8).bfloat16(), torch.randn(4, 8).bfloat16())
+
+
+class _Layer:  # what eager attention reads from its module
+    num_key_value_groups = 3
+    training = False
+
+
+@pytest.mark.parametrize("position", [0, 37, 127])
+def test_decode_attention_matches_eager_over_the_filled_cache(position):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 9, 1, 64), torch.randn(1, 3, 128, 64), torch.randn(1, 3, 128, 64)
+    k[:, :, position + 1:] = 100.0  # empty slots must not be read
+    mask = torch.full((1, 1, 1, 128), float("-inf"))
+    mask[..., : position + 1] = 0
+    expected, _ = eager_attention_forward(_Layer(), q, k, v, mask, scaling=0.125)
+    got = torch.ops.roofserve.decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.tensor([position]), 0.125)
+    assert got.shape == expected.shape == (1, 1, 9, 64)
+    assert (got.float() - expected).abs().max() < 0.03
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load("default", "bf16")
+
+
+@pytest.fixture(scope="module")
+def prompt(loaded):
+    ids = loaded.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def _teacher_forced_logits(engine: Engine, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:
+    """The engine's next-token logits at each step when fed `tokens` (so one early difference does not
+    change every later step)."""
+    with torch.inference_mode():
+        engine.cache.reset()
+        logits, _ = engine._forward(torch.tensor([prompt]), torch.arange(len(prompt)), engine.cache)
+        steps = [logits[0, -1].float()]
+        for i, token in enumerate(tokens[:-1]):
+            logits, _ = engine._step(torch.tensor([[token]]), torch.tensor([len(prompt) + i]))
+            steps.append(logits.float())
+    return steps
+
+
+def test_engine_with_both_kernels_predicts_what_torch_bf16_predicts(loaded, prompt):
+    reference = list(Engine(loaded.model, 256).generate(prompt, Sampling(max_new_tokens=48)))
+    model = loaded.model
+    assert use_gemv_kernel(model) == 211  # 30 layers x 7 projections + the LM head (tied to the embedding)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for compiled in (False, True):
+        engine = Engine(model, 256, compile=compiled, attention="roofserve")
+        steps = _teacher_forced_logits(engine, prompt, reference)
+        # torch's choice is ours too, or within a near-tie (bf16 logits here are ~20, spaced 0.125)
+        gaps = [float(logits.max() - logits[token]) for logits, token in zip(steps, reference)]
+        agree = sum(gap == 0 for gap in gaps)
+        assert max(gaps) <= 0.5 and agree >= 0.9 * len(reference), (compiled, agree, max(gaps))
