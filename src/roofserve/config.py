@@ -127,6 +127,9 @@ class LLMConfig(ServerConfig):
     gemv: str = _help("one-row matmuls of bf16 weights on CPU (decode steps): torch (oneDNN) or roofserve (our "
                       "streaming AVX512-BF16 kernel, built with g++ on first use)", default="torch")
     group_size: int = _help("int4 group size (must divide the hidden size; 64 fits SmolLM2)", default=64)
+    stream_interval: int = _help("tokens per streamed message (vLLM's --stream-interval): 1 sends each token as it "
+                                 "is made; more cuts the serving CPU per token; the first token always goes alone",
+                                 default=1)
     max_seq_len: int = _help("context length served: prompt + max_tokens must fit", default=2048)
     max_tokens_cap: int = _help("server-side cap on max_tokens", default=1024)
     default_max_tokens: int = _help("max_tokens when a request gives none", default=256)
@@ -140,7 +143,7 @@ class LLMConfig(ServerConfig):
         _check_choice("gemv", self.gemv, GEMVS)
         if self.quantize == "bnb4" and self.compile:
             raise UserError("bnb4 runs eager, as the reference deployment did: drop --compile")
-        for name in ("group_size", "max_seq_len", "max_tokens_cap", "default_max_tokens"):
+        for name in ("group_size", "stream_interval", "max_seq_len", "max_tokens_cap", "default_max_tokens"):
             _check_positive(name, getattr(self, name))
         if self.gemv == "roofserve" and (self.precision != "bf16" or self.quantize != "none" or self.lora
                                          or self.backend != "torch"):

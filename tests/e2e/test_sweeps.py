@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 
 
 def _roofserve(*args: str, timeout: int = 900) -> str:
@@ -43,7 +44,8 @@ def test_llm_sweep_of_two_steps_writes_rows_and_report(tmp_path):
         "[bench]\nruns = 2\nrounds = 2\nmax_tokens = 8\nprompt_lengths = [16]\n"
         '[server]\nmax_seq_len = 256\nprecision = "fp32"\nstatic_cache = false\n'
         '[[step]]\nname = "fp32"\n[[step]]\nname = "bf16 kernels"\n'
-        'server = { precision = "bf16", static_cache = true, gemv = "roofserve", attention = "roofserve" }\n'
+        'server = { precision = "bf16", static_cache = true, gemv = "roofserve", attention = "roofserve", '
+        'stream_interval = 4 }\n'
     )
     out = tmp_path / "llm.json"
     _roofserve("sweep", "llm", str(ladder), "--out", str(out), "--report", str(tmp_path / "report"))
@@ -53,6 +55,8 @@ def test_llm_sweep_of_two_steps_writes_rows_and_report(tmp_path):
     assert all(r["ok"] == 2 and r["fixed_length_verified"] and r["output_tokens_mean"] == 8 for r in api)
     assert api[0]["weight_format"] == "fp32" and api[1]["weight_format"] == "bf16"
     assert api[0]["weight_bytes_per_token"] == 2 * api[1]["weight_bytes_per_token"]
+    # 8 tokens, the first alone: 1 + 4 + 3 per message with stream_interval 4
+    assert api[0]["tokens_per_message"] == 1.0 and api[1]["tokens_per_message"] == pytest.approx(8 / 3, abs=0.01)
     engine = [(r["step"], r["prompt"]) for r in rows if r["kind"] == "llm-engine"]
     assert engine == [("fp32", "16 tokens"), ("fp32", "chat"), ("bf16 kernels", "16 tokens"), ("bf16 kernels", "chat")]
     chat = [r for r in rows if r["kind"] == "llm-engine" and r["prompt"] == "chat"]

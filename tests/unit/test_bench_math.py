@@ -39,6 +39,9 @@ def test_ttft_tpot_itl():
     assert row["ok"] == 1 and row["errors"] == 1 and row["error_kinds"] == ["HTTP 500"]
     assert row["ttft_ms_p50"] == 100.0 and row["tpot_ms_p99"] == pytest.approx(100.0)
     assert row["output_tokens_per_s"] == 5.0
+    assert row["tokens_per_message"] == 1.0
+    grouped = StreamResult(ok=True, ttft_ms=100.0, e2e_ms=1000.0, output_tokens=10, itl_ms=[300.0] * 3)
+    assert summarize_llm([grouped], wall_s=1.0)["tokens_per_message"] == 2.5  # 10 tokens in 4 messages
 
 
 def test_result_files_embed_machine_versions_and_config(tmp_path):

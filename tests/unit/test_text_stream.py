@@ -1,6 +1,6 @@
 """Incremental detokenization with stop strings, on a toy tokenizer where each id is one string."""
 
-from roofserve.llm.text import stream_text
+from roofserve.llm.text import coalesce, stream_text
 
 VOCAB = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "\n", 6: "##", 7: "EN", 8: "D"}
 
@@ -63,3 +63,12 @@ def test_incremental_text_equals_full_decode_on_the_real_tokenizer():
     items = list(stream_text(ids, decode, [], 1000, 0))
     assert "".join(i["text"] for i in items if i["t"] == "delta") == decode(ids)
     assert all("\ufffd" not in i["text"] for i in items if i["t"] == "delta")
+
+
+def test_coalesce_sends_the_first_token_alone_then_groups_and_flushes_before_the_end():
+    items = list(stream_text([1, 2, 3, 4, 5, 6], decode, [], 100, prompt_tokens=3))
+    grouped = list(coalesce(items, 4))
+    deltas = [i["text"] for i in grouped if i["t"] == "delta"]
+    assert deltas == ["Hel", "lo world\n", "##"]
+    assert grouped[-1] == items[-1]  # the end item, with usage, unchanged
+    assert list(coalesce(items, 1)) == items

@@ -116,6 +116,8 @@ def summarize(results: list[StreamResult], wall_s: float) -> dict:
     }
     row.update(pcts([r.ttft_ms for r in ok], "ttft_ms"))
     row.update(pcts([r.tpot_ms for r in ok if r.tpot_ms], "tpot_ms"))
+    # inter-token latency is measured between messages; a server may put several tokens in one
+    row["tokens_per_message"] = round(statistics.fmean([r.output_tokens / (len(r.itl_ms) + 1) for r in ok]), 2) if ok else None
     row.update(pcts([x for r in ok for x in r.itl_ms], "itl_ms"))
     row.update(pcts([r.e2e_ms for r in ok], "e2e_ms"))
     return row

@@ -19,6 +19,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from roofserve.config import LLMConfig
+from roofserve.llm.text import coalesce
 from roofserve.server import Rejection, error_body, error_response, parse_json, worker_threads
 
 log = logging.getLogger(__name__)
@@ -224,8 +225,9 @@ class LLMAPI(ls.LitAPI):
         def should_stop() -> bool:  # the client went away, or the deadline passed
             return rid in self.cancelled or time.time() > deadline
 
-        for item in gen.chat(ids, max_tokens, request["temperature"], request["top_p"], request["seed"],
-                             request["stop"], request["ignore_eos"], should_stop):
+        items = gen.chat(ids, max_tokens, request["temperature"], request["top_p"], request["seed"],
+                         request["stop"], request["ignore_eos"], should_stop)
+        for item in coalesce(items, self.cfg.stream_interval):
             if item["t"] == "end":
                 if rid in self.cancelled:
                     with self.stopped.get_lock():
