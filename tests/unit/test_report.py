@@ -45,3 +45,5 @@ def test_verdicts_follow_the_measurements():
     assert "failing" in verdict({**row, "errors": 3, "error_kinds": {"HTTP 500": 3}}, 200.0, 300.0)
     assert llm_verdict(0.7).startswith("bandwidth-bound")
     assert llm_verdict(0.2).startswith("overhead-bound")
+    assert llm_verdict(0.3, kernel_share=1.1).startswith("matmul-kernel-bound")
+    assert llm_verdict(0.55, kernel_share=2.2).startswith("past torch's matmul limit (2.2x")

@@ -122,18 +122,21 @@ def vision_section(rows: list[dict], out: Path) -> list[str]:
 
 
 MBU_BANDWIDTH_BOUND = 0.6
-KERNEL_BOUND = 0.8  # a bf16 decode step reading at 80%+ of what bf16 one-token matmuls read alone
+KERNEL_BOUND = (0.8, 1.25)  # a bf16 decode step reading at about the rate of torch's one-token matmuls
 
 
 def llm_verdict(mbu: float | None, kernel_share: float | None = None) -> str:
-    """kernel_share: decode bytes/s over what one-token bf16 linear layers read alone (bf16 steps only)."""
+    """kernel_share: decode bytes/s over what torch's one-token bf16 linear layers read alone (bf16 steps only)."""
     if mbu is None:
         return "-"
     if mbu >= MBU_BANDWIDTH_BOUND:
         return f"bandwidth-bound ({mbu:.0%} of the roof)"
-    if kernel_share is not None and kernel_share >= KERNEL_BOUND:
-        return (f"matmul-kernel-bound: {mbu:.0%} of the roof, but {kernel_share:.0%} of what bf16 one-token "
+    if kernel_share is not None and KERNEL_BOUND[0] <= kernel_share <= KERNEL_BOUND[1]:
+        return (f"matmul-kernel-bound: {mbu:.0%} of the roof, but {kernel_share:.0%} of what torch's bf16 one-token "
                 "matmuls read alone")
+    if kernel_share is not None and kernel_share > KERNEL_BOUND[1]:
+        return (f"past torch's matmul limit ({kernel_share:.1f}x its one-token bf16 rate), {mbu:.0%} of the roof; "
+                "the rest of each step is small kernels and dispatch")
     return f"overhead-bound: {mbu:.0%} of the roof; per-token compute, dispatch and Python dominate"
 
 
@@ -144,8 +147,9 @@ def llm_section(rows: list[dict], out: Path) -> list[str]:
     lines = ["## LLM", ""]
     if peaks:
         lines += ["Bandwidth measured in the LLM run: " + ", ".join(f"{p['name']} {p['value']:.1f} GB/s" for p in peaks)
-                  + ". Roofs use the read bandwidth; gemv-bf16 is the weight bytes per second that one-token bf16 "
-                  "linear layers read (SmolLM2's MLP shape), i.e. what the matmul library reaches under the roof.", ""]
+                  + ". Roofs use the read bandwidth; gemv-bf16 is the weight bytes per second that torch's one-token "
+                  "bf16 linear layers read (SmolLM2's MLP shape), i.e. what the matmul library reaches under the roof "
+                  "(roofserve's own GEMV kernel, `--gemv roofserve`, is not limited by it).", ""]
     lines += ["Bytes per token = weights at their storage size (every linear layer, the LM head included: with tied "
               "embeddings it reads the embedding table; one embedding row; norms) + the KV cache at the mean context. "
               "MBU = decode tokens/s x bytes per token / bandwidth. In-process numbers are the same engine on the "
@@ -177,7 +181,7 @@ def llm_section(rows: list[dict], out: Path) -> list[str]:
     if body:
         lines += _table(["step", "weights", "served decode tok/s", "in-process tok/s", "served / in-process",
                          "TTFT p50 ms", "in-process TTFT ms", "TTFT added ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "prefill tok/s", "MB / token",
-                         "read GB/s", "GEMV GB/s", "decode GB/s", "roof tok/s", "MBU", "verdict"], body)
+                         "read GB/s", "torch GEMV GB/s", "decode GB/s", "roof tok/s", "MBU", "verdict"], body)
         unverified = [r.get("step") for r in api if not r.get("fixed_length_verified", True)]
         if unverified:
             lines += ["", f"Output length not confirmed by usage for: {', '.join(map(str, unverified))}."]
