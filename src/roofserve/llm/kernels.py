@@ -23,7 +23,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -200,6 +202,7 @@ def load_kernel() -> None:
     cpu = (platform.machine() + str(cpu_has_avx512_bf16()) + _cpu_model()).encode()
     name = "roofserve_gemv_" + hashlib.sha1(cpu).hexdigest()[:10]
     start = time.perf_counter()
+    _ninja_on_path()
     try:
         load_inline(name, cpp_sources=_SOURCE, is_python_module=False,
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
@@ -209,6 +212,18 @@ def load_kernel() -> None:
     torch.library.register_fake("roofserve::gemv_bf16")(_gemv_shape)
     torch.library.register_fake("roofserve::decode_attention")(_attention_shape)
     log.info("CPU kernels ready in %.1f s (AVX512-BF16: %s)", time.perf_counter() - start, cpu_has_avx512_bf16())
+
+
+def _ninja_on_path() -> None:
+    """torch builds extensions with the `ninja` it finds on PATH; the pip package's copy sits in the
+    venv's bin folder, which is not on PATH unless the venv is activated."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        raise UserError("roofserve's CPU kernels need ninja to build: pip install ninja") from None
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def _cpu_model() -> str:
