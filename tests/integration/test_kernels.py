@@ -1,5 +1,8 @@
 """roofserve's CPU decode kernels (built here from source) against torch, alone and inside the engine."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -51,6 +54,29 @@ def test_decode_attention_matches_eager_over_the_filled_cache(position):
     got = torch.ops.roofserve.decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.tensor([position]), 0.125)
     assert got.shape == expected.shape == (1, 1, 9, 64)
     assert (got.float() - expected).abs().max() < 0.03
+
+
+_PORTABLE_CHECK = """
+import torch
+from roofserve.llm import kernels
+kernels.build("roofserve_kernels_portable_test", ("-mno-avx512bf16",))
+torch.manual_seed(0)
+w, x = torch.randn(97, 100).bfloat16(), torch.randn(1, 100).bfloat16()
+expected = x.float() @ w.float().T
+assert (torch.ops.roofserve.gemv_bf16(x, w).float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+q, k, v = torch.randn(1, 4, 1, 32).bfloat16(), torch.randn(1, 2, 16, 32).bfloat16(), torch.randn(1, 2, 16, 32).bfloat16()
+kk, vv = k.float()[:, :, :10].repeat_interleave(2, 1), v.float()[:, :, :10].repeat_interleave(2, 1)
+expected = (torch.softmax(q.float() @ kk.transpose(2, 3) * 0.2, -1) @ vv).transpose(1, 2)
+got = torch.ops.roofserve.decode_attention(q, k, v, torch.tensor([9]), 0.2)
+assert (got.float() - expected).abs().max() < 0.03
+print("portable ok")
+"""
+
+
+def test_the_portable_path_for_cpus_without_avx512_bf16_is_correct_too():
+    # a separate process: the operators' namespace can be registered once per process
+    done = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "portable ok" in done.stdout, done.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

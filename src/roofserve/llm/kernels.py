@@ -15,7 +15,8 @@ kernel reads positions 0..pos only: per query head, scores against its KV head's
 attention without copying K and V), softmax in fp32, weighted sum of values; heads split over threads.
 
 Both are built from source on first use (a C++ compiler is needed, as torch.compile on CPU needs one)
-and registered as the operator `roofserve::gemv_bf16`, so compiled code calls it without Python.
+and registered as the operators `roofserve::gemv_bf16` and `roofserve::decode_attention`, so
+compiled code calls them without Python.
 """
 
 from __future__ import annotations
@@ -195,23 +196,29 @@ def cpu_has_avx512_bf16() -> bool:
 
 @functools.cache
 def load_kernel() -> None:
-    """Build (first time on this machine, about 20 s; cached afterwards) and register the operator."""
-    from torch.utils.cpp_extension import load_inline
-
+    """Build (first time on this machine, about 20 s; cached afterwards) and register the operators."""
     # -march=native ties the binary to this CPU: the name does too, so a shared cache never mixes CPUs.
     cpu = (platform.machine() + str(cpu_has_avx512_bf16()) + _cpu_model()).encode()
-    name = "roofserve_gemv_" + hashlib.sha1(cpu).hexdigest()[:10]
+    name = "roofserve_kernels_" + hashlib.sha1(cpu).hexdigest()[:10]
     start = time.perf_counter()
-    _ninja_on_path()
     try:
-        load_inline(name, cpp_sources=_SOURCE, is_python_module=False,
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        build(name)
     except (RuntimeError, OSError) as e:  # no compiler, no Python headers
         raise UserError(f"roofserve's CPU kernels did not build ({str(e).splitlines()[0]}); install a C++ "
                         "compiler (g++), or use --gemv torch and another --attention") from None
     torch.library.register_fake("roofserve::gemv_bf16")(_gemv_shape)
     torch.library.register_fake("roofserve::decode_attention")(_attention_shape)
     log.info("CPU kernels ready in %.1f s (AVX512-BF16: %s)", time.perf_counter() - start, cpu_has_avx512_bf16())
+
+
+def build(name: str, extra_cflags: tuple[str, ...] = ()) -> None:
+    """Compile _SOURCE for this CPU and load it into this process (once per process: the operators'
+    namespace can be registered only once)."""
+    from torch.utils.cpp_extension import load_inline
+
+    _ninja_on_path()
+    load_inline(name, cpp_sources=_SOURCE, is_python_module=False,
+                extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags], extra_ldflags=["-fopenmp"])
 
 
 def _ninja_on_path() -> None:
