@@ -75,7 +75,8 @@ print("portable ok")
 
 def test_the_portable_path_for_cpus_without_avx512_bf16_is_correct_too():
     # a separate process: the operators' namespace can be registered once per process
-    done = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], capture_output=True, text=True, timeout=300,
+                          check=False)
     assert done.returncode == 0 and "portable ok" in done.stdout, done.stderr[-2000:]
 
 
