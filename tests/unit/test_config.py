@@ -58,6 +58,8 @@ def test_user_mistakes_are_one_line_errors_not_tracebacks():
         (["serve", "llm", "--lora", "random:many"], "needs a positive integer rank"),
         (["serve", "llm", "--lora", "/nope"], "no PEFT adapter"),
         (["serve", "llm", "--gemv", "roofserve", "--precision", "fp16"], "needs --precision bf16"),
+        (["bench", "llm-engine", "--quantize", "bnb4", "--device", "cpu"], "bitsandbytes 4-bit needs a CUDA GPU"),
+        (["bench", "llm-engine", "--device", "cuda"], "torch sees no GPU"),
         (["serve", "vision", "--weights", "/nope.pth"], "weights file not found"),
         (["serve", "vision", "--model", "not_a_model"], "unknown timm model"),
         (["serve", "vision", "--precision", "fp16", "--device", "cpu"], "fp16 is slow or unsupported on CPU"),

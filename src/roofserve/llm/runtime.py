@@ -44,13 +44,10 @@ def quantize(model: torch.nn.Module, scheme: str, group_size: int, device: torch
 
 
 def quantize_bnb4(model: torch.nn.Module, device: torch.device) -> None:
-    """bitsandbytes NF4 for every linear layer but the LM head, as the reference deployment served."""
-    if device.type != "cuda":
-        raise UserError("bitsandbytes 4-bit needs a CUDA GPU; on CPU use --quantize int4 (torchao)")
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise UserError("--quantize bnb4 needs bitsandbytes: pip install bitsandbytes") from None
+    """bitsandbytes NF4 for every linear layer but the LM head, as the reference deployment served
+    (preflight has checked for CUDA and bitsandbytes)."""
+    import bitsandbytes as bnb
+
     dtype = next(model.parameters()).dtype
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -145,8 +142,11 @@ def build_generator(cfg: LLMConfig, device: str):
 
 
 def build_in_process(cfg: LLMConfig) -> tuple[Generator, str]:
-    """(generator, device) for an in-process bench: cfg's device (auto: cuda when visible) and its
-    threads per worker, or all of torch's threads when that is 0."""
+    """(generator, device) for an in-process bench, after the server's own checks (preflight: one-line
+    errors, and the device it would serve on), with cfg's threads per worker, or all of torch's
+    threads when that is 0."""
+    from roofserve.llm.serve import preflight
+
+    device, _, _ = preflight(cfg)
     torch.set_num_threads(cfg.threads_per_worker or torch.get_num_threads())
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     return build_generator(cfg, device), device
