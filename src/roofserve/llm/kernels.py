@@ -187,19 +187,12 @@ TORCH_LIBRARY_IMPL(roofserve, CPU, m) {
 """
 
 
-def cpu_has_avx512_bf16() -> bool:
-    try:
-        return " avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 @functools.cache
 def load_kernel() -> None:
     """Build (first time on this machine, about 20 s; cached afterwards) and register the operators."""
+    cpu = _cpu_description()
     # -march=native ties the binary to this CPU: the name does too, so a shared cache never mixes CPUs.
-    cpu = (platform.machine() + str(cpu_has_avx512_bf16()) + _cpu_model()).encode()
-    name = "roofserve_kernels_" + hashlib.sha1(cpu).hexdigest()[:10]
+    name = "roofserve_kernels_" + hashlib.sha1(cpu.encode()).hexdigest()[:10]
     start = time.perf_counter()
     try:
         build(name)
@@ -208,7 +201,7 @@ def load_kernel() -> None:
                         "compiler (g++), or use --gemv torch and another --attention") from None
     torch.library.register_fake("roofserve::gemv_bf16")(_gemv_shape)
     torch.library.register_fake("roofserve::decode_attention")(_attention_shape)
-    log.info("CPU kernels ready in %.1f s (AVX512-BF16: %s)", time.perf_counter() - start, cpu_has_avx512_bf16())
+    log.info("CPU kernels ready in %.1f s (AVX512-BF16: %s)", time.perf_counter() - start, " avx512_bf16" in cpu)
 
 
 def build(name: str, extra_cflags: tuple[str, ...] = ()) -> None:
@@ -233,11 +226,14 @@ def _ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def _cpu_model() -> str:
+def _cpu_description() -> str:
+    """The machine, the CPU model and its feature flags (what -march=native compiles for)."""
     try:
-        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    found = [next((line for line in lines if line.startswith(key)), "") for key in ("model name", "flags")]
+    return " ".join([platform.machine(), platform.processor(), *found]) + " "
 
 
 def _gemv_shape(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
