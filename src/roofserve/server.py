@@ -218,8 +218,13 @@ class RoofServer(ls.LitServer):
 
     Faults: LitServe's monitor restarts a worker that dies (its `/health` is 503 until the new one is
     warm); our watchdog in the HTTP process answers 503 at once to the requests the dead worker held,
-    which LitServe would leave waiting. SIGTERM drains: see `begin_shutdown`.
+    which LitServe would leave waiting. If the HTTP process itself dies, nothing answers on the port:
+    the server stops with exit code 1, so that whatever supervises it starts a new one (see
+    `_watch_http`). SIGTERM drains: see `begin_shutdown`.
     """
+
+    http_died: str | None = None  # why the server stopped on its own, if its HTTP process died
+    _stopping = False
 
     def __init__(self, lit_api: ls.LitAPI, *, max_payload_bytes: int, max_queued_requests: int, timeout: float,
                  grace_s: float, api_key: str | None = None, **kwargs):
@@ -285,16 +290,36 @@ class RoofServer(ls.LitServer):
         self._listen_sockets = sockets  # kept to stop listening for good at shutdown
         return super()._start_server(port, num_uvicorn_servers, log_level, sockets, uvicorn_worker_type, **kwargs)
 
+    def _start_worker_monitoring(self, manager, uvicorn_workers):
+        super()._start_worker_monitoring(manager, uvicorn_workers)
+        threading.Thread(target=self._watch_http, args=(uvicorn_workers,), daemon=True,
+                         name="roofserve-http-watch").start()
+
+    def _watch_http(self, uvicorn_workers: dict, interval_s: float = 0.5) -> None:
+        """Stop the server when an HTTP process dies (LitServe restarts only inference workers).
+        is_alive() is a waitpid in this process: no message to another process, so no CPU taken from
+        the workers while they run."""
+        while not self._stopping:
+            for proc in uvicorn_workers.values():
+                if not proc.is_alive() and not self._stopping:  # not one that our shutdown stopped
+                    self.http_died = f"the HTTP process {proc.pid} died (exit code {proc.exitcode})"
+                    log.error("%s; stopping the server", self.http_died)
+                    self.begin_shutdown()
+                    return
+            time.sleep(interval_s)
+
     def begin_shutdown(self) -> None:
         """SIGTERM: end `run`, which then drains (see _perform_graceful_shutdown). Safe in a signal
         handler: the manager call runs on its own thread, not on the main thread's busy connection."""
         if self._shutdown_event is None:  # nothing started yet
             raise SystemExit(0)
+        self._stopping = True
         threading.Thread(target=self._shutdown_event.set, daemon=True).start()
 
     def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
         """Stop the HTTP processes first, so that they refuse new connections and finish the admitted
         requests (up to grace_s) while the workers still run; then LitServe stops transport and workers."""
+        self._stopping = True
         with contextlib.suppress(Exception):
             self._shutdown_event.set()  # so that LitServe's monitor does not restart workers we stop
         if shutdown_reason != "keyboard_interrupt":
@@ -379,9 +404,12 @@ def make_server(api: ls.LitAPI, cfg, accelerator: str, model: str) -> RoofServer
 
 def run_server(server: RoofServer, cfg) -> None:
     """Serve on cfg.host:cfg.port with one HTTP process and no access log (it costs CPU per request).
-    Returns after SIGTERM once the server has drained and every child process has stopped."""
+    Returns after SIGTERM once the server has drained and every child process has stopped; exits
+    with code 1 (after stopping the workers) if the HTTP process dies."""
     signal.signal(signal.SIGTERM, lambda *_: server.begin_shutdown())
     server.run(host=cfg.host, port=cfg.port, generate_client_file=False, num_api_servers=1, access_log=False)
+    if server.http_died:
+        raise SystemExit(f"error: {server.http_died}; the server stopped")
 
 
 async def _http_exception(request: Request, exc: HTTPException) -> JSONResponse:

@@ -140,3 +140,22 @@ def test_a_predict_that_raises_fails_only_its_request():
         assert httpx.post(url + "/predict", content=b"again", timeout=30).json() == {"bytes": 5}
     finally:
         assert stop_process_group(server.proc) == 0
+
+
+def test_a_dead_http_process_stops_the_server_with_an_error():
+    """LitServe restarts dead inference workers but not its HTTP process; without it nothing answers on
+    the port, so the server stops (exit code 1, workers and all) for its supervisor to restart it."""
+    import re
+
+    server = start_server(["vision", "--workers-per-device", "1"])
+    try:
+        family = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
+        [http_pid] = re.findall(r"Started server process \[(\d+)\]", server.log_tail(20000))
+        os.kill(int(http_pid), signal.SIGKILL)
+        assert server.proc.wait(timeout=60) == 1
+        assert f"error: the HTTP process {http_pid} died (exit code -9); the server stopped" in server.log_tail()
+        assert "Traceback" not in server.log_tail(20000)
+        _, alive = psutil.wait_procs(family, timeout=15)
+        assert not alive, f"left behind: {alive}"
+    finally:
+        stop_process_group(server.proc)
