@@ -69,3 +69,17 @@ def test_user_mistakes_are_one_line_errors_not_tracebacks():
         done = subprocess.run([sys.executable, "-m", "roofserve", *args], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, (args, done.stderr[-500:])
         assert message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr[-500:])
+
+
+@pytest.mark.parametrize("name", ["vision-cpu", "vision-gpu", "llm-cpu", "llm-gpu"])
+def test_shipped_ladders_load_and_every_step_is_a_valid_config(name):
+    """A typo in a shipped ladder would otherwise surface minutes into a sweep, at its step."""
+    from pathlib import Path
+
+    from roofserve.bench.sweep import load_ladder
+    from roofserve.config import LLMConfig
+
+    path = Path(__file__).parents[2] / "experiments" / f"{name}.toml"
+    _, steps = load_ladder(str(path), cls=LLMConfig if name.startswith("llm") else VisionConfig)
+    assert len(steps) >= 2 and len({s.name for s in steps}) == len(steps)
+    assert all(s.why for s in steps), "every step says what it changes"
