@@ -76,6 +76,13 @@ def cmd_peak(args: argparse.Namespace) -> int:
     machine = describe_machine()
     print(f"{machine['cpu']} ({machine['cores']} cores){', ' + machine['gpu'] if machine['gpu'] else ''}")
     rows = [p.row() for p in measure_peaks(device)]
+    if device.type == "cpu":  # what `--gemv roofserve` streams at most (needs g++; built on first use)
+        from roofserve.llm.kernels import measure_gemv_peak
+
+        try:
+            rows.append(measure_gemv_peak().row())
+        except UserError as e:
+            print(f"note: no gemv-bf16-roofserve row: {e}")
     sheet = datasheet_for(machine["gpu"])
     for row in rows:
         if sheet and device.type == "cuda":

@@ -150,11 +150,11 @@ def _copy_and_read_s(size_bytes: int, device: torch.device) -> tuple[float, floa
 
 
 def measure_gemv_gb_s(device: torch.device, dtype: torch.dtype = torch.bfloat16, shape: tuple[int, int] = (1536, 576),
-                      size_bytes: int = 256 << 20) -> Peak:
+                      size_bytes: int = 256 << 20, linear=torch.nn.functional.linear, label: str = "") -> Peak:
     """Weight bytes per second that one-row matmuls (a decode step's linear layers; the default is
     SmolLM2's MLP shape) read from a set of weights too big for the caches. The plain read bandwidth
-    is the roof; this is what the matmul library reaches under it, so a decode step near this number
-    is limited by the kernel, not by the code around it."""
+    is the roof; this is what the matmul kernel (torch's, or `linear(x, w)`, named by `label`) reaches
+    under it, so a decode step near this number is limited by the kernel, not by the code around it."""
     out_features, in_features = shape
     weight_bytes = out_features * in_features * torch.finfo(dtype).bits // 8
     weights = [torch.randn(out_features, in_features, device=device).to(dtype)
@@ -163,10 +163,10 @@ def measure_gemv_gb_s(device: torch.device, dtype: torch.dtype = torch.bfloat16,
 
     def all_layers() -> None:
         for w in weights:
-            torch.nn.functional.linear(x, w)
+            linear(x, w)
 
     seconds = median_time_s(all_layers, device, warmup=2, repeats=5)
-    name = f"gemv-{DTYPE_NAMES[dtype]}"
+    name = f"gemv-{DTYPE_NAMES[dtype]}" + (f"-{label}" if label else "")
     total = weight_bytes * len(weights)
     return Peak("bandwidth", name, device.type, total / seconds / 1e9, "GB/s", total)
 

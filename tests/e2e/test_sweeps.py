@@ -63,6 +63,10 @@ def test_llm_sweep_of_two_steps_writes_rows_and_report(tmp_path):
     assert chat[0]["prompt_tokens"] == api[0]["prompt_tokens"], "in-process TTFT is measured on the served prompt"
     # served and in-process alternate in 2 rounds, each with its own bandwidth measurement
     assert all(len(r["rounds_decode_tokens_per_s"]) == 2 and len(r["rounds_bandwidth_gb_s"]) == 2 for r in api + chat)
+    # the step with our GEMV kernel is compared with that kernel's own rate, measured in its rounds
+    assert "kernel_gemv_gb_s" not in api[0] and api[1]["kernel_gemv_gb_s"] > 0
     report = (tmp_path / "report" / "report.md").read_text()
-    assert f"| bf16 kernels | bf16 | {api[1]['decode_tokens_per_s']:.1f} |" in report
+    [row] = [line for line in report.splitlines() if line.startswith("| bf16 kernels | bf16 |")]
+    assert f"| {api[1]['decode_tokens_per_s']:.1f} |" in row
+    assert f"| {api[1]['gemv_gb_s']:.1f} | {api[1]['kernel_gemv_gb_s']:.1f} |" in row
     assert (tmp_path / "report" / "llm_decode.png").stat().st_size > 1000

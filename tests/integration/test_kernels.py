@@ -8,7 +8,7 @@ import torch
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from roofserve.llm.engine import Engine, Sampling
-from roofserve.llm.kernels import gemv_bf16, load_kernel, use_gemv_kernel
+from roofserve.llm.kernels import gemv_bf16, load_kernel, measure_gemv_peak, use_gemv_kernel
 from roofserve.llm.model import load
 
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
@@ -36,6 +36,12 @@ def test_gemv_refuses_what_it_cannot_compute():
         gemv_bf16(torch.randn(1, 8), torch.randn(4, 8))
     with pytest.raises(RuntimeError, match="one row"):
         gemv_bf16(torch.randn(2, 8).bfloat16(), torch.randn(4, 8).bfloat16())
+
+
+def test_the_kernel_has_its_own_gemv_peak_next_to_torchs():
+    peak = measure_gemv_peak()
+    assert (peak.resource, peak.name, peak.unit) == ("bandwidth", "gemv-bf16-roofserve", "GB/s")
+    assert peak.value > 0 and peak.size >= 128 << 20  # weights that do not fit the caches
 
 
 class _Layer:  # what eager attention reads from its module

@@ -46,4 +46,6 @@ def test_verdicts_follow_the_measurements():
     assert llm_verdict(0.7).startswith("bandwidth-bound")
     assert llm_verdict(0.2).startswith("overhead-bound")
     assert llm_verdict(0.3, kernel_share=1.1).startswith("matmul-kernel-bound")
-    assert llm_verdict(0.55, kernel_share=2.2).startswith("past torch's matmul limit (2.2x")
+    assert llm_verdict(0.55, kernel_share=2.2) == "past the rate of torch's bf16 one-token matmuls alone (2.2x), 55% of the roof"
+    assert llm_verdict(0.55, kernel_share=0.9, kernel="roofserve's GEMV kernel") == (
+        "matmul-kernel-bound: 55% of the roof, but 90% of the rate of roofserve's GEMV kernel alone")

@@ -54,7 +54,8 @@ class EngineProcess:
                           chat=chat)["rows"]
 
     def bandwidth_gb_s(self) -> dict:
-        """{"read_gb_s": plain reads, "gemv_gb_s": one-token bf16 linear layers} measured now."""
+        """{"read_gb_s": plain reads, "gemv_gb_s": torch's one-token bf16 linear layers, and with
+        `--gemv roofserve` "kernel_gemv_gb_s": ours} measured now."""
         return self._call(cmd="bandwidth")
 
     def close(self) -> None:
@@ -82,7 +83,8 @@ def main() -> None:
     from roofserve.hardware import measure_bandwidth_gb_s
     from roofserve.llm.runtime import build_in_process
 
-    generator, device = build_in_process(make_config(LLMConfig, None, json.loads(sys.argv[1])))
+    cfg = make_config(LLMConfig, None, json.loads(sys.argv[1]))
+    generator, device = build_in_process(cfg)
     out = sys.stdout
     sys.stdout = sys.stderr  # anything else that prints must not break the protocol
     out.write(json.dumps({"ready": True}) + "\n")
@@ -96,6 +98,10 @@ def main() -> None:
         elif command["cmd"] == "bandwidth":
             peaks = {p.name: p.value for p in measure_bandwidth_gb_s(torch.device(device))}
             reply = {"read_gb_s": peaks["read"], "gemv_gb_s": peaks["gemv-bf16"]}
+            if cfg.gemv == "roofserve":
+                from roofserve.llm.kernels import measure_gemv_peak
+
+                reply["kernel_gemv_gb_s"] = measure_gemv_peak().value
         else:
             reply = {"error": f"unknown command {command['cmd']!r}"}
         out.write(json.dumps(reply) + "\n")

@@ -128,6 +128,8 @@ def run_llm_ladder(steps: list[Step], bandwidth_gb_s: float | None, progress: bo
         roof["sweep_bandwidth_gb_s"] = bandwidth_gb_s
         roof["rounds_bandwidth_gb_s"] = [round(m["read_gb_s"], 1) for m in bandwidths]
         roof["gemv_gb_s"] = round(statistics.median(m["gemv_gb_s"] for m in bandwidths), 1) if bandwidths else None
+        if any("kernel_gemv_gb_s" in m for m in bandwidths):
+            roof["kernel_gemv_gb_s"] = round(statistics.median(m["kernel_gemv_gb_s"] for m in bandwidths), 1)
         rows.append({**api_row, **tag, **roof})
         if engine_chat:
             first = engine_chat[0]

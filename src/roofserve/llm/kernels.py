@@ -244,6 +244,15 @@ def _attention_shape(q, k, v, position, scale):
     return q.new_empty((1, 1, q.shape[1], q.shape[3]))
 
 
+def measure_gemv_peak():
+    """The weight bytes per second our GEMV kernel streams, as `measure_gemv_gb_s` measures torch's
+    (a `gemv-bf16-roofserve` Peak): the rate a decode step with `--gemv roofserve` can reach at most."""
+    from roofserve.hardware import measure_gemv_gb_s
+
+    load_kernel()
+    return measure_gemv_gb_s(torch.device("cpu"), linear=torch.ops.roofserve.gemv_bf16, label="roofserve")
+
+
 def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (..., K) holding one row, w (N, K), both bf16 on CPU -> x @ w.T of shape (..., N), bf16."""
     load_kernel()
