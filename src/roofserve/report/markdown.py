@@ -150,8 +150,8 @@ def llm_section(rows: list[dict], out: Path) -> list[str]:
         lines += ["Bandwidth measured in the LLM run: " + ", ".join(f"{p['name']} {p['value']:.1f} GB/s" for p in peaks)
                   + ". Roofs use the read bandwidth; gemv-bf16 is the weight bytes per second that torch's one-token "
                   "bf16 linear layers read (SmolLM2's MLP shape), i.e. what the matmul library reaches under the roof; "
-                  "steps with `--gemv roofserve` are compared with our kernel's own rate on the same weights "
-                  "(\"our GEMV GB/s\", measured in each round).", ""]
+                  "steps with `--gemv roofserve` are compared with our kernel's own rate, measured the same way on "
+                  "weights of the same shape and size (\"our GEMV GB/s\", in each round).", ""]
     lines += ["Bytes per token = weights at their storage size (every linear layer, the LM head included: with tied "
               "embeddings it reads the embedding table; one embedding row; norms) + the KV cache at the mean context. "
               "MBU = decode tokens/s x bytes per token / bandwidth. In-process numbers are the same engine on the "
