@@ -8,18 +8,12 @@ import sys
 import httpx
 import torch
 
-from roofserve.bench.process import running_server
-from roofserve.vision.labels import describe
+from roofserve.examples import EXPECTED, reference_photos
+from roofserve.load.process import running_server
 from roofserve.vision.model import build_classifier
 from roofserve.vision.preprocess import decode, to_batch
 
-sys.path.insert(0, ".")
-from tests.conftest import EXPECTED, _package_dir  # noqa: E402
-
-foolbox = _package_dir("foolbox") / "data"
-images = {"chelsea": (_package_dir("skimage") / "data" / "chelsea.png").read_bytes(),
-          "bull mastiff": (foolbox / "imagenet_00_243.jpg").read_bytes(),
-          "dalmatian": (foolbox / "imagenet_16_251.jpg").read_bytes()}
+images = reference_photos()
 report = {"gpu": torch.cuda.get_device_name(0), "checks": []}
 ok = True
 top1 = {}

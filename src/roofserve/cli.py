@@ -1,4 +1,9 @@
-"""roofserve: one entry point. Subcommands: serve, peak, bench, sweep, report."""
+"""roofserve: one entry point. Subcommands: serve, peak, bench, sweep, report, demo.
+
+This module parses and calls; the work lives in server/, vision/, llm/ (servers), measure/
+(in-process), load/ (client side) and sweep/ (ladders). Flags of configs are generated from the
+config classes in config.py, where each default is written once.
+"""
 
 from __future__ import annotations
 
@@ -6,53 +11,36 @@ import argparse
 import logging
 import sys
 
-from roofserve.config import LLMConfig, VisionConfig, add_config_args, load_toml, make_config
+from roofserve.config import (
+    DEFAULT_VISION_MODEL,
+    LLMConfig,
+    LLMEngineBenchConfig,
+    LLMLoadConfig,
+    VisionCeilingsConfig,
+    VisionConfig,
+    VisionLoadConfig,
+    add_config_args,
+    as_dict,
+    config_from_args,
+    load_toml,
+    make_config,
+)
 from roofserve.errors import UserError
 
 
-def _layers(args: argparse.Namespace, cls: type, section: str | None = None):
-    """Defaults < config file < CLI flags."""
+def _server_config(args: argparse.Namespace, cls: type):
+    """Defaults < config file's [server] table (or top level) < CLI flags."""
     file_layer = None
     if args.config:
         doc = load_toml(args.config)
-        file_layer = doc.get(section, doc) if section else doc
-    cli_layer = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
-    return make_config(cls, file_layer, cli_layer)
-
-
-def cmd_serve_vision(args: argparse.Namespace) -> int:
-    from roofserve.vision.serve import serve
-
-    serve(_layers(args, VisionConfig, "server"))
-    return 0
-
-
-def cmd_serve_llm(args: argparse.Namespace) -> int:
-    from roofserve.llm.serve import serve
-
-    serve(_layers(args, LLMConfig, "server"))
-    return 0
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        file_layer = doc.get("server", doc)
+    return make_config(cls, file_layer, config_from_args(args, cls))
 
 
 def _save(out: str, command: str, config: dict, rows: list[dict]) -> None:
-    from roofserve.bench.results import run_meta, write_results
+    from roofserve.results import run_meta, write_results
 
-    path = write_results(out, run_meta(command, config), rows)
-    print(f"results: {path}")
+    print(f"results: {write_results(out, run_meta(command, config), rows)}")
 
 
 def _table(rows: list[dict], columns: list[str]) -> None:
@@ -68,9 +56,29 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
+def _report(paths: list[str], out: str | None) -> None:
+    if out:
+        from roofserve.report.markdown import build_report
+
+        print(f"report: {build_report(paths, out)}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.what == "vision":
+        from roofserve.vision.serve import serve
+
+        serve(_server_config(args, VisionConfig))
+    else:
+        from roofserve.llm.serve import serve
+
+        serve(_server_config(args, LLMConfig))
+    return 0
+
+
 def cmd_peak(args: argparse.Namespace) -> int:
-    from roofserve.hardware import datasheet_for, describe_machine, measure_peaks
-    from roofserve.vision.model import resolve_device
+    from roofserve.device import resolve_device
+    from roofserve.machine import datasheet_for, describe_machine
+    from roofserve.measure.peaks import measure_peaks
 
     device = resolve_device(args.device)
     machine = describe_machine()
@@ -97,123 +105,76 @@ def cmd_peak(args: argparse.Namespace) -> int:
 def cmd_bench_vision_model(args: argparse.Namespace) -> int:
     import torch
 
-    from roofserve.bench.vision import bench_model, bench_pipeline, example_images
-    from roofserve.hardware import measure_peaks
-    from roofserve.vision.model import resolve_device
+    from roofserve.device import resolve_device
+    from roofserve.examples import example_images
+    from roofserve.measure.peaks import measure_peaks
+    from roofserve.measure.vision import measure_ceilings
 
+    ceilings = make_config(VisionCeilingsConfig, config_from_args(args, VisionCeilingsConfig))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     rows = [] if args.no_peak else [p.row() for p in measure_peaks(device)]
-    rows += bench_model(args.model, args.weights, args.precisions.split(","), args.batch_sizes, args.device,
-                        args.channels_last, args.compile, args.min_time_s, rows)
+    rows += measure_ceilings(args.model, args.weights, device.type, ceilings, example_images(args.images), rows)
     _table([r for r in rows if r["kind"] == "vision-model"],
            ["precision", "batch_size", "img_per_s", "achieved_tflops", "mfu", "compute_roof_img_per_s"])
-    if args.pipeline_batch_sizes:
-        pipe = bench_pipeline(args.model, args.weights, args.pipeline_precision, args.pipeline_batch_sizes,
-                              example_images(args.images), args.device, args.channels_last, args.min_time_s)
-        _table(pipe, ["precision", "batch_size", "lanes", "threads", "img_per_s", "decode_ms_per_image"])
-        rows += pipe
-    _save(args.out, "bench vision-model", {k: v for k, v in vars(args).items() if k != "func"}, rows)
+    _table([r for r in rows if r["kind"] == "vision-pipeline"],
+           ["precision", "batch_size", "lanes", "threads", "img_per_s", "decode_ms_per_image"])
+    config = {"model": args.model, "weights": args.weights, "device": device.type, **as_dict(ceilings)}
+    _save(args.out, "bench vision-model", config, rows)
     return 0
 
 
 def cmd_bench_vision_api(args: argparse.Namespace) -> int:
-    from roofserve.bench.vision import bench_api, example_images
+    from roofserve.examples import example_images
+    from roofserve.load.vision import bench_api
 
-    rows = bench_api(args.url, example_images(args.images), args.payload, args.concurrency, args.rate or [],
-                     args.requests, args.duration_s, args.warmup, args.api_key)
+    load = make_config(VisionLoadConfig, config_from_args(args, VisionLoadConfig))
+    rows = bench_api(args.url, example_images(args.images), load, args.api_key)
     for row in rows:
         row["step"] = args.label
     _table(rows, ["mode", "concurrency", "rate_per_s", "req_per_s", "latency_p50_ms", "latency_p99_ms", "errors",
                   "cpu_percent", "gpu_percent"])
-    _save(args.out, "bench vision-api", {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}, rows)
-    return 0
-
-
-def cmd_sweep_vision(args: argparse.Namespace) -> int:
-    import torch
-
-    from roofserve.bench.sweep import load_ladder, run_ladder
-    from roofserve.bench.vision import bench_model, bench_pipeline, example_images
-    from roofserve.hardware import measure_peaks
-
-    doc, steps = load_ladder(args.ladder, {"requests": args.requests, "concurrency": args.concurrency})
-    images = example_images(args.images)
-    first = steps[0].config
-    model = doc.get("model", {})
-    rows = [p.row() for p in measure_peaks(torch.device("cuda" if first.device == "cuda" else "cpu"))]
-    if not args.skip_model:
-        print("measuring the ceilings: model-only and in-process pipeline ...")
-        rows += bench_model(first.model, first.weights, model.get("precisions", ["fp32", "bf16"]),
-                            model.get("batch_sizes", [1, 8, 32]), first.device, True, False,
-                            model.get("min_time_s", 1.0), rows)
-        rows += bench_pipeline(first.model, first.weights, model.get("pipeline_precision", "auto"),
-                               model.get("pipeline_batch_sizes", [8, 32]), images, first.device, True,
-                               model.get("min_time_s", 1.0))
-    rows += run_ladder(doc, steps, images)
-    _table([r for r in rows if r["kind"] == "vision-api"],
-           ["step", "concurrency", "req_per_s", "latency_p50_ms", "latency_p99_ms", "errors", "cpu_percent"])
-    _save(args.out, "sweep vision", {"ladder": args.ladder, "doc": doc}, rows)
-    if args.report:
-        from roofserve.report.markdown import build_report
-
-        print(f"report: {build_report([args.out], args.report)}")
+    _save(args.out, "bench vision-api", {"url": args.url, "label": args.label, **as_dict(load)}, rows)
     return 0
 
 
 def cmd_bench_llm(args: argparse.Namespace) -> int:
-    from roofserve.bench.llm import LONG_PROMPT, bench_llm_api, result_rows
+    from roofserve.load.llm import bench_llm_levels
 
-    prompt = LONG_PROMPT if not args.prompt_words else " ".join(["word"] * args.prompt_words) + ". " + LONG_PROMPT
-    rows = []
-    for concurrency in args.concurrency:
-        row, results = bench_llm_api(args.url, args.model, prompt, args.max_tokens, args.runs, concurrency,
-                                     args.ignore_eos, args.warmup, args.api_key)
+    load = make_config(LLMLoadConfig, config_from_args(args, LLMLoadConfig))
+    rows = bench_llm_levels(args.url, args.model, load, args.api_key)
+    for row in rows:
         row["step"] = args.label
-        rows.append(row)
-        rows += [{"kind": "llm-request", "concurrency": concurrency, **r} for r in result_rows(results)]
     _table([r for r in rows if r["kind"] == "llm-api"],
            ["concurrency", "ok", "errors", "output_tokens_mean", "decode_tokens_per_s", "output_tokens_per_s",
             "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "fixed_length_verified"])
-    _save(args.out, "bench llm", {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}, rows)
+    _save(args.out, "bench llm", {"url": args.url, "model": args.model, "label": args.label, **as_dict(load)}, rows)
     return 0
 
 
 def cmd_bench_llm_engine(args: argparse.Namespace) -> int:
-    from roofserve.bench.llm import bench_llm_engine
-    from roofserve.llm.roof import step_roof
     from roofserve.llm.runtime import build_in_process
+    from roofserve.measure.llm import bench_llm_engine
+    from roofserve.measure.llm_roof import step_roof
 
-    cfg = _layers(args, LLMConfig, "server")
+    cfg = _server_config(args, LLMConfig)
+    bench = make_config(LLMEngineBenchConfig, config_from_args(args, LLMEngineBenchConfig))
     generator, _ = build_in_process(cfg)
-    rows = bench_llm_engine(generator, args.prompt_lengths, args.max_tokens, args.runs)
-    roof = step_roof(cfg, max(args.prompt_lengths) + args.max_tokens // 2, args.bandwidth_gb_s)
+    rows = bench_llm_engine(generator, bench.prompt_lengths, bench.max_tokens, bench.runs)
+    roof = step_roof(cfg, max(bench.prompt_lengths) + bench.max_tokens // 2, args.bandwidth_gb_s)
     rows = [{**r, **roof, "step": args.label} for r in rows]
     _table(rows, ["prompt", "prompt_tokens", "ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "weight_format",
                   "roof_tokens_per_s"])
-    _save(args.out, "bench llm-engine", {k: v for k, v in vars(args).items() if k != "func"}, rows)
+    _save(args.out, "bench llm-engine", {"server": as_dict(cfg), **as_dict(bench), "label": args.label}, rows)
     return 0
 
 
 def cmd_bench_soak(args: argparse.Namespace) -> int:
-    import shlex
+    from roofserve.load.soak import run_soak
 
-    import httpx
-
-    from roofserve.bench.process import start_server, stop_process_group
-    from roofserve.bench.soak import llm_cases, soak, vision_cases
-    from roofserve.bench.vision import example_images
-
-    server = start_server([args.server, *shlex.split(args.server_args)], ready_timeout_s=900)
-    try:
-        cfg = httpx.get(server.url + "/info", timeout=10).json()["model"]["config"]  # the caps the server runs with
-        cases = (vision_cases(example_images(), cfg["max_payload_bytes"]) if args.server == "vision"
-                 else llm_cases(cfg["max_seq_len"], cfg["max_payload_bytes"]))
-        rows = soak(server, cases, args.duration_s, args.concurrency, args.server, args.warmup_s, args.rss_tolerance)
-    finally:
-        exit_code = stop_process_group(server.proc)
-    rows[0]["server_exit_code"] = exit_code
+    rows, exit_code = run_soak(args.server, args.server_args, args.duration_s, args.concurrency, args.warmup_s,
+                               args.rss_tolerance)
     _table(rows[1:], ["case", "good", "requests", "statuses"])
     _table(rows[:1], ["server", "requests", "good_requests", "good_5xx", "bad_requests", "bad_4xx", "rss_start_mb",
                       "rss_warm_mb", "rss_end_mb", "rss_growth_pct", "passed"])
@@ -222,83 +183,51 @@ def cmd_bench_soak(args: argparse.Namespace) -> int:
     return 0 if rows[0]["passed"] and exit_code == 0 else 1
 
 
+def cmd_sweep_vision(args: argparse.Namespace) -> int:
+    from roofserve.examples import example_images
+    from roofserve.sweep.vision import sweep_vision
+
+    overrides = {"requests": args.requests, "concurrency": args.concurrency}
+    ladder, rows = sweep_vision(args.ladder, overrides, example_images(args.images), args.skip_model)
+    _table([r for r in rows if r["kind"] == "vision-api"],
+           ["step", "concurrency", "req_per_s", "latency_p50_ms", "latency_p99_ms", "errors", "cpu_percent"])
+    _save(args.out, "sweep vision", {"ladder": args.ladder, "doc": ladder.doc}, rows)
+    _report([args.out], args.report)
+    return 0
+
+
 def cmd_sweep_llm(args: argparse.Namespace) -> int:
-    import torch
+    from roofserve.sweep.llm import sweep_llm
 
-    from roofserve.bench.sweep import load_ladder, run_llm_ladder
-    from roofserve.hardware import measure_bandwidth_gb_s
-
-    doc, steps = load_ladder(args.ladder, {"runs": args.runs, "max_tokens": args.max_tokens}, LLMConfig)
-    device = torch.device("cuda" if steps[0].config.device == "cuda" else "cpu")
-    peaks = [p.row() for p in measure_bandwidth_gb_s(device)]
-    read = next(p["value"] for p in peaks if p["name"] == "read")
-    print(f"measured read bandwidth: {read:.1f} GB/s")
-    from roofserve.llm.serve import preflight
-
-    runnable, skipped = [], []
-    for step in steps:  # a step this machine cannot run (llama.cpp missing, bnb4 without CUDA) is skipped
-        try:
-            preflight(step.config)
-            runnable.append(step)
-        except UserError as e:
-            skipped.append({"step": step.name, "why": str(e)})
-            print(f"skipping {step.name}: {e}")
-    steps = runnable
-    rows = peaks + run_llm_ladder(steps, read)
+    ladder, rows, skipped = sweep_llm(args.ladder, {"runs": args.runs, "max_tokens": args.max_tokens,
+                                                    "concurrency": args.concurrency})
+    for item in skipped:
+        print(f"skipped {item['step']}: {item['why']}")
     _table([r for r in rows if r["kind"] == "llm-api"],
-           ["step", "decode_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50", "weight_format", "roof_tokens_per_s"])
-    _save(args.out, "sweep llm", {"ladder": args.ladder, "doc": doc, "skipped": skipped}, rows)
-    if args.report:
-        from roofserve.report.markdown import build_report
-
-        print(f"report: {build_report([args.out], args.report)}")
+           ["step", "concurrency", "decode_tokens_per_s", "output_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50",
+            "weight_format", "roof_tokens_per_s"])
+    _save(args.out, "sweep llm", {"ladder": args.ladder, "doc": ladder.doc, "skipped": skipped}, rows)
+    _report([args.out], args.report)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from roofserve.report.markdown import build_report
-
-    print(f"report: {build_report(args.results, args.out)}")
+    _report(args.results, args.out)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Serve the default classifier, classify the example images over HTTP, run the ladder, write the report."""
-    import json
-    import urllib.request
+    from roofserve.demo import demo
 
-    from roofserve.bench.process import running_server
-    from roofserve.bench.vision import example_images
-
-    print("1/4 starting the vision server on 127.0.0.1 with the default EfficientNet-Lite0 ...")
-    with running_server(["vision"]) as url:
-        for name, data in example_images():
-            ctype = "image/png" if name.endswith(".png") else "image/jpeg"
-            request = urllib.request.Request(url + "/predict", data=data, headers={"Content-Type": ctype})
-            with urllib.request.urlopen(request, timeout=60) as response:
-                out = json.loads(response.read())
-            breed = f", breed {out['breeds'][0]['breed']}" if out["animal"] == "dog" else ""
-            print(f"    {name:24s} -> {out['animal']} ({out['confidence']:.2f}){breed}; top class {out['top_classes'][0]['label']}")
-    print(f"2/4 running the optimization ladder {args.ladder} (a few minutes) ...")
-    sweep = argparse.Namespace(ladder=args.ladder, requests=args.requests, concurrency=args.concurrency, images=None,
-                               skip_model=False, out=f"{args.out}/vision-sweep.json", report=f"{args.out}/report")
-    cmd_sweep_vision(sweep)
-    print("3/4 starting the chat server (SmolLM2-135M-Instruct, OpenAI-compatible) and asking it ...")
-    from roofserve.bench.llm import bench_llm_api
-
-    with running_server(["llm", "--max-seq-len", "512"]) as url:
-        body = json.dumps({"messages": [{"role": "user", "content": "What is the capital of France?"}],
-                           "max_tokens": 32, "temperature": 0}).encode()
-        request = urllib.request.Request(url + "/v1/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as response:
-            answer = json.loads(response.read())
-        print(f"    Q: What is the capital of France?  A: {answer['choices'][0]['message']['content']!r}")
-        row, _ = bench_llm_api(url + "/v1/chat/completions", max_tokens=64, runs=3, progress=False)
-        print(f"    streaming, 64 tokens: {row['decode_tokens_per_s']} tok/s decode, TTFT p50 {row['ttft_ms_p50']:.0f} ms "
-              "(bf16 eager; `make bench-llm` runs the whole LLM ladder)")
-    print(f"4/4 done: results in {args.out}/, report in {args.out}/report/report.md")
+    demo(args.ladder, args.requests, args.concurrency, args.out)
     return 0
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", metavar="TOML", help="config file; its [server] table (or top level) sets these flags")
     add_config_args(p, VisionConfig)
-    p.set_defaults(func=cmd_serve_vision)
+    p.set_defaults(func=cmd_serve)
     p = serve.add_parser(
         "llm",
         help="Llama-family chat model, OpenAI-compatible (POST /v1/chat/completions, GET /v1/models)",
@@ -328,39 +257,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", metavar="TOML", help="config file; its [server] table (or top level) sets these flags")
     add_config_args(p, LLMConfig)
-    p.set_defaults(func=cmd_serve_llm)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("peak", help="measure this machine's matmul FLOP/s and memory bandwidth")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when a GPU is visible; default: auto)")
     p.add_argument("--out", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_peak)
 
     bench = sub.add_parser("bench", help="run a benchmark").add_subparsers(dest="what", metavar="BENCH", required=True)
     p = bench.add_parser("vision-model", help="model-only img/s per batch size and precision, and the in-process pipeline")
-    p.add_argument("--model", default="tf_efficientnet_lite0", help="timm model name (default: tf_efficientnet_lite0)")
+    p.add_argument("--model", default=DEFAULT_VISION_MODEL, help="timm model name (default: %(default)s)")
     p.add_argument("--weights", default=None, help="as in serve vision; 'random' is fine for speed")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated (default: fp32,bf16)")
-    p.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8, 16, 32, 64, 128, 256], help="comma-separated")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
-    p.add_argument("--min-time-s", type=float, default=1.0, help="time each point for at least this long")
-    p.add_argument("--pipeline-batch-sizes", type=_ints, default=[1, 8, 32], help="'' to skip the pipeline")
-    p.add_argument("--pipeline-precision", default="auto")
     p.add_argument("--images", help="folder of images for the pipeline (default: the bundled examples)")
     p.add_argument("--no-peak", action="store_true", help="skip measuring peaks (MFU needs them)")
+    add_config_args(p, VisionCeilingsConfig)
     p.add_argument("--out", default="results/vision-model.json")
     p.set_defaults(func=cmd_bench_vision_model)
 
     p = bench.add_parser("vision-api", help="load-test a classifier URL: concurrency sweep and Poisson rates")
     p.add_argument("--url", default="http://127.0.0.1:8000/predict")
-    p.add_argument("--payload", default="raw", choices=["raw", "base64", "multipart"])
-    p.add_argument("--concurrency", type=_ints, default=[1, 8, 32, 64], help="closed-loop levels (comma-separated)")
-    p.add_argument("--rate", type=_floats, default=None, help="open-loop Poisson rates in req/s (comma-separated)")
-    p.add_argument("--requests", type=int, default=400, help="requests per level (after warm-up)")
-    p.add_argument("--duration-s", type=float, default=60.0, help="cap on each level's duration")
-    p.add_argument("--warmup", type=int, default=16, help="requests sent before each level's clock starts")
+    add_config_args(p, VisionLoadConfig)
     p.add_argument("--images", help="folder of images to send (default: the bundled examples)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--label", default="manual", help="step name stored in each row")
@@ -370,13 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("llm", help="stream chat requests to an OpenAI-compatible URL: TTFT, TPOT, ITL, tokens/s")
     p.add_argument("--url", default="http://127.0.0.1:8000/v1/chat/completions")
     p.add_argument("--model", default="", help="model name to send (llama.cpp and vLLM servers check it)")
-    p.add_argument("--runs", type=int, default=10, help="requests per concurrency level")
-    p.add_argument("--concurrency", type=_ints, default=[1], help="1 = synchronous, the no-batching mode")
-    p.add_argument("--max-tokens", type=int, default=128, help="output length")
-    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                   help="ask for exactly max-tokens (vLLM/roofserve extension); the row says if usage confirmed it")
-    p.add_argument("--prompt-words", type=int, default=0, help="prepend this many words to lengthen the prompt")
-    p.add_argument("--warmup", type=int, default=1)
+    add_config_args(p, LLMLoadConfig)
     p.add_argument("--api-key", default=None)
     p.add_argument("--label", default="manual")
     p.add_argument("--out", default="results/llm-api.json")
@@ -385,9 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("llm-engine", help="the serving engine in-process: prefill and decode tokens/s, no HTTP")
     p.add_argument("--config", metavar="TOML", help="config file with the server's settings")
     add_config_args(p, LLMConfig)
-    p.add_argument("--prompt-lengths", type=_ints, default=[32, 256, 1024])
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--runs", type=int, default=3)
+    add_config_args(p, LLMEngineBenchConfig)
     p.add_argument("--bandwidth-gb-s", type=float, default=None, help="for the roof (from `roofserve peak`)")
     p.add_argument("--label", default="manual")
     p.add_argument("--out", default="results/llm-engine.json")
@@ -425,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ladder", nargs="?", default="experiments/llm-cpu.toml", help="ladder TOML (default: %(default)s)")
     p.add_argument("--runs", type=int, default=None, help="override requests per step")
     p.add_argument("--max-tokens", type=int, default=None, help="override output length")
+    p.add_argument("--concurrency", type=_ints, default=None, help="override concurrency levels")
     p.add_argument("--out", default="results/llm-sweep.json")
     p.add_argument("--report", default=None, metavar="DIR", help="also write the Markdown report into DIR")
     p.set_defaults(func=cmd_sweep_llm)
@@ -452,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # a line per request
     try:
         if args.command in ("bench", "sweep", "demo", "peak"):
-            from roofserve.server import reexec_with, tuned_environ
+            from roofserve.server.env import reexec_with, tuned_environ
 
             reexec_with(tuned_environ("glibc-tuned"))  # the same malloc the servers use
         return args.func(args)

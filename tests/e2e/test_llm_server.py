@@ -1,4 +1,6 @@
-"""The real LLM server as a subprocess, driven by the official openai client and by raw HTTP."""
+"""The real LLM server as a subprocess, driven by the official openai client and by raw HTTP: every test
+runs against the one-at-a-time server and against the continuous batch (--max-batch-size 4), whose
+per-request behaviour (limits, stop strings, seeds, usage, disconnects, errors) must be the same."""
 
 import httpx
 import openai
@@ -10,9 +12,10 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 CONTEXT = 256
 
 
-@pytest.fixture(scope="module")
-def url():
-    with running_server(["llm", "--max-seq-len", str(CONTEXT), "--max-tokens-cap", "128", "--default-max-tokens", "16"]) as url:
+@pytest.fixture(scope="module", params=[1, 4], ids=["one-at-a-time", "batch-4"])
+def url(request):
+    with running_server(["llm", "--max-seq-len", str(CONTEXT), "--max-tokens-cap", "128", "--default-max-tokens", "16",
+                         "--max-batch-size", str(request.param)]) as url:
         yield url
 
 

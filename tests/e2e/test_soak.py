@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from roofserve.bench.process import start_server, stop_process_group
-from roofserve.bench.soak import soak, vision_cases
-from roofserve.bench.vision import example_images
+from roofserve.load.process import start_server, stop_process_group
+from roofserve.load.soak import soak, vision_cases
+from roofserve.examples import example_images
 
 
 @pytest.mark.parametrize("server,server_args", [("vision", ""), ("llm", "--max-seq-len 512")])

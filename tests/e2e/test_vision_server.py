@@ -7,7 +7,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import EXPECTED, running_server
+from roofserve.examples import EXPECTED
+from tests.conftest import running_server
 
 CAP = 2_000_000
 

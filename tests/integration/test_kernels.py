@@ -38,6 +38,39 @@ def test_gemv_refuses_what_it_cannot_compute():
         gemv_bf16(torch.randn(2, 8).bfloat16(), torch.randn(4, 8).bfloat16())
 
 
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("shape", [(1536, 576), (7, 100), (5, 31)])
+def test_gemm_of_a_decode_batch_matches_fp32_matmul(rows, shape):
+    """The few-row kernel a batched decode step uses: every row right, whatever the block tails."""
+    torch.manual_seed(rows)
+    w = torch.randn(shape).bfloat16()
+    x = torch.randn(rows, 1, shape[1]).bfloat16()
+    expected = x.float() @ w.float().T
+    got = torch.ops.roofserve.gemm_bf16(x, w)
+    assert got.shape == (rows, 1, shape[0]) and got.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+def test_slot_attention_reads_each_rows_own_slot_up_to_its_position():
+    torch.manual_seed(0)
+    slots_total, length = 5, 64
+    k = torch.randn(slots_total, 3, length, 32).bfloat16()
+    v = torch.randn(slots_total, 3, length, 32).bfloat16()
+    slots, positions = torch.tensor([3, 0, 4]), torch.tensor([10, 0, 63])
+    for s, p in zip(slots.tolist(), positions.tolist()):
+        k[s, :, p + 1:] = 100.0  # past a row's position: never read
+    q = torch.randn(3, 9, 1, 32).bfloat16()
+    got = torch.ops.roofserve.slot_attention(q, k, v, slots, positions, 0.2)
+    assert got.shape == (3, 1, 9, 32)
+    for row, (s, p) in enumerate(zip(slots.tolist(), positions.tolist())):
+        kk = k[s, :, : p + 1].float().repeat_interleave(3, 0)
+        vv = v[s, :, : p + 1].float().repeat_interleave(3, 0)
+        expected = torch.softmax(q[row, :, :, :].float() @ kk.transpose(1, 2) * 0.2, -1) @ vv  # (9, 1, 32)
+        assert (got[row, 0].float() - expected[:, 0]).abs().max() < 0.03, row
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.roofserve.slot_attention(q, k, v, torch.tensor([3, 0, 5]), positions, 0.2)
+
+
 def test_the_kernel_has_its_own_gemv_peak_next_to_torchs():
     peak = measure_gemv_peak()
     assert (peak.resource, peak.name, peak.unit) == ("bandwidth", "gemv-bf16-roofserve", "GB/s")
@@ -70,6 +103,9 @@ torch.manual_seed(0)
 w, x = torch.randn(97, 100).bfloat16(), torch.randn(1, 100).bfloat16()
 expected = x.float() @ w.float().T
 assert (torch.ops.roofserve.gemv_bf16(x, w).float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+x3 = torch.randn(3, 100).bfloat16()
+expected = x3.float() @ w.float().T
+assert (torch.ops.roofserve.gemm_bf16(x3, w).float() - expected).abs().max() <= 1e-2 * expected.abs().max()
 q, k, v = torch.randn(1, 4, 1, 32).bfloat16(), torch.randn(1, 2, 16, 32).bfloat16(), torch.randn(1, 2, 16, 32).bfloat16()
 kk, vv = k.float()[:, :, :10].repeat_interleave(2, 1), v.float()[:, :, :10].repeat_interleave(2, 1)
 expected = (torch.softmax(q.float() @ kk.transpose(2, 3) * 0.2, -1) @ vv).transpose(1, 2)

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from roofserve.bench.llm import StreamResult, summarize as summarize_llm
-from roofserve.bench.load import RequestResult, percentile, summarize
-from roofserve.bench.results import read_results, run_meta, write_results
+from roofserve.load.llm import StreamResult, summarize as summarize_llm
+from roofserve.load.strategies import RequestResult, percentile, summarize
+from roofserve.results import read_results, run_meta, write_results
 from roofserve.errors import UserError
 
 
@@ -45,12 +45,13 @@ def test_ttft_tpot_itl():
 
 
 def test_result_files_embed_machine_versions_and_config(tmp_path):
-    path = write_results(tmp_path / "r.json", run_meta("bench x", {"a": 1}), [{"kind": "peak"}])
+    peak = {"kind": "peak", "resource": "bandwidth", "name": "read", "device": "cpu", "value": 50.0, "unit": "GB/s"}
+    path = write_results(tmp_path / "r.json", run_meta("peak", {"a": 1}), [peak])
     doc = json.loads(path.read_text())
-    assert doc["meta"]["command"] == "bench x" and doc["meta"]["config"] == {"a": 1}
+    assert doc["meta"]["command"] == "peak" and doc["meta"]["config"] == {"a": 1}
     assert doc["meta"]["machine"]["cores"] >= 1 and doc["meta"]["versions"]["torch"]
     metas, rows = read_results([tmp_path])
-    assert rows == [{"kind": "peak", "source": "bench x"}] and len(metas) == 1  # rows say which run made them
+    assert rows == [{**peak, "source": "peak", "suite": "machine"}] and len(metas) == 1  # which run made them
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(UserError, match="not a roofserve result file"):
         read_results([tmp_path / "bad.json"])

@@ -76,10 +76,10 @@ def test_shipped_ladders_load_and_every_step_is_a_valid_config(name):
     """A typo in a shipped ladder would otherwise surface minutes into a sweep, at its step."""
     from pathlib import Path
 
-    from roofserve.bench.sweep import load_ladder
     from roofserve.config import LLMConfig
+    from roofserve.sweep.ladder import load_ladder
 
     path = Path(__file__).parents[2] / "experiments" / f"{name}.toml"
-    _, steps = load_ladder(str(path), cls=LLMConfig if name.startswith("llm") else VisionConfig)
+    steps = load_ladder(str(path), LLMConfig if name.startswith("llm") else VisionConfig).steps
     assert len(steps) >= 2 and len({s.name for s in steps}) == len(steps)
     assert all(s.why for s in steps), "every step says what it changes"

@@ -1,6 +1,6 @@
 """The report builder on fixed rows: the tables, the verdicts and the files it writes."""
 
-from roofserve.bench.results import write_results
+from roofserve.results import write_results
 from roofserve.report.markdown import build_report, llm_verdict, verdict
 
 META = {"command": "sweep vision", "created": "2026-01-01T00:00:00+00:00", "config": {},
@@ -9,6 +9,7 @@ META = {"command": "sweep vision", "created": "2026-01-01T00:00:00+00:00", "conf
 
 def _api(step, index, concurrency, rate, cpu, precision="bf16"):
     return {"kind": "vision-api", "step": step, "step_index": index, "mode": "concurrency", "concurrency": concurrency,
+            "requests": 100, "ok": 100,
             "req_per_s": rate, "latency_p50_ms": 10.0 * concurrency, "latency_p99_ms": 20.0 * concurrency,
             "errors": 0, "error_kinds": {}, "cpu_percent": cpu, "gpu_percent": None, "why": f"why {step}",
             "config": {"precision": precision}}
@@ -16,7 +17,8 @@ def _api(step, index, concurrency, rate, cpu, precision="bf16"):
 
 ROWS = [
     {"kind": "peak", "resource": "matmul", "name": "bf16", "device": "cpu", "value": 1.0, "unit": "TFLOP/s", "size": 1},
-    {"kind": "vision-model", "precision": "bf16", "batch_size": 32, "img_per_s": 300.0, "flops_per_image": 1e9,
+    {"kind": "vision-model", "model": "m", "precision": "bf16", "batch_size": 32, "img_per_s": 300.0,
+     "flops_per_image": 10**9,
      "compute_roof_img_per_s": 1000.0, "mfu": 0.3},
     {"kind": "vision-pipeline", "precision": "bf16", "batch_size": 8, "lanes": 2, "threads": 1, "img_per_s": 200.0,
      "decode_ms_per_image": 3.0},
@@ -36,6 +38,35 @@ def test_report_table_numbers_come_from_the_rows(tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 500
 
 
+def test_peaks_go_to_the_section_of_the_run_that_measured_them(tmp_path):
+    """A vision sweep's peaks are in the vision section, an LLM sweep's bandwidth in the LLM section: the
+    file's suite says which, whatever the files are called."""
+    llm_meta = {**META, "command": "sweep llm", "suite": "llm"}
+    llm_peak = {**ROWS[0], "resource": "bandwidth", "name": "read", "value": 77.7, "unit": "GB/s"}
+    write_results(tmp_path / "vision-llm-named.json", META, ROWS)
+    write_results(tmp_path / "llm.json", llm_meta, [llm_peak, {"kind": "llm-engine", "prompt": "chat",
+                                                              "prompt_tokens": 9, "ttft_ms": 5.0,
+                                                              "decode_tokens_per_s": 100.0}])
+    report = build_report([str(tmp_path)], str(tmp_path / "out")).read_text()
+    vision, llm = report.split("## LLM")
+    assert "| matmul | bf16 | cpu | 1 | TFLOP/s |" in vision and "77.7" not in vision
+    assert "Bandwidth measured in the LLM run: read 77.7 GB/s" in llm and "TFLOP/s" not in llm
+
+
+def test_a_row_that_misses_a_field_of_its_kind_is_refused(tmp_path):
+    import json
+
+    import pytest
+
+    from roofserve.errors import UserError
+
+    with pytest.raises(ValueError, match="vision-api row without 'req_per_s'"):
+        write_results(tmp_path / "r.json", META, [{k: v for k, v in ROWS[3].items() if k != "req_per_s"}])
+    (tmp_path / "old.json").write_text(json.dumps({"meta": META, "rows": [{"kind": "mystery"}]}))
+    with pytest.raises(UserError, match="unknown row kind 'mystery'"):
+        build_report([str(tmp_path / "old.json")], str(tmp_path / "out"))
+
+
 def test_verdicts_follow_the_measurements():
     row = {"errors": 0, "error_kinds": {}, "cpu_percent": 40.0, "gpu_percent": None, "req_per_s": 50.0}
     assert "cores idle" in verdict(row, 200.0, 300.0)
@@ -49,3 +80,23 @@ def test_verdicts_follow_the_measurements():
     assert llm_verdict(0.55, kernel_share=2.2) == "past the rate of torch's bf16 one-token matmuls alone (2.2x), 55% of the roof"
     assert llm_verdict(0.55, kernel_share=0.9, kernel="roofserve's GEMV kernel") == (
         "matmul-kernel-bound: 55% of the roof, but 90% of the rate of roofserve's GEMV kernel alone")
+
+
+def test_many_users_table_compares_each_level_with_one_user_and_its_roof(tmp_path):
+    meta = {**META, "command": "sweep llm", "suite": "llm"}
+
+    def level(users, tok_s, roof):
+        return {"kind": "llm-api", "step": "batch", "step_index": 1, "concurrency": users, "requests": 8, "ok": 8,
+                "errors": 0, "decode_tokens_per_s": 100.0, "output_tokens_per_s": tok_s, "ttft_ms_p50": 50.0,
+                "tpot_ms_p50": 10.0 * users, "sequences_per_step": min(users, 4), "aggregate_roof_tokens_per_s": roof,
+                "aggregate_bandwidth_roof_tokens_per_s": roof, "aggregate_compute_roof_tokens_per_s": 5000.0,
+                "crossover_batch_size": 40}
+
+    write_results(tmp_path / "llm.json", meta, [level(1, 100.0, 250.0), level(4, 350.0, 1000.0), level(8, 360.0, 1000.0)])
+    report = build_report([str(tmp_path / "llm.json")], str(tmp_path / "out")).read_text()
+    assert "| batch | 4 | 4 | 350.0 | 3.50x | 40.0 |" in report and report.count("| batch | 8 | 4 | 360.0 | 3.60x") == 1
+    assert "| 1000.0 | 5000.0 | 35% |" in report
+    assert "compute roof binds from a batch of 40 sequences" in report
+    assert (tmp_path / "out" / "llm_concurrency.png").stat().st_size > 1000
+    ladder = [line for line in report.splitlines() if line.startswith("| batch | ")]
+    assert ladder[0].startswith("| batch | - | 100.0 |"), "the ladder table shows each step at 1 user"

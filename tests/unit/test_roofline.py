@@ -2,7 +2,7 @@
 
 import pytest
 
-from roofserve import roofline
+from roofserve.measure import roofline
 from roofserve.llm.model import RANDOM_CONFIGS
 
 SMOL = RANDOM_CONFIGS["smollm2-135m"]
@@ -62,3 +62,17 @@ def test_bnb4_keeps_the_lm_head_wide():
     linear, other = roofline.llm_shapes(SMOL)
     head = 49_152 * 576
     assert roofline.weight_bytes_per_token(SMOL, "bnb4") == (linear - head) // 2 + ((linear - head) // 64) * 4 + head * 2 + other * 2
+
+
+def test_batch_roof_by_hand():
+    # 100 weight bytes read once per step, 10 KV bytes per sequence, 50 linear parameters (100 FLOPs per
+    # token); 1 GB/s and 0.001 TFLOP/s = 1e9 FLOP/s.
+    one = roofline.batch_roof(1, 100, 10, 50, 1.0, 0.001)
+    assert one["step_bytes"] == 110 and one["step_flops"] == 100
+    assert one["bandwidth_roof_tokens_per_s"] == pytest.approx(1e9 / 110, rel=1e-6)
+    assert one["compute_roof_tokens_per_s"] == pytest.approx(1e7) and one["bound"] == "bandwidth"
+    two = roofline.batch_roof(2, 100, 10, 50, 1.0, 0.001)
+    assert two["bandwidth_roof_tokens_per_s"] == pytest.approx(2e9 / 120, rel=1e-6)
+    assert two["roof_tokens_per_s"] == pytest.approx(1e7) and two["bound"] == "compute"
+    assert roofline.crossover_batch_size(100, 10, 50, 1.0, 0.001) == 2
+    assert roofline.batch_roof(4, 100, 10, 50, 1.0, None)["bound"] is None  # no peak: only the bandwidth roof

@@ -1,6 +1,6 @@
 import json
 
-from roofserve.bench.sse import SSEParser
+from roofserve.load.sse import SSEParser
 
 
 def _feed_in_pieces(raw: bytes, size: int) -> list[str]:

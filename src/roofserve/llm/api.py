@@ -1,7 +1,8 @@
 """The OpenAI-compatible chat API: POST /v1/chat/completions (streaming and not), GET /v1/models.
 
-The HTTP process validates the request; one worker generates one request at a time (no batching,
-as the reference deployment served); tokens travel back one by one and are sent as SSE or gathered.
+The HTTP process validates the request. A worker generates one request at a time (max_batch_size 1,
+as the reference deployment served: `predict`), or many in a continuous batch (`admit` and `step`,
+driven by server.lit.StepLoop); text items travel back and are sent as SSE or gathered.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import litserve as ls
 import torch
@@ -19,12 +22,25 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from roofserve.config import LLMConfig
-from roofserve.llm.text import coalesce
-from roofserve.server import Rejection, error_body, error_response, parse_json, worker_threads
+from roofserve.llm.engine import Sampling
+from roofserve.llm.text import Coalescer, TextStream, coalesce
+from roofserve.server.lit import StepLoop
+from roofserve.server.app import worker_threads
+from roofserve.server.http import Rejection, error_body, error_response, parse_json
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 _CANCEL_SLOTS = 64
+
+
+@dataclass
+class _Job:
+    """A request in the batch (worker side): its text pipeline and the limits it runs under."""
+
+    request_id: int
+    deadline: float
+    text: TextStream
+    joiner: Coalescer
 
 
 def _bad(message: str) -> HTTPException:
@@ -119,6 +135,11 @@ class LLMAPI(ls.LitAPI):
         self.cancelled = mp.get_context("spawn").Array("q", _CANCEL_SLOTS, lock=False)
         # Written by the workers: generations stopped because their client left, and the tokens they had made.
         self.stopped = mp.get_context("spawn").Array("q", 2)
+        # Per worker: requests running, waiting, then decode steps per batch size (0..max_batch_size).
+        self.batch_stats = [mp.get_context("spawn").Array("q", 3 + cfg.max_batch_size, lock=False)
+                            for _ in range(cfg.workers_per_device)]
+        if cfg.max_batch_size > 1:
+            self.loop = StepLoop()
         self._cancel_next = 0
 
     # --- HTTP process ---------------------------------------------------------------------
@@ -137,10 +158,21 @@ class LLMAPI(ls.LitAPI):
 
     def metrics_lines(self) -> list[str]:
         stopped, tokens = self.stopped[:]
+        rows = [row[:] for row in self.batch_stats]
+        steps = [sum(r[2 + b] for r in rows) for b in range(1, self.cfg.max_batch_size + 1)]
         return ["# TYPE roofserve_generations_stopped_total counter",
                 f"roofserve_generations_stopped_total {stopped}",
                 "# TYPE roofserve_stopped_generation_tokens_total counter",
-                f"roofserve_stopped_generation_tokens_total {tokens}"]
+                f"roofserve_stopped_generation_tokens_total {tokens}",
+                "# HELP roofserve_requests_running sequences in the decode batch (with --max-batch-size > 1)",
+                "# TYPE roofserve_requests_running gauge",
+                f"roofserve_requests_running {sum(r[0] for r in rows)}",
+                "# HELP roofserve_requests_waiting sequences admitted, waiting for a batch slot",
+                "# TYPE roofserve_requests_waiting gauge",
+                f"roofserve_requests_waiting {sum(r[1] for r in rows)}",
+                "# HELP roofserve_decode_steps_total decode steps by the number of sequences in them",
+                "# TYPE roofserve_decode_steps_total counter",
+                *(f'roofserve_decode_steps_total{{batch_size="{b}"}} {n}' for b, n in enumerate(steps, 1))]
 
     async def respond(self, payload: dict, first: dict, items: AsyncIterator, close: Callable[[], None],
                       started: float, metrics) -> object:
@@ -206,18 +238,34 @@ class LLMAPI(ls.LitAPI):
 
         torch.set_num_threads(worker_threads(self.cfg))
         self.generator = build_generator(self.cfg, device)
+        self.jobs: dict[str, _Job] = {}
+        self._stats_row = int(os.environ.get("LITSERVE_WORKER_ID", "0")) % len(self.batch_stats)
 
     def decode_request(self, request: dict) -> dict:
         return request
 
-    def predict(self, request: dict):
-        gen = self.generator
-        ids = gen.prompt_ids(request["messages"])
+    def _prompt(self, request: dict) -> tuple[list[int], int, Rejection | None]:
+        """(prompt ids, max_tokens, or the 400 when they do not fit the context)."""
+        ids = self.generator.prompt_ids(request["messages"])
         room = self.cfg.max_seq_len - len(ids)
         max_tokens = request["max_tokens"] or min(self.cfg.default_max_tokens, room)
         if len(ids) + max_tokens > self.cfg.max_seq_len or room < 1:
-            yield Rejection(400, f"prompt has {len(ids)} tokens and max_tokens is {max_tokens}: "
-                                 f"{len(ids) + max_tokens} is over the context of {self.cfg.max_seq_len} tokens")
+            return ids, max_tokens, Rejection(400, f"prompt has {len(ids)} tokens and max_tokens is {max_tokens}: "
+                                              f"{len(ids) + max_tokens} is over the context of "
+                                              f"{self.cfg.max_seq_len} tokens")
+        return ids, max_tokens, None
+
+    def _count_stopped(self, tokens: int) -> None:
+        with self.stopped.get_lock():
+            self.stopped[0] += 1
+            self.stopped[1] += tokens
+
+    def predict(self, request: dict):
+        """One request at a time (max_batch_size 1): LitServe's streaming loop drives this generator."""
+        gen = self.generator
+        ids, max_tokens, rejection = self._prompt(request)
+        if rejection:
+            yield rejection
             return
         yield {"t": "start", "prompt_tokens": len(ids)}
         rid, deadline = request["request_id"], request.get("deadline", float("inf"))
@@ -230,13 +278,63 @@ class LLMAPI(ls.LitAPI):
         for item in coalesce(items, self.cfg.stream_interval):
             if item["t"] == "end":
                 if rid in self.cancelled:
-                    with self.stopped.get_lock():
-                        self.stopped[0] += 1
-                        self.stopped[1] += item["usage"]["completion_tokens"]
+                    self._count_stopped(item["usage"]["completion_tokens"])
                 if time.time() > deadline:
                     yield Rejection(504, f"generation passed the deadline of {self.cfg.timeout_s:g} s")
                     return
             yield item
+
+    # --- worker process, many requests at once (max_batch_size > 1): server.lit.StepLoop drives these --
+    def admit(self, uid: str, request: dict) -> list:
+        ids, max_tokens, rejection = self._prompt(request)
+        if rejection:
+            return [rejection, None]
+        gen = self.generator
+        sampling = Sampling(max_tokens, request["temperature"], request["top_p"], request["seed"])
+        gen.batch.add(uid, ids, sampling, set() if request["ignore_eos"] else gen.stop_ids)
+        self.jobs[uid] = _Job(request["request_id"], request.get("deadline", float("inf")),
+                              TextStream(gen.decode, request["stop"], max_tokens, len(ids)),
+                              Coalescer(self.cfg.stream_interval))
+        return [{"t": "start", "prompt_tokens": len(ids)}]
+
+    def busy(self) -> bool:
+        return bool(self.jobs)
+
+    def step(self) -> list[tuple[str, object]]:
+        """Drop the requests whose client left or whose deadline passed, advance the batch one step, and
+        turn its tokens into each request's text items (stop strings end only their own sequence)."""
+        out: list[tuple[str, object]] = []
+        batch, now, cancelled = self.generator.batch, time.time(), set(self.cancelled[:])
+        for uid, job in list(self.jobs.items()):
+            if job.request_id in cancelled or now > job.deadline:
+                batch.cancel(uid)
+                del self.jobs[uid]
+                if job.request_id in cancelled:
+                    self._count_stopped(len(job.text.ids))
+                else:
+                    out.append((uid, Rejection(504, f"generation passed the deadline of {self.cfg.timeout_s:g} s")))
+                out.append((uid, None))
+        if batch.has_work():
+            for uid, token in batch.step():
+                job = self.jobs.get(uid)
+                if job is None:
+                    continue
+                if token is not None:
+                    out += [(uid, item) for delta in job.text.push(token) for item in job.joiner.push(delta)]
+                    if not job.text.stopped:
+                        continue
+                    batch.cancel(uid)  # a stop string: this sequence ends, the others go on
+                out += [(uid, item) for end in job.text.close() for item in job.joiner.push(end)]
+                out.append((uid, None))
+                del self.jobs[uid]
+        self._record_batch(batch)
+        return out
+
+    def _record_batch(self, batch) -> None:
+        row = self.batch_stats[self._stats_row]
+        row[0], row[1] = len(batch.running), len(batch.waiting)
+        if batch.last_batch_size:
+            row[2 + batch.last_batch_size] += 1
 
     def encode_response(self, outputs):
         yield from outputs

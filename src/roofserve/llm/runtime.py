@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
 
 import torch
 
 from roofserve.config import LLMConfig
 from roofserve.errors import UserError
-from roofserve.llm.text import stream_text
+from roofserve.llm.generator import Generator
 
 log = logging.getLogger(__name__)
 
@@ -79,31 +78,12 @@ def apply_lora(model: torch.nn.Module, source: str) -> torch.nn.Module:
     return PeftModel.from_pretrained(model, source).eval()
 
 
-class Generator:
-    """What a worker serves with: a tokenizer, a chat template, and `tokens()`."""
-
-    tokenizer = None
-    stop_ids: set[int] = set()
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def tokens(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, ignore_eos: bool = False,
-               should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
-        raise NotImplementedError
-
-    def chat(self, ids, max_tokens, temperature, top_p, seed, stop, ignore_eos, should_stop) -> Iterator[dict]:
-        tokens = self.tokens(ids, max_tokens, temperature, top_p, seed, ignore_eos, should_stop)
-        yield from stream_text(tokens, self.decode, stop, max_tokens, len(ids))
-
-
 class TorchGenerator(Generator):
-    """Our engine: prefill + compiled one-token step over a static cache."""
+    """Our engine: prefill + compiled one-token step over a static cache, for one request at a time
+    (`engine`), or the continuous-batching engine for many (`batch`, with max_batch_size > 1)."""
+
+    engine = None
+    batch = None
 
     def __init__(self, cfg: LLMConfig, device: str | torch.device):
         from roofserve.llm.engine import Engine
@@ -120,8 +100,15 @@ class TorchGenerator(Generator):
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
         self.random_weights = loaded.random_weights
-        self.engine = Engine(model, cfg.max_seq_len, cfg.static_cache, cfg.compile, cfg.attention)
-        log.info("warm-up took %.1f s", self.engine.warm_up())
+        if cfg.max_batch_size > 1:
+            from roofserve.llm.batch import BatchEngine
+
+            self.batch = BatchEngine(model, cfg.max_batch_size, cfg.max_seq_len, cfg.compile, cfg.prefill_chunk,
+                                     kernel_attention=cfg.attention == "roofserve")
+            log.info("warm-up of batch sizes %s took %.1f s", self.batch.buckets, self.batch.warm_up())
+        else:
+            self.engine = Engine(model, cfg.max_seq_len, cfg.static_cache, cfg.compile, cfg.attention)
+            log.info("warm-up took %.1f s", self.engine.warm_up())
         eos = loaded.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.stop_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
@@ -130,7 +117,27 @@ class TorchGenerator(Generator):
         from roofserve.llm.engine import Sampling
 
         stop_ids = set() if ignore_eos else self.stop_ids
-        return self.engine.generate(ids, Sampling(max_tokens, temperature, top_p, seed), stop_ids, should_stop)
+        sampling = Sampling(max_tokens, temperature, top_p, seed)
+        if self.batch is not None:
+            return self._alone_in_batch(ids, sampling, stop_ids, should_stop)
+        return self.engine.generate(ids, sampling, stop_ids, should_stop)
+
+    def _alone_in_batch(self, ids, sampling, stop_ids, should_stop):
+        """One sequence through the batch engine (in-process benches of a batched config)."""
+        key = object()
+        self.batch.add(key, ids, sampling, stop_ids)
+        try:
+            while True:
+                for seq_id, token in self.batch.step():
+                    if seq_id is not key:
+                        continue
+                    if token is None:
+                        return
+                    yield token
+                    if should_stop and should_stop():
+                        return
+        finally:
+            self.batch.cancel(key)
 
 
 def build_generator(cfg: LLMConfig, device: str):
@@ -145,7 +152,7 @@ def build_in_process(cfg: LLMConfig) -> tuple[Generator, str]:
     """(generator, device) for an in-process bench, after the server's own checks (preflight: one-line
     errors, and the device it would serve on), with cfg's threads per worker, or all of torch's
     threads when that is 0."""
-    from roofserve.llm.serve import preflight
+    from roofserve.llm.preflight import preflight
 
     device, _, _ = preflight(cfg)
     torch.set_num_threads(cfg.threads_per_worker or torch.get_num_threads())

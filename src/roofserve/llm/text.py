@@ -5,69 +5,107 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 
-def stream_text(
-    tokens: Iterable[int], decode: Callable[[list[int]], str], stop: list[str], max_tokens: int, prompt_tokens: int
-) -> Iterator[dict]:
-    """Yield {"t": "delta", "text"} items, then one {"t": "end", "finish_reason", "usage"} item.
+class TextStream:
+    """Token ids in, text items out, one token at a time (push-style, so that a batch of sequences can
+    each keep one): {"t": "delta", "text"} items from `push`, and `close` ends with one
+    {"t": "end", "finish_reason", "usage"} item.
 
     Detokenizes incrementally in O(1) per token: only the last few ids are decoded each step (a
     token's text can depend on its left neighbours, so a short prefix is decoded along). Text that
     might be the start of a stop string, or an incomplete UTF-8 sequence, is held back until the next
     token decides it. finish_reason is "length" when max_tokens were generated, else "stop"
-    (end-of-sequence token or a stop string).
+    (end-of-sequence token or a stop string). After a stop string, `stopped` is true and the caller
+    should push no more tokens.
     """
-    ids: list[int] = []
-    text = ""  # everything decoded so far
-    sent = 0  # characters of `text` already yielded
-    prefix, read = 0, 0  # ids[prefix:read] is the context for decoding what follows `read`
-    finish = "stop"
-    for token in tokens:
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str], max_tokens: int, prompt_tokens: int):
+        self.decode, self.stop, self.max_tokens, self.prompt_tokens = decode, stop, max_tokens, prompt_tokens
+        self.ids: list[int] = []
+        self.text = ""  # everything decoded so far
+        self.sent = 0  # characters of `text` already yielded
+        self.prefix, self.read = 0, 0  # ids[prefix:read] is the context for decoding what follows `read`
+        self.stopped = False
+
+    def push(self, token: int) -> list[dict]:
+        ids, decode, stop = self.ids, self.decode, self.stop
         ids.append(token)
-        before = decode(ids[prefix:read])
-        after = decode(ids[prefix:])
+        before = decode(ids[self.prefix:self.read])
+        after = decode(ids[self.prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            text += after[len(before):]
-            prefix, read = read, len(ids)
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(ids)
+        text, sent = self.text, self.sent
         hit = min((i for i in (text.find(s, max(0, sent - len(s))) for s in stop) if i >= 0), default=-1)
         if hit >= 0:
-            if hit > sent:
-                yield {"t": "delta", "text": text[sent:hit]}
-            sent = len(text)
-            break
+            self.stopped, self.sent = True, len(text)
+            return [{"t": "delta", "text": text[sent:hit]}] if hit > sent else []
         safe = len(text) - _held_back(text, stop)
         if safe > sent:
-            yield {"t": "delta", "text": text[sent:safe]}
-            sent = safe
-    else:
-        if read < len(ids):  # bytes of an unfinished character at the very end
-            text += decode(ids[prefix:])[len(decode(ids[prefix:read])):]
-        if len(text) > sent:
-            yield {"t": "delta", "text": text[sent:]}
-        if len(ids) >= max_tokens:
-            finish = "length"
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(ids), "total_tokens": prompt_tokens + len(ids)}
-    yield {"t": "end", "finish_reason": finish, "usage": usage}
+            self.sent = safe
+            return [{"t": "delta", "text": text[sent:safe]}]
+        return []
+
+    def close(self) -> list[dict]:
+        out, finish = [], "stop"
+        if not self.stopped:
+            if self.read < len(self.ids):  # bytes of an unfinished character at the very end
+                self.text += self.decode(self.ids[self.prefix:])[len(self.decode(self.ids[self.prefix:self.read])):]
+            if len(self.text) > self.sent:
+                out.append({"t": "delta", "text": self.text[self.sent:]})
+                self.sent = len(self.text)
+            if len(self.ids) >= self.max_tokens:
+                finish = "length"
+        n = len(self.ids)
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+        out.append({"t": "end", "finish_reason": finish, "usage": usage})
+        return out
 
 
-def coalesce(items: Iterable[dict], every: int) -> Iterator[dict]:
+def stream_text(
+    tokens: Iterable[int], decode: Callable[[list[int]], str], stop: list[str], max_tokens: int, prompt_tokens: int
+) -> Iterator[dict]:
+    """TextStream over an iterator of tokens: the deltas, then the end item."""
+    stream = TextStream(decode, stop, max_tokens, prompt_tokens)
+    for token in tokens:
+        yield from stream.push(token)
+        if stream.stopped:
+            break
+    yield from stream.close()
+
+
+class Coalescer:
     """Join the text of up to `every` delta items into one (vLLM's stream interval): each message
     costs the server and the client the same CPU however much text it holds. The first delta goes
     alone, so the time to first token does not wait; held text goes out before any other item."""
-    held: list[str] = []
-    first = True
+
+    def __init__(self, every: int):
+        self.every, self.held, self.first = every, [], True
+
+    def push(self, item: dict) -> list[dict]:
+        out = []
+        if item["t"] == "delta" and not self.first:
+            self.held.append(item["text"])
+            if len(self.held) < self.every:
+                return out
+            item, self.held = {"t": "delta", "text": "".join(self.held)}, []
+        elif self.held:
+            out.append({"t": "delta", "text": "".join(self.held)})
+            self.held = []
+        self.first = self.first and item["t"] != "delta"
+        out.append(item)
+        return out
+
+    def flush(self) -> list[dict]:
+        held, self.held = self.held, []
+        return [{"t": "delta", "text": "".join(held)}] if held else []
+
+
+def coalesce(items: Iterable[dict], every: int) -> Iterator[dict]:
+    """Coalescer over an iterator of items."""
+    joiner = Coalescer(every)
     for item in items:
-        if item["t"] == "delta" and not first:
-            held.append(item["text"])
-            if len(held) < every:
-                continue
-            item, held = {"t": "delta", "text": "".join(held)}, []
-        elif held:
-            yield {"t": "delta", "text": "".join(held)}
-            held = []
-        first = first and item["t"] != "delta"
-        yield item
-    if held:
-        yield {"t": "delta", "text": "".join(held)}
+        yield from joiner.push(item)
+    yield from joiner.flush()
 
 
 def _held_back(text: str, stop: list[str]) -> int:

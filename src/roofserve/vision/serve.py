@@ -6,7 +6,9 @@ import logging
 
 from roofserve.config import VisionConfig
 from roofserve.errors import UserError
-from roofserve.server import make_server, reexec_with, resolve_accelerator, run_server, tuned_environ
+from roofserve.device import resolve_accelerator
+from roofserve.server.app import make_server, run_server
+from roofserve.server.env import reexec_with, tuned_environ
 
 log = logging.getLogger(__name__)
 
@@ -16,11 +18,12 @@ def preflight(cfg: VisionConfig) -> str:
     import timm
     import torch
 
-    from roofserve.vision.model import DEFAULT_MODEL, default_weights_path
+    from roofserve.config import DEFAULT_VISION_MODEL
+    from roofserve.vision.model import default_weights_path
 
     if not timm.is_model(cfg.model):
         raise UserError(f"unknown timm model {cfg.model!r}; see timm.list_models()")
-    if cfg.weights is None and cfg.model == DEFAULT_MODEL:
+    if cfg.weights is None and cfg.model == DEFAULT_VISION_MODEL:
         default_weights_path()
     elif cfg.weights is None:
         raise UserError(f"no bundled weights for {cfg.model}: pass --weights PATH, --weights hub or --weights random")

@@ -1,5 +1,5 @@
-"""LLM benchmarks: streaming requests against any OpenAI-compatible endpoint (TTFT, TPOT, ITL,
-tokens/s), and the same engine in-process (prefill and decode tokens/s) to expose server overhead."""
+"""The LLM load generator: streaming chat requests against any OpenAI-compatible endpoint, timed per
+chunk (TTFT, TPOT, ITL, tokens/s). No torch: runs on a client machine."""
 
 from __future__ import annotations
 
@@ -13,13 +13,19 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-from roofserve.bench.http import Connection
-from roofserve.bench.load import percentile
-from roofserve.bench.sse import SSEParser
+from roofserve.config import LLMLoadConfig
+from roofserve.load.http import Connection
+from roofserve.load.sse import SSEParser
+from roofserve.load.strategies import percentile
 
 log = logging.getLogger(__name__)
 # A prompt that keeps a chat model talking, for fixed-length runs where EOS cannot be ignored.
 LONG_PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a map. Use many chapters."
+
+
+def tagged(prompt: str, i: int) -> str:
+    """Request i's prompt: a numbered tag in front, the same number of tokens for every i."""
+    return f"[{i:05d}] {prompt}"
 
 
 @dataclass
@@ -138,7 +144,10 @@ def bench_llm_api(
     """`runs` streaming requests, `concurrency` at a time (1 = the synchronous, no-batching mode)."""
     parts = urlsplit(url)
     base, path = f"http://{parts.netloc}", parts.path or "/v1/chat/completions"
-    body = json.dumps(make_body(model, prompt, max_tokens, ignore_eos)).encode()
+    # A different prompt per request (a numbered tag in front, the same length for every request): a
+    # server with a prefix cache must prefill each one, as it would for different users.
+    bodies = [json.dumps(make_body(model, tagged(prompt, i), max_tokens, ignore_eos)).encode()
+              for i in range(warmup + runs)]
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
@@ -146,14 +155,14 @@ def bench_llm_api(
     async def run() -> tuple[list[StreamResult], float]:
         conns = [Connection(base, timeout_s=600) for _ in range(concurrency)]
         for _ in range(warmup):
-            await stream_one(conns[0], path, body, headers)
+            await stream_one(conns[0], path, bodies.pop(), headers)
         budget = iter(range(runs))
         results: list[StreamResult] = []
         bar = tqdm(total=runs, desc=f"llm c={concurrency}", disable=None if progress else True, leave=False)
 
         async def client(conn: Connection) -> None:
             for _ in budget:
-                results.append(await stream_one(conn, path, body, headers))
+                results.append(await stream_one(conn, path, bodies.pop(), headers))
                 bar.update()
 
         start = time.perf_counter()
@@ -171,33 +180,16 @@ def bench_llm_api(
     return row, results
 
 
-def bench_llm_engine(generator, prompt_lengths: list[int], max_tokens: int, runs: int = 3,
-                     chat_prompt: str | None = LONG_PROMPT) -> list[dict]:
-    """In-process, on the serving engine itself: TTFT, prefill tokens/s and decode tokens/s per prompt.
-
-    Prompts: synthetic ids of each length in prompt_lengths, and (chat_prompt) the very prompt that
-    `bench_llm_api` sends, through the chat template, so that served TTFT can be compared with it.
-    """
-    prompts = [(f"{n} tokens", [1 + (i * 7919) % 1000 for i in range(n)]) for n in prompt_lengths]
-    if chat_prompt:
-        prompts.append(("chat", generator.prompt_ids([{"role": "user", "content": chat_prompt}])))
+def bench_llm_levels(url: str, model: str, load: LLMLoadConfig, api_key: str | None = None,
+                     progress: bool = True) -> list[dict]:
+    """An llm-api row per concurrency level of `load`, each followed by its llm-request rows."""
+    prompt = LONG_PROMPT if not load.prompt_words else " ".join(["word"] * load.prompt_words) + ". " + LONG_PROMPT
     rows = []
-    for label, ids in prompts:
-        ttft, decode = [], []
-        for _ in range(runs):
-            start = time.perf_counter()
-            tokens = generator.tokens(ids, max_tokens, ignore_eos=True)
-            next(tokens)
-            first = time.perf_counter()
-            count = 1 + sum(1 for _ in tokens)
-            end = time.perf_counter()
-            ttft.append(first - start)
-            if count > 1:
-                decode.append((count - 1) / (end - first))
-        rows.append({"kind": "llm-engine", "prompt": label, "prompt_tokens": len(ids), "max_tokens": max_tokens,
-                     "ttft_ms": round(statistics.median(ttft) * 1e3, 2),
-                     "prefill_tokens_per_s": round(len(ids) / statistics.median(ttft), 1),
-                     "decode_tokens_per_s": round(statistics.median(decode), 2) if decode else None})
+    for concurrency in load.concurrency:
+        row, results = bench_llm_api(url, model, prompt, load.max_tokens, load.runs, concurrency, load.ignore_eos,
+                                     load.warmup, api_key, progress)
+        rows.append(row)
+        rows += [{"kind": "llm-request", "concurrency": concurrency, **r} for r in result_rows(results)]
     return rows
 
 

@@ -1,127 +1,105 @@
-"""What every roofserve server adds on top of LitServe: bounded request bodies, 4xx answers for bad
-input that never fail a whole batch, one error body shape, a bounded queue and deadlines, fast
-failure of the requests a dead worker held, a graceful SIGTERM, and a tuned process environment."""
+"""Everything roofserve takes from LitServe's private internals, in one module.
+
+LitServe 0.2.19 offers no public hooks for what our servers need, so this module subclasses its
+request handler and its server and overrides private methods. Names used here and nowhere else:
+`litserve.server.RegularRequestHandler` (`_submit_request`, `_handle_error_response`),
+`litserve.loops.base.LitLoop` (`get_request`, `put_response`, the `run` signature),
+`litserve.utils.LitAPIStatus`, `LoopResponseType`, `ResponseBufferItem` (`event`, `response`, `response_queue`,
+`worker_id`), `WorkerSetupStatus`; on `LitServer`: `response_buffer`, `data_streamer`,
+`workers_setup_status`, `_shutdown_event`, `monitor_internal`, `uvicorn_graceful_timeout`,
+`healthcheck_path`, `lifespan`, `_start_server`, `_start_worker_monitoring`,
+`_perform_graceful_shutdown`, `_register_api_endpoints`, `setup_auth`.
+tests/unit/test_litserve_contract.py pins each of them, so that an upgrade fails there first.
+
+What the subclasses add: bodies read by us (bounded) and handed to the API's `read_payload`;
+Rejections (4xx) that never fail a whole batch; the admission bound (503) and deadline (504);
+fast 503s for the requests a dead worker held; a graceful SIGTERM; a server that stops when its
+HTTP process dies.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes.util
 import hmac
-import json
 import logging
-import os
-import signal
 import socket
-import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from pathlib import Path
 
 import litserve as ls
 from fastapi import Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from litserve.loops.base import LitLoop
 from litserve.server import RegularRequestHandler
-from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
+from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, WorkerSetupStatus
 
-from roofserve.errors import UserError
-from roofserve.metrics import Metrics, MetricsMiddleware
+from roofserve.server.http import (
+    Rejection,
+    error_response,
+    http_exception,
+    overloaded,
+    read_body,
+    validation_exception,
+)
+from roofserve.server.metrics import Metrics, MetricsMiddleware
 
 log = logging.getLogger(__name__)
 
-# glibc reads these at process start; the CLI re-executes itself with them set (see tuned_environ).
-_GLIBC_TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
-_ALLOCATOR_LIBS = {"jemalloc": ("jemalloc", "libjemalloc.so.2"), "tcmalloc": ("tcmalloc", "libtcmalloc_minimal.so.4")}
 
+class StepLoop(LitLoop):
+    """A worker loop for APIs that advance many streaming requests per step (continuous batching).
 
-@dataclass
-class Rejection:
-    """A client error found inside a worker. Returned (not raised) so that one bad image in a batch
-    does not fail its neighbours; the HTTP handler turns it into a 4xx answer."""
-
-    status: int
-    message: str
-
-
-def error_body(status: int, message: str) -> dict:
-    """The one error shape of every roofserve answer (OpenAI's)."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "code": status}}
-
-
-def error_response(status: int, message: str) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None  # 503s here are all worth a retry
-    return JSONResponse(error_body(status, message), status_code=status, headers=headers)
-
-
-def worker_threads(cfg) -> int:
-    """torch threads per worker: the configured number, or the cores shared among the workers."""
-    return cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers_per_device)
-
-
-def tuned_environ(allocator: str, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment variables that pick the malloc for the server and all its worker processes.
-
-    glibc's default malloc returns freed conv-net activations to the OS and maps them back on every
-    batch; on small CPUs that cost us up to 4x throughput. Turning off mmap and trimming fixes it.
+    The API implements `admit(uid, request) -> [item, ...]` (the first items of a new request: a start
+    item, or a Rejection and None), `step() -> [(uid, item), ...]` and `busy() -> bool`; an item None
+    means that request is done. Between steps the loop takes every request that has arrived; when the API has
+    nothing to do it blocks on the queue instead of spinning. Items go to the HTTP process as LitServe's
+    streaming loop sends them (START, then OK per item, then FINISH_STREAMING), so the same handler
+    serves them. LitServe 0.2.19's ContinuousBatchingLoop is not used: its event loop spins a core while
+    idle, it prefills inside its scheduling task, and its API has no per-request cancel.
     """
-    env = dict(os.environ if environ is None else environ)
-    for key in (*_GLIBC_TUNED, "LD_PRELOAD"):
-        env.pop(key, None)
-    if allocator == "glibc-tuned":
-        env.update(_GLIBC_TUNED)
-    elif allocator in _ALLOCATOR_LIBS:
-        name, soname = _ALLOCATOR_LIBS[allocator]
-        lib = find_library(name, soname)
-        if lib is None:
-            raise UserError(f"{allocator} not found; install it (Debian: apt-get install lib{name}...) or use glibc-tuned")
-        env["LD_PRELOAD"] = lib
-    return env
 
+    def run(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner):
+        queues: dict[str, int] = {}  # uid -> the response queue of the HTTP process that holds it
 
-def find_library(name: str, soname: str) -> str | None:
-    for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib"):
-        if (Path(folder) / soname).exists():
-            return str(Path(folder) / soname)
-    return ctypes.util.find_library(name)
+        def send(uid: str, item, status=LitAPIStatus.OK) -> None:
+            self.put_response(transport, queues[uid], uid, item, status, LoopResponseType.STREAMING)
 
-
-def reexec_with(env: dict[str, str]) -> None:
-    """Restart this very command with `env` (malloc settings only count from process start), unless it has it."""
-    keys = (*_GLIBC_TUNED, "LD_PRELOAD")
-    if all(os.environ.get(k) == env.get(k) for k in keys):
-        return
-    os.execve(sys.executable, [sys.executable, "-m", "roofserve", *sys.argv[1:]], env)
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refusing (413) anything over max_bytes without reading it all."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > max_bytes:
-                raise HTTPException(413, f"request body is {declared} bytes; the limit is {max_bytes}")
-        except ValueError:
-            raise HTTPException(400, "invalid Content-Length header") from None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise HTTPException(413, f"request body is over the limit of {max_bytes} bytes")
-    return bytes(body)
-
-
-def overloaded(server: "RoofServer") -> JSONResponse | None:
-    """503 + Retry-After when the admitted requests are at the bound; else admit (count) the request."""
-    metrics = server.metrics
-    if metrics.in_flight >= server.max_queued_requests:
-        metrics.rejected_overload += 1
-        return error_response(503, f"server busy: {metrics.in_flight} requests in progress; retry shortly")
-    metrics.in_flight += 1
-    return None
+        while True:
+            request = self.get_request(request_queue, block=not lit_api.busy(), timeout=1.0)
+            while request is not None:
+                queue_id, uid, _timestamp, payload = request
+                queues[uid] = queue_id
+                send(uid, (), LitAPIStatus.START)
+                try:
+                    for item in lit_api.admit(uid, payload):
+                        if item is None:
+                            send(uid, "", LitAPIStatus.FINISH_STREAMING)
+                            del queues[uid]
+                        else:
+                            send(uid, item)
+                except Exception:  # this request only: a 500 for it, the others go on
+                    log.exception("admitting request %s failed", uid)
+                    send(uid, Rejection(500, "the worker failed on this request"))
+                    send(uid, "", LitAPIStatus.FINISH_STREAMING)
+                    del queues[uid]
+                request = self.get_request(request_queue, block=False)
+            try:
+                outputs = lit_api.step()
+            except Exception:  # the batch's state is unknown: fail its requests, and let LitServe restart us
+                log.exception("a batch step failed; failing its %d requests and restarting the worker", len(queues))
+                for uid in list(queues):
+                    send(uid, Rejection(500, "the worker failed on this request"))
+                    send(uid, "", LitAPIStatus.FINISH_STREAMING)
+                raise
+            for uid, item in outputs:
+                if item is None:
+                    send(uid, "", LitAPIStatus.FINISH_STREAMING)
+                    del queues[uid]
+                else:
+                    send(uid, item)
 
 
 class PayloadHandler(RegularRequestHandler):
@@ -235,8 +213,8 @@ class RoofServer(ls.LitServer):
         super().__init__(lit_api, timeout=timeout, restart_workers=True, **kwargs)
         self.monitor_internal = 0.2  # seconds between LitServe's worker liveness checks (its spelling)
         self.uvicorn_graceful_timeout = grace_s
-        self.app.add_exception_handler(HTTPException, _http_exception)
-        self.app.add_exception_handler(RequestValidationError, _validation_exception)
+        self.app.add_exception_handler(HTTPException, http_exception)
+        self.app.add_exception_handler(RequestValidationError, validation_exception)
         self.metrics = Metrics((lit_api.api_path, self.healthcheck_path, "/metrics", "/v1/models", self.info_path))
         self.app.add_middleware(MetricsMiddleware, metrics=self.metrics)
 
@@ -370,64 +348,3 @@ class RoofServer(ls.LitServer):
         )
 
 
-def resolve_accelerator(cfg) -> str:
-    """'cpu' or 'cuda' for LitServe from cfg.device, refusing what this machine cannot run."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if cfg.device == "cuda" and not cuda:
-        raise UserError("device cuda asked for, but torch sees no GPU; use --device cpu")
-    accelerator = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
-    if cfg.precision == "fp16" and accelerator == "cpu":
-        raise UserError("fp16 is slow or unsupported on CPU; use --precision bf16 or fp32")
-    return accelerator
-
-
-def make_server(api: ls.LitAPI, cfg, accelerator: str, model: str) -> RoofServer:
-    """A RoofServer for `api` with the knobs every roofserve server shares (a ServerConfig)."""
-    from roofserve.config import as_dict
-
-    return RoofServer(
-        api,
-        max_payload_bytes=cfg.max_payload_bytes,
-        max_queued_requests=cfg.max_queued_requests,
-        api_key=cfg.api_key,
-        accelerator=accelerator,
-        devices=1,
-        workers_per_device=cfg.workers_per_device,
-        timeout=cfg.timeout_s,
-        grace_s=cfg.grace_s,
-        fast_queue=cfg.fast_queue,
-        model_metadata={"model": model, "config": as_dict(cfg)},
-    )
-
-
-def run_server(server: RoofServer, cfg) -> None:
-    """Serve on cfg.host:cfg.port with one HTTP process and no access log (it costs CPU per request).
-    Returns after SIGTERM once the server has drained and every child process has stopped; exits
-    with code 1 (after stopping the workers) if the HTTP process dies."""
-    signal.signal(signal.SIGTERM, lambda *_: server.begin_shutdown())
-    server.run(host=cfg.host, port=cfg.port, generate_client_file=False, num_api_servers=1, access_log=False)
-    if server.http_died:
-        raise SystemExit(f"error: {server.http_died}; the server stopped")
-
-
-async def _http_exception(request: Request, exc: HTTPException) -> JSONResponse:
-    response = error_response(exc.status_code, str(exc.detail))
-    for key, value in (exc.headers or {}).items():
-        response.headers[key] = value
-    return response
-
-
-async def _validation_exception(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return error_response(400, f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}")
-
-
-def parse_json(body: bytes) -> object:
-    """json.loads that raises a Rejection-friendly ValueError with a short message."""
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"malformed JSON: {e.msg if hasattr(e, 'msg') else 'not UTF-8'}") from None

@@ -2,7 +2,8 @@
 
 A load generator that shares 2 cores with the server it measures must be cheap: this client costs a
 small fraction of httpx's CPU per request. It speaks plain http (load tests only target localhost),
-Content-Length and chunked bodies, and can stream a body chunk by chunk (for SSE).
+Content-Length, chunked (with trailers) and close-delimited bodies, opens a kept-alive connection again
+when the server closed it while idle, and can stream a body chunk by chunk (for SSE).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from urllib.parse import urlsplit
 
 class HTTPError(Exception):
     pass
+
+
+class _ClosedBeforeAnswer(Exception):
+    """The server closed the connection before sending a byte of the answer."""
 
 
 class Connection:
@@ -41,14 +46,32 @@ class Connection:
         self.reader = self.writer = None
 
     async def _send(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str]]:
-        if self.writer is None:
+        """Send the request and read the status and headers. A kept-alive connection that the server has
+        closed meanwhile (its idle timeout, its request cap) is opened again once and the request resent:
+        nothing of it can have been processed, since not a byte of an answer came back."""
+        reused = self.writer is not None
+        if not reused:
             await self._connect()
+        try:
+            return await self._exchange(method, path, headers, body)
+        except (_ClosedBeforeAnswer, ConnectionResetError, BrokenPipeError):
+            if not reused:
+                raise HTTPError("connection closed by server") from None
+            await self.close()
+            await self._connect()
+            try:
+                return await self._exchange(method, path, headers, body)
+            except (_ClosedBeforeAnswer, ConnectionResetError, BrokenPipeError):
+                raise HTTPError("connection closed by server") from None
+
+    async def _exchange(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str]]:
         lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body)}"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
         self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        await self.writer.drain()
         status_line = await self.reader.readline()
         if not status_line:
-            raise HTTPError("connection closed by server")
+            raise _ClosedBeforeAnswer()
         try:
             status = int(status_line.split(b" ", 2)[1])
         except (IndexError, ValueError):
@@ -60,6 +83,8 @@ class Connection:
                 break
             key, _, value = line.decode("latin-1").partition(":")
             response_headers[key.strip().lower()] = value.strip()
+        if status_line.startswith(b"HTTP/1.0") and "keep-alive" not in response_headers.get("connection", "").lower():
+            response_headers["connection"] = "close"  # HTTP/1.0 closes unless it says otherwise
         return status, response_headers
 
     async def _chunks(self, headers: dict[str, str]) -> AsyncIterator[bytes]:
@@ -68,7 +93,8 @@ class Connection:
                 size_line = await self.reader.readline()
                 size = int(size_line.split(b";")[0].strip() or b"0", 16)
                 if size == 0:
-                    await self.reader.readline()
+                    while (await self.reader.readline()).strip():  # trailers, then the blank line
+                        pass
                     return
                 chunk = await self.reader.readexactly(size + 2)
                 yield chunk[:-2]
@@ -86,7 +112,7 @@ class Connection:
         try:
             status, response_headers = await asyncio.wait_for(self._send(method, path, headers or {}, body), self.timeout_s)
             data = b"".join([c async for c in self._chunks(response_headers)])
-            if response_headers.get("connection", "").lower() == "close":
+            if _closes(response_headers):
                 await self.close()
             return status, data
         except BaseException:
@@ -99,8 +125,12 @@ class Connection:
             status, response_headers = await asyncio.wait_for(self._send(method, path, headers or {}, body), self.timeout_s)
             async for chunk in self._chunks(response_headers):
                 yield status, chunk
-            if response_headers.get("connection", "").lower() == "close":
+            if _closes(response_headers):
                 await self.close()
         except BaseException:
             await self.close()
             raise
+
+
+def _closes(headers: dict[str, str]) -> bool:
+    return headers.get("connection", "").lower() == "close"

@@ -21,7 +21,7 @@ import httpx
 import psutil
 from tqdm import tqdm
 
-from roofserve.bench.process import ServerProcess
+from roofserve.load.process import ServerProcess
 
 
 @dataclass(frozen=True)
@@ -176,3 +176,24 @@ def soak(server: ServerProcess, cases: list[Case], duration_s: float, concurrenc
                      "requests": sum(statuses[case.name].values()),
                      "statuses": json.dumps({str(k): v for k, v in sorted(statuses[case.name].items(), key=str)})})
     return rows
+
+
+def run_soak(server_name: str, server_args: str, duration_s: float, concurrency: int, warmup_s: float,
+             rss_tolerance: float) -> tuple[list[dict], int]:
+    """Start `roofserve serve SERVER_NAME SERVER_ARGS` on 127.0.0.1, soak it with the cases that fit the
+    caps it reports at /info, stop it; (rows, the server's exit code)."""
+    import shlex
+
+    from roofserve.examples import example_images
+    from roofserve.load.process import start_server, stop_process_group
+
+    server = start_server([server_name, *shlex.split(server_args)], ready_timeout_s=900)
+    try:
+        cfg = httpx.get(server.url + "/info", timeout=10).json()["model"]["config"]  # the caps the server runs with
+        cases = (vision_cases(example_images(), cfg["max_payload_bytes"]) if server_name == "vision"
+                 else llm_cases(cfg["max_seq_len"], cfg["max_payload_bytes"]))
+        rows = soak(server, cases, duration_s, concurrency, server_name, warmup_s, rss_tolerance)
+    finally:
+        exit_code = stop_process_group(server.proc)
+    rows[0]["server_exit_code"] = exit_code
+    return rows, exit_code

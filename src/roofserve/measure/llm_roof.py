@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from roofserve import roofline
+from roofserve.measure import roofline
 from roofserve.config import LLMConfig
-from roofserve.hardware import datasheet_for
+from roofserve.machine import datasheet_for
 
 
 def model_shape(model: str) -> dict:
@@ -26,7 +26,7 @@ def model_shape(model: str) -> dict:
 
 
 def weight_format(cfg: LLMConfig) -> str:
-    if cfg.backend == "llamacpp":
+    if cfg.backend in ("llamacpp", "llama-server"):
         return "gguf"
     return cfg.quantize if cfg.quantize != "none" else cfg.precision
 
@@ -53,3 +53,18 @@ def step_roof(cfg: LLMConfig, context_len: int, bandwidth_gb_s: float | None, gp
     if sheet:
         out["datasheet_roof_tokens_per_s"] = round(roofline.memory_roof_per_s(total, sheet[1]["bandwidth_gb_s"]), 1)
     return out
+
+
+def batch_roofs(cfg: LLMConfig, context_len: int, batch_sizes: list[int], bandwidth_gb_s: float | None,
+                peak_tflops: float | None) -> dict:
+    """Per batch size: the bandwidth roof (weights once per step + each sequence's KV cache at
+    context_len) and the compute roof (2 x linear parameters x B FLOPs per step at the measured matmul
+    peak) of aggregate decode tokens/s, and the batch size where compute starts to bind."""
+    shape = model_shape(cfg.model)
+    one = step_roof(cfg, context_len, bandwidth_gb_s)
+    weights, kv = one["weight_bytes_per_token"], one["kv_bytes_per_token"]
+    linear, _ = roofline.llm_shapes(shape)
+    rows = {b: roofline.batch_roof(b, weights, kv, linear, bandwidth_gb_s, peak_tflops) for b in batch_sizes}
+    crossover = (roofline.crossover_batch_size(weights, kv, linear, bandwidth_gb_s, peak_tflops)
+                 if bandwidth_gb_s and peak_tflops else None)
+    return {"per_batch": rows, "crossover_batch_size": crossover, "linear_params": linear}

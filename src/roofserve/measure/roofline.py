@@ -1,17 +1,21 @@
-"""Theoretical maxima: FLOPs per image -> compute roof, and the utilisation of a measured rate."""
+"""Theoretical maxima (pure arithmetic; torch only to count FLOPs): FLOPs per image -> compute roof,
+and the utilisation of a measured rate."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
-def count_flops(model: nn.Module, example: torch.Tensor) -> int:
+def count_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
     """FLOPs of one forward pass, counted by torch.utils.flop_counter.
 
     The counter reports 2 FLOPs per multiply-accumulate (FLOPs = 2 x MACs) for convolutions and
     matmuls; elementwise work (activations, batch norm, softmax) is not counted.
     """
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
@@ -100,3 +104,32 @@ def kv_bytes_per_token(config: dict, context_len: int, dtype_bytes: int = 2) -> 
 def mbu(tokens_per_s: float, bytes_per_token: float, bandwidth_gb_s: float) -> float:
     """Model bandwidth utilisation: achieved bytes/s over peak bytes/s."""
     return tokens_per_s * bytes_per_token / (bandwidth_gb_s * 1e9)
+
+
+# --- LLM decode with B sequences per step --------------------------------------------------------
+# One step reads the weights once and each sequence's KV cache, and does 2 FLOPs per linear-layer
+# weight per sequence: tokens/s <= B / max(bytes per step / bandwidth, FLOPs per step / peak FLOP/s).
+def batch_roof(batch_size: int, weight_bytes: float, kv_bytes_per_sequence: float, linear_params: int,
+               bandwidth_gb_s: float | None, peak_tflops: float | None) -> dict:
+    """The two roofs of aggregate decode tokens/s at `batch_size` sequences, and which one binds."""
+    step_bytes = weight_bytes + batch_size * kv_bytes_per_sequence
+    step_flops = 2 * linear_params * batch_size
+    bandwidth_roof = batch_size * bandwidth_gb_s * 1e9 / step_bytes if bandwidth_gb_s else None
+    compute_roof = batch_size * peak_tflops * 1e12 / step_flops if peak_tflops else None
+    roofs = [r for r in (bandwidth_roof, compute_roof) if r]
+    bound = None
+    if bandwidth_roof and compute_roof:
+        bound = "bandwidth" if bandwidth_roof <= compute_roof else "compute"
+    return {"batch_size": batch_size, "step_bytes": int(step_bytes), "step_flops": int(step_flops),
+            "bandwidth_roof_tokens_per_s": round(bandwidth_roof, 1) if bandwidth_roof else None,
+            "compute_roof_tokens_per_s": round(compute_roof, 1) if compute_roof else None,
+            "roof_tokens_per_s": round(min(roofs), 1) if roofs else None, "bound": bound}
+
+
+def crossover_batch_size(weight_bytes: float, kv_bytes_per_sequence: float, linear_params: int,
+                         bandwidth_gb_s: float, peak_tflops: float, largest: int = 4096) -> int | None:
+    """The smallest batch size at which the compute roof binds (None if none up to `largest`)."""
+    for b in range(1, largest + 1):
+        if batch_roof(b, weight_bytes, kv_bytes_per_sequence, linear_params, bandwidth_gb_s, peak_tflops)["bound"] == "compute":
+            return b
+    return None

@@ -6,7 +6,7 @@ minutes, so measuring one after the other compares two machine states. With the 
 runs, a bandwidth measurement, and again; each side is idle while the other runs.
 
 Protocol: one JSON object per line on stdin ({"cmd": "bench", ...} or {"cmd": "bandwidth"}), one JSON
-line back on stdout; EOF ends the process. `python -m roofserve.bench.engine_process CONFIG_JSON`.
+line back on stdout; EOF ends the process. `python -m roofserve.measure.engine_process CONFIG_JSON`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class EngineProcess:
 
         self.log = tempfile.NamedTemporaryFile("w+", prefix="roofserve-engine-", suffix=".log")  # never a full pipe
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "roofserve.bench.engine_process", json.dumps(as_dict(cfg, hide=()))],
+            [sys.executable, "-m", "roofserve.measure.engine_process", json.dumps(as_dict(cfg, hide=()))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
         )
 
@@ -78,9 +78,10 @@ class EngineProcess:
 def main() -> None:
     import torch
 
-    from roofserve.bench.llm import LONG_PROMPT, bench_llm_engine
+    from roofserve.load.llm import LONG_PROMPT
+    from roofserve.measure.llm import bench_llm_engine
     from roofserve.config import LLMConfig, make_config
-    from roofserve.hardware import measure_bandwidth_gb_s
+    from roofserve.measure.peaks import measure_bandwidth_gb_s
     from roofserve.llm.runtime import build_in_process
 
     cfg = make_config(LLMConfig, None, json.loads(sys.argv[1]))

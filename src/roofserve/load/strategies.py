@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from roofserve.bench.http import Connection
+from roofserve.load.http import Connection
 
 # send(conn) performs one request on a keep-alive connection and returns the HTTP status.
 Send = Callable[[Connection], Awaitable[int]]

@@ -1,107 +1,17 @@
-"""What this machine can do: measured peaks (matmul FLOP/s per dtype, memory bandwidth) and the
-datasheet figures of common GPUs, plus a description of the machine for result files."""
+"""What this machine can do, measured: matmul FLOP/s per dtype and memory bandwidth (plain reads,
+copies, and the weight bytes one-row matmuls stream). Datasheet figures live in roofserve.machine."""
 
 from __future__ import annotations
 
 import logging
-import os
-import platform
-import statistics
-import time
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 
+from roofserve.device import DTYPE_NAMES
+from roofserve.measure.timing import median_time_s
+
 log = logging.getLogger(__name__)
-
-# Dense (no sparsity) datasheet peaks: TFLOP/s per dtype and memory bandwidth in GB/s.
-DATASHEET = {
-    "T4": {"fp32": 8.1, "fp16": 65.0, "bf16": None, "tf32": None, "bandwidth_gb_s": 320},
-    "L4": {"fp32": 30.3, "fp16": 121.0, "bf16": 121.0, "tf32": 60.0, "bandwidth_gb_s": 300},
-    "A10G": {"fp32": 31.2, "fp16": 125.0, "bf16": 125.0, "tf32": 62.5, "bandwidth_gb_s": 600},
-    "A100-SXM4-40GB": {"fp32": 19.5, "fp16": 312.0, "bf16": 312.0, "tf32": 156.0, "bandwidth_gb_s": 1555},
-    "A100-SXM4-80GB": {"fp32": 19.5, "fp16": 312.0, "bf16": 312.0, "tf32": 156.0, "bandwidth_gb_s": 2039},
-    "H100-SXM": {"fp32": 67.0, "fp16": 989.0, "bf16": 989.0, "tf32": 495.0, "bandwidth_gb_s": 3350},
-    "H100-PCIe": {"fp32": 51.0, "fp16": 756.0, "bf16": 756.0, "tf32": 378.0, "bandwidth_gb_s": 2000},
-    "H200": {"fp32": 67.0, "fp16": 989.0, "bf16": 989.0, "tf32": 495.0, "bandwidth_gb_s": 4800},
-}
-
-
-def datasheet_for(gpu_name: str | None) -> tuple[str, dict] | None:
-    """Match a CUDA device name such as 'NVIDIA H100 80GB HBM3' to a datasheet row."""
-    if not gpu_name:
-        return None
-    name = gpu_name.upper()
-    if "H200" in name:
-        return "H200", DATASHEET["H200"]
-    if "H100" in name:
-        key = "H100-PCIe" if "PCIE" in name else "H100-SXM"
-        return key, DATASHEET[key]
-    if "A100" in name:
-        key = "A100-SXM4-80GB" if "80GB" in name else "A100-SXM4-40GB"
-        return key, DATASHEET[key]
-    for key in ("A10G", "L4", "T4"):
-        if key in name:
-            return key, DATASHEET[key]
-    return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def describe_machine() -> dict:
-    """CPU, cores, memory and GPU of this machine, for every result file."""
-    import psutil
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
-        "gpu": gpu,
-        "gpu_count": torch.cuda.device_count(),
-        "platform": platform.platform(),
-    }
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "litserve", "timm", "transformers", "torchao", "llama_cpp_python", "roofserve"):
-        try:
-            out[name] = md.version(name.replace("_", "-"))
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_time_s(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall time of fn() after warm-up, with the device synchronized around each call."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
 
 @dataclass
 class Peak:
@@ -114,9 +24,6 @@ class Peak:
 
     def row(self) -> dict:
         return {"kind": "peak", **asdict(self)}
-
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def measure_matmul_tflops(dtype: torch.dtype, device: torch.device, n: int | None = None) -> Peak:

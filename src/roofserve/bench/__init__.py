@@ -1,1 +1,0 @@
-"""Benchmarks: load generation, model-only runs, resource monitoring and result files."""

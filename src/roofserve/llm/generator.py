@@ -1,0 +1,30 @@
+"""What a worker serves with, whatever the backend: a tokenizer, a chat template, and `tokens()`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from roofserve.llm.text import stream_text
+
+
+class Generator:
+    """What a worker serves with: a tokenizer, a chat template, and `tokens()`."""
+
+    tokenizer = None
+    stop_ids: set[int] = set()
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def tokens(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, ignore_eos: bool = False,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
+        raise NotImplementedError
+
+    def chat(self, ids, max_tokens, temperature, top_p, seed, stop, ignore_eos, should_stop) -> Iterator[dict]:
+        tokens = self.tokens(ids, max_tokens, temperature, top_p, seed, ignore_eos, should_stop)
+        yield from stream_text(tokens, self.decode, stop, max_tokens, len(ids))

@@ -1,0 +1,88 @@
+"""The vision load generator: image requests against any classifier URL, per concurrency level or
+Poisson rate, with latency percentiles and the machine's CPU/GPU use. No torch."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+
+from tqdm import tqdm
+
+from roofserve.config import PAYLOADS, VisionLoadConfig
+from roofserve.errors import UserError
+from roofserve.load import strategies
+from roofserve.load.http import Connection
+from roofserve.load.monitor import Monitor
+
+log = logging.getLogger(__name__)
+
+
+def prepare_requests(images: list[tuple[str, bytes]], payload: str) -> list[tuple[dict[str, str], bytes]]:
+    """(headers, body) per image, encoded once before the clock starts."""
+    out = []
+    for name, data in images:
+        ctype = "image/png" if name.lower().endswith(".png") else "image/jpeg"
+        if payload == "raw":
+            out.append(({"Content-Type": ctype}, data))
+        elif payload == "base64":
+            body = json.dumps({"image": base64.b64encode(data).decode()}).encode()
+            out.append(({"Content-Type": "application/json"}, body))
+        elif payload == "multipart":
+            boundary = "roofserve-boundary-7e3f"
+            body = (
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+                f"Content-Type: {ctype}\r\n\r\n"
+            ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+            out.append(({"Content-Type": f"multipart/form-data; boundary={boundary}"}, body))
+        else:
+            raise UserError(f"payload must be one of {', '.join(PAYLOADS)}")
+    return out
+
+
+def bench_api(url: str, images: list[tuple[str, bytes]], load: VisionLoadConfig, api_key: str | None = None,
+              progress: bool = True) -> list[dict]:
+    """One row per load level: req/s, latency percentiles, errors, CPU % and GPU %."""
+    payload, requests, duration_s = load.payload, load.requests, load.duration_s
+    base, _, path = url.partition("//")[2].partition("/")
+    base_url, path = f"http://{base}", "/" + path if path else "/predict"
+    prepared = prepare_requests(images, payload)
+    counter = iter(range(1 << 62))
+
+    async def send(conn: Connection) -> int:
+        headers, body = prepared[next(counter) % len(prepared)]
+        if api_key:
+            headers = {**headers, "X-API-Key": api_key}
+        status, _ = await conn.request("POST", path, headers, body)
+        return status
+
+    server_config = _server_config(base_url, api_key)
+    levels = [("concurrency", c) for c in load.concurrency] + [("rate_per_s", r) for r in load.rate]
+    rows = []
+    bar = tqdm(total=len(levels) * requests, desc="api sweep", disable=None if progress else True, leave=False)
+    for mode, level in levels:
+        with Monitor() as mon:
+            if mode == "concurrency":
+                run = strategies.closed_loop(base_url, send, int(level), requests, duration_s, load.warmup, bar.update)
+            else:
+                run = strategies.poisson(base_url, send, float(level), requests, duration_s, on_done=bar.update)
+            results, wall = asyncio.run(run)
+        row = {"kind": "vision-api", "url": url, "payload": payload, "mode": mode, mode: level, "config": server_config}
+        row.update(strategies.summarize(results, wall))
+        row.update(mon.summary())
+        rows.append(row)
+    bar.close()
+    return rows
+
+
+def _server_config(base_url: str, api_key: str | None) -> dict | None:
+    """The config a roofserve server reports at /info (None for other servers)."""
+    import urllib.request
+
+    request = urllib.request.Request(base_url + "/info", headers={"X-API-Key": api_key} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())["model"]["config"]
+    except Exception:
+        return None

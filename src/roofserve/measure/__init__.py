@@ -1,0 +1,1 @@
+"""In-process measurements with torch: timing, peaks, rooflines, model/pipeline/engine benches."""

@@ -1,0 +1,46 @@
+"""Build and run a roofserve server from a config: the one place both servers are put together."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import litserve as ls
+
+from roofserve.server.lit import RoofServer
+
+
+def worker_threads(cfg) -> int:
+    """torch threads per worker: the configured number, or the cores shared among the workers."""
+    return cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers_per_device)
+
+
+def make_server(api: ls.LitAPI, cfg, accelerator: str, model: str) -> RoofServer:
+    """A RoofServer for `api` with the knobs every roofserve server shares (a ServerConfig)."""
+    from roofserve.config import as_dict
+
+    return RoofServer(
+        api,
+        max_payload_bytes=cfg.max_payload_bytes,
+        max_queued_requests=cfg.max_queued_requests,
+        api_key=cfg.api_key,
+        accelerator=accelerator,
+        devices=1,
+        workers_per_device=cfg.workers_per_device,
+        timeout=cfg.timeout_s,
+        grace_s=cfg.grace_s,
+        fast_queue=cfg.fast_queue,
+        model_metadata={"model": model, "config": as_dict(cfg)},
+    )
+
+
+def run_server(server: RoofServer, cfg) -> None:
+    """Serve on cfg.host:cfg.port with one HTTP process and no access log (it costs CPU per request).
+    Returns after SIGTERM once the server has drained and every child process has stopped; exits
+    with code 1 (after stopping the workers) if the HTTP process dies."""
+    signal.signal(signal.SIGTERM, lambda *_: server.begin_shutdown())
+    server.run(host=cfg.host, port=cfg.port, generate_client_file=False, num_api_servers=1, access_log=False)
+    if server.http_died:
+        raise SystemExit(f"error: {server.http_died}; the server stopped")
+
+

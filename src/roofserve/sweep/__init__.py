@@ -1,0 +1,1 @@
+"""Ladders of server configs: load, validate, run each step, alternate served and in-process."""

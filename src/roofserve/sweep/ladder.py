@@ -1,0 +1,97 @@
+"""A ladder: a TOML file of cumulative server configs (steps), the load every step gets ([bench]) and,
+for vision, the ceilings measured in the same run ([model]). Loaded and validated here, before
+anything starts, so that a typo fails in one line and not minutes into a sweep."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from roofserve.config import (
+    LLMConfig,
+    LLMLadderConfig,
+    VisionCeilingsConfig,
+    VisionConfig,
+    VisionLoadConfig,
+    as_dict,
+    load_toml,
+    make_config,
+)
+from roofserve.errors import UserError
+
+log = logging.getLogger(__name__)
+# server config class -> the class of its ladder's [bench] table
+BENCH_CONFIGS = {VisionConfig: VisionLoadConfig, LLMConfig: LLMLadderConfig}
+_TOP_KEYS = {"bench", "server", "step", "model"}
+
+
+@dataclass
+class Step:
+    name: str
+    why: str
+    config: Any  # VisionConfig or LLMConfig
+    bench: Any  # VisionLoadConfig or LLMLadderConfig
+
+
+@dataclass
+class Ladder:
+    path: str
+    doc: dict
+    steps: list[Step]
+    ceilings: VisionCeilingsConfig | None  # vision ladders: the [model] table
+
+
+def load_ladder(path: str, cls: type = VisionConfig, overrides: dict[str, Any] | None = None) -> Ladder:
+    """Steps are cumulative: each step's [step.server] table changes the config of the step before;
+    a step may also change the load (e.g. `payload = "raw"`). `overrides` (from the CLI) win over [bench]."""
+    doc = load_toml(path)
+    if not doc.get("step"):
+        raise UserError(f"{path} has no [[step]] tables")
+    unknown = set(doc) - _TOP_KEYS - ({"model"} if cls is VisionConfig else set())
+    if unknown:
+        raise UserError(f"unknown tables in {path}: {', '.join(sorted(unknown))} (known: bench, server, step, model)")
+    bench_cls = BENCH_CONFIGS[cls]
+    where = f"{path} [bench]"
+    bench = _checked(where, lambda: make_config(bench_cls, doc.get("bench"), overrides))
+    ceilings = _checked(f"{path} [model]", lambda: make_config(VisionCeilingsConfig, doc.get("model"))) \
+        if cls is VisionConfig else None
+    bench_keys = set(bench_cls.__dataclass_fields__)
+    server: dict[str, Any] = dict(doc.get("server", {}))
+    steps = []
+    for i, table in enumerate(doc["step"], 1):
+        if "name" not in table:
+            raise UserError(f"step {i} in {path} has no name")
+        extra = set(table) - bench_keys - {"name", "why", "server"}
+        if extra:
+            raise UserError(f"step {table['name']!r} in {path}: unknown keys {', '.join(sorted(extra))}")
+        server.update(table.get("server", {}))
+        step_load = {k: v for k, v in table.items() if k in bench_keys}
+        where = f"step {table['name']!r} in {path}"
+        config = _checked(where, lambda: make_config(cls, server))
+        step_bench = _checked(where, lambda: make_config(bench_cls, dataclasses.asdict(bench), step_load, overrides))
+        steps.append(Step(table["name"], table.get("why", ""), config, step_bench))
+    return Ladder(path, doc, steps, ceilings)
+
+
+def _checked(where: str, build):
+    try:
+        return build()
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def server_flags(cfg: Any) -> list[str]:
+    flags = []
+    for key, value in as_dict(cfg, hide=()).items():
+        if key in ("host", "port") or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+

@@ -1,0 +1,119 @@
+"""The LLM ladder. Each step is measured served (streaming over HTTP) and in-process on the same
+engine, alternating in rounds with a bandwidth reading in each (see measure/engine_process.py): on a
+shared VM both drift by 10-30% within minutes, so one-after-the-other would compare machine states."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from typing import Any
+
+from roofserve.config import LLMConfig, as_dict
+from roofserve.errors import UserError
+from roofserve.load.llm import bench_llm_api, summarize
+from roofserve.load.process import running_server
+from roofserve.sweep.ladder import Ladder, Step, load_ladder, server_flags
+
+log = logging.getLogger(__name__)
+
+
+def sweep_llm(path: str, overrides: dict[str, Any] | None = None,
+              progress: bool = True) -> tuple[Ladder, list[dict], list[dict]]:
+    """(ladder, rows, skipped): the read bandwidth, then every step this machine can run; a step it
+    cannot (llama.cpp not installed, bnb4 without CUDA) is skipped with the reason."""
+    from roofserve.device import DTYPES, resolve_device
+    from roofserve.llm.preflight import preflight
+    from roofserve.measure.peaks import measure_bandwidth_gb_s, measure_matmul_tflops
+
+    ladder = load_ladder(path, LLMConfig, overrides)
+    device = resolve_device(ladder.steps[0].config.device)
+    peaks = [p.row() for p in measure_bandwidth_gb_s(device)]
+    # the compute roof of a batched step: its precision's matmul peak
+    for precision in sorted({s.config.precision for s in ladder.steps if s.config.max_batch_size > 1}):
+        peaks.append(measure_matmul_tflops(DTYPES[precision], device).row())
+    read = next(p["value"] for p in peaks if p["name"] == "read")
+    log.info("measured read bandwidth: %.1f GB/s", read)
+    runnable, skipped = [], []
+    for step in ladder.steps:
+        try:
+            preflight(step.config)
+            runnable.append(step)
+        except UserError as e:
+            skipped.append({"step": step.name, "why": str(e)})
+            log.warning("skipping %s: %s", step.name, e)
+    rows = peaks
+    for index, step in enumerate(runnable, 1):
+        log.info("step %d/%d: %s", index, len(runnable), step.name)
+        rows += run_step(step, index, read, progress, peaks)
+    return ladder, rows, skipped
+
+
+def run_step(step: Step, index: int, bandwidth_gb_s: float | None, progress: bool = True,
+             peaks: list[dict] | None = None) -> list[dict]:
+    """Served rows (one per concurrency level) and in-process rows of one step, measured alternately."""
+    from roofserve.measure.engine_process import EngineProcess
+    from roofserve.measure.llm_roof import batch_roofs, step_roof
+    from roofserve.measure.peaks import peak_lookup
+
+    cfg, b = step.config, step.bench
+    tag = {"step": step.name, "step_index": index, "why": step.why, "config": as_dict(cfg)}
+    in_process = b.engine and cfg.backend != "llama-server"  # llama.cpp's server has no in-process twin here
+    rounds = b.rounds if in_process else 1
+    per_round = max(1, b.runs // rounds)
+    levels = {c: {"results": [], "wall_s": 0.0, "rates": [], "row": None} for c in b.concurrency}
+    engine_chat, bandwidths = [], []
+    engine = EngineProcess(cfg) if in_process else None  # loads (and compiles) while the server does
+    try:
+        with running_server(["llm", *server_flags(cfg)], ready_timeout_s=900) as url:
+            if engine:
+                engine.wait_ready()
+            for i in range(rounds):
+                if engine:
+                    bandwidths.append(engine.bandwidth_gb_s())
+                for level, acc in levels.items():
+                    row, results = bench_llm_api(f"{url}/v1/chat/completions", "", max_tokens=b.max_tokens,
+                                                 runs=per_round * level, concurrency=level, ignore_eos=b.ignore_eos,
+                                                 warmup=b.warmup if i == 0 else 0, api_key=cfg.api_key,
+                                                 progress=progress)
+                    acc["results"] += results
+                    acc["wall_s"] += row["wall_s"]
+                    acc["rates"].append(row["decode_tokens_per_s"])
+                    acc["row"] = row
+                if engine:
+                    engine_chat += engine.bench([], b.max_tokens, per_round, chat=True)
+        prompt_rows = engine.bench(b.prompt_lengths, b.max_tokens, 3, chat=False) if engine else []
+    finally:
+        if engine:
+            engine.close()
+    bandwidth = statistics.median(m["read_gb_s"] for m in bandwidths) if bandwidths else bandwidth_gb_s
+    prompt_tokens = next((r.prompt_tokens for acc in levels.values() for r in acc["results"] if r.ok), 0) or 0
+    roof = step_roof(cfg, context_len=prompt_tokens + b.max_tokens // 2, bandwidth_gb_s=bandwidth)
+    roof["sweep_bandwidth_gb_s"] = bandwidth_gb_s
+    roof["rounds_bandwidth_gb_s"] = [round(m["read_gb_s"], 1) for m in bandwidths]
+    roof["gemv_gb_s"] = round(statistics.median(m["gemv_gb_s"] for m in bandwidths), 1) if bandwidths else None
+    if any("kernel_gemv_gb_s" in m for m in bandwidths):
+        roof["kernel_gemv_gb_s"] = round(statistics.median(m["kernel_gemv_gb_s"] for m in bandwidths), 1)
+    # Each level's own roof: min(level, max_batch_size) sequences share a step.
+    sizes = {level: min(level, cfg.max_batch_size) for level in levels}
+    peak = peak_lookup(peaks or [], "matmul", cfg.precision) if cfg.max_batch_size > 1 else None
+    batch = batch_roofs(cfg, prompt_tokens + b.max_tokens // 2, sorted(set(sizes.values())), bandwidth, peak)
+    rows = []
+    for level, acc in levels.items():
+        served = acc["results"]
+        api_row = {**acc["row"], **summarize(served, acc["wall_s"]), "rounds_decode_tokens_per_s": acc["rates"],
+                   "fixed_length_verified": all(r.output_tokens == b.max_tokens for r in served if r.ok)}
+        level_roof = batch["per_batch"][sizes[level]]
+        batched = {"sequences_per_step": sizes[level], "matmul_tflops": peak,
+                   "aggregate_roof_tokens_per_s": level_roof["roof_tokens_per_s"],
+                   "aggregate_bandwidth_roof_tokens_per_s": level_roof["bandwidth_roof_tokens_per_s"],
+                   "aggregate_compute_roof_tokens_per_s": level_roof["compute_roof_tokens_per_s"],
+                   "crossover_batch_size": batch["crossover_batch_size"]}
+        rows.append({**api_row, **tag, **roof, **batched})
+    if engine_chat:
+        first = engine_chat[0]
+        chat = {**first, "ttft_ms": statistics.median(r["ttft_ms"] for r in engine_chat),
+                "decode_tokens_per_s": round(statistics.median(r["decode_tokens_per_s"] for r in engine_chat), 2),
+                "rounds_decode_tokens_per_s": [r["decode_tokens_per_s"] for r in engine_chat]}
+        chat["prefill_tokens_per_s"] = round(first["prompt_tokens"] / chat["ttft_ms"] * 1e3, 1)
+        rows += [{**r, **tag, **roof} for r in [*prompt_rows, chat]]
+    return rows
