@@ -100,3 +100,22 @@ def llm_decode_bars(steps: list[tuple[str, float | None, float | None, float | N
     ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
     return _finish(fig, ax, path, "LLM decode speed per step, against the memory-bandwidth roof", "",
                    "decode tokens / s (batch 1)", False)
+
+
+def llm_concurrency(steps: dict[str, list[dict]], path: Path) -> Path:
+    """Aggregate output tokens/s against concurrent users, one line per step, with each batched step's
+    roof per batch size (the lower of its bandwidth and compute roofs) dotted: a roofline over batch size."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, (name, rows) in enumerate(steps.items()):
+        rows = sorted(rows, key=lambda r: r["concurrency"])
+        color = _color(i)
+        ax.plot([r["concurrency"] for r in rows], [r.get("output_tokens_per_s") or 0 for r in rows],
+                marker="os^vD"[i % 5], color=color, label=name)
+        roof = [(r["concurrency"], r["aggregate_roof_tokens_per_s"]) for r in rows if r.get("aggregate_roof_tokens_per_s")]
+        if roof:
+            ax.plot(*zip(*roof), linestyle=":", color=color, alpha=0.8, label=f"{name}: roof")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    return _finish(fig, ax, path, "Many users: aggregate decode speed against the roof per batch size",
+                   "concurrent users", "output tokens / s, all users")

@@ -1,0 +1,272 @@
+"""Continuous batching for Llama-family models: many sequences decode together, one weight read per step.
+
+At batch size 1 a decode step reads every weight to make one token; with B sequences in the step the
+same read makes B tokens. Sequences join the running batch between steps and leave when they finish,
+without waiting for each other.
+
+- The KV cache has one slot per sequence: (slots, kv_heads, max_seq_len, head_dim) per layer. A
+  sequence keeps its slot from admission to its end; nothing is copied when others come and go.
+- The forward pass is ours (gpt-fast style) over the Hugging Face model's own modules, so quantized
+  (torchao), LoRA-wrapped and kernel-swapped linear layers work unchanged. A decode step takes one
+  token per row, each at its own position and slot; a prefill chunk takes one sequence's tokens.
+- Prefill is chunked: at most `prefill_chunk` prompt tokens run per step, so a newcomer's long prompt
+  delays the running sequences by one chunk per step, not by the whole prompt.
+- Decode steps run padded to a power-of-two bucket of rows (the spare rows write to a scratch slot),
+  so torch.compile makes one graph per bucket, all compiled at warm-up.
+- Attention: with bf16 on CPU, roofserve's slot kernel reads only each row's filled positions;
+  otherwise SDPA over the row's whole slot with a mask.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from roofserve.llm.engine import Sampling, sample
+
+log = logging.getLogger(__name__)
+
+
+def buckets(max_batch_size: int) -> list[int]:
+    """Row counts a decode step is padded to: powers of two up to max_batch_size, and max_batch_size."""
+    out, b = [], 1
+    while b < max_batch_size:
+        out.append(b)
+        b *= 2
+    return [*out, max_batch_size]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class SlotModel(torch.nn.Module):
+    """A Hugging Face LlamaForCausalLM's modules with a slot-per-sequence KV cache. Slot `slots` (the
+    last one) is scratch: padded decode rows write there."""
+
+    def __init__(self, causal_lm: torch.nn.Module, slots: int, max_seq_len: int, kernel_attention: bool):
+        super().__init__()
+        base = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm  # PEFT
+        self.lm = base
+        config = base.config
+        self.layers = base.model.layers
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.scale = self.head_dim ** -0.5
+        self.kernel_attention = kernel_attention
+        weight = base.model.embed_tokens.weight
+        shape = (slots + 1, self.kv_heads, max_seq_len, self.head_dim)
+        for i in range(len(self.layers)):  # buffers, so that compiled code treats them as state, not constants
+            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=weight.dtype, device=weight.device), persistent=False)
+            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=weight.dtype, device=weight.device), persistent=False)
+        self.scratch = slots
+
+    def caches(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"k{i}"), getattr(self, f"v{i}")
+
+    def _qkv(self, layer, x: torch.Tensor, positions: torch.Tensor):
+        # x (b, t, hidden); positions (b, t) -> q (b, H, t, D), k and v (b, KV, t, D), rotary applied
+        b, t, _ = x.shape
+        attn = layer.self_attn
+        q = attn.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.lm.model.rotary_emb(x, positions)  # (b, t, D)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def _mlp_block(self, layer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        x = x + layer.self_attn.o_proj(attn_out)
+        h = layer.post_attention_layernorm(x)
+        mlp = layer.mlp
+        return x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row. tokens, positions, slots: (b,) int64 -> logits (b, vocab) fp32 and their argmax (b,)."""
+        b = tokens.shape[0]
+        x = self.lm.model.embed_tokens(tokens.view(b, 1))
+        pos = positions.view(b, 1)
+        for i, layer in enumerate(self.layers):
+            kc, vc = self.caches(i)
+            q, k, v = self._qkv(layer, layer.input_layernorm(x), pos)
+            kc[slots, :, positions] = k[:, :, 0]  # each row's new entry at its own slot and position
+            vc[slots, :, positions] = v[:, :, 0]
+            if self.kernel_attention:
+                out = torch.ops.roofserve.slot_attention(q, kc, vc, slots, positions, self.scale)  # (b, 1, H, D)
+            else:
+                keys = torch.arange(kc.shape[2], device=kc.device)
+                mask = (keys[None, :] <= positions[:, None]).view(b, 1, 1, -1)
+                out = F.scaled_dot_product_attention(q, kc[slots], vc[slots], attn_mask=mask, scale=self.scale,
+                                                     enable_gqa=True).transpose(1, 2)
+            x = self._mlp_block(layer, x, out.reshape(b, 1, -1))
+        logits = self.lm.lm_head(self.lm.model.norm(x))[:, 0].float()
+        return logits, torch.argmax(logits, dim=-1)
+
+    def prefill(self, tokens: torch.Tensor, start: int, slot: int) -> torch.Tensor:
+        """A chunk of one sequence's prompt: tokens (t,) at positions start.. in `slot` -> the last
+        position's logits (vocab,) fp32 (the LM head runs on that position only)."""
+        t = tokens.shape[0]
+        x = self.lm.model.embed_tokens(tokens.view(1, t))
+        pos = torch.arange(start, start + t, device=tokens.device).view(1, t)
+        end = start + t
+        causal = torch.arange(end, device=tokens.device)[None, :] <= pos.view(t, 1)  # (t, end)
+        for i, layer in enumerate(self.layers):
+            kc, vc = self.caches(i)
+            q, k, v = self._qkv(layer, layer.input_layernorm(x), pos)
+            kc[slot, :, start:end] = k[0]
+            vc[slot, :, start:end] = v[0]
+            out = F.scaled_dot_product_attention(q, kc[slot:slot + 1, :, :end], vc[slot:slot + 1, :, :end],
+                                                 attn_mask=causal, scale=self.scale, enable_gqa=True)
+            x = self._mlp_block(layer, x, out.transpose(1, 2).reshape(1, t, -1))
+        return self.lm.lm_head(self.lm.model.norm(x[:, -1]))[0].float()
+
+
+@dataclass
+class Sequence:
+    id: Hashable
+    prompt: list[int]
+    sampling: Sampling
+    stop_ids: set[int]
+    generator: torch.Generator | None = None
+    slot: int | None = None
+    filled: int = 0  # prompt tokens in the cache
+    token: int | None = None  # the last token made, not yet in the cache
+    generated: int = 0
+    steps: list[float] = field(default_factory=list)
+
+
+class BatchEngine:
+    """Admit sequences with `add`, advance all of them with `step`; `cancel` drops one at once."""
+
+    def __init__(self, model: torch.nn.Module, max_batch_size: int, max_seq_len: int, compile: bool = False,
+                 prefill_chunk: int = 256, kernel_attention: bool = False):
+        self.max_batch_size, self.max_seq_len, self.prefill_chunk = max_batch_size, max_seq_len, prefill_chunk
+        self.slots = SlotModel(model, max_batch_size, max_seq_len, kernel_attention).eval()
+        self.device = next(model.parameters()).device
+        self.free = list(range(max_batch_size))
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[Hashable, Sequence] = {}
+        self.buckets = buckets(max_batch_size)
+        self.last_batch_size = 0
+        self.compiled = compile
+        self._decode = compile_decode(self.slots) if compile else self.slots.decode
+
+    # --- admission ----------------------------------------------------------------------------
+    def add(self, seq_id: Hashable, prompt_ids: list[int], sampling: Sampling, stop_ids: set[int] = frozenset()) -> None:
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) + sampling.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({sampling.max_new_tokens}) "
+                             f"exceeds {self.max_seq_len}")
+        generator = torch.Generator(device="cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
+        self.waiting.append(Sequence(seq_id, list(prompt_ids), sampling, set(stop_ids), generator))
+
+    def cancel(self, seq_id: Hashable) -> None:
+        """Drop a sequence (its client left, a stop string matched, its deadline passed): its slot is free
+        for the next step; the others are untouched."""
+        seq = self.running.pop(seq_id, None)
+        if seq is not None:
+            self.free.append(seq.slot)
+        else:
+            self.waiting = deque(s for s in self.waiting if s.id != seq_id)
+
+    def admit(self) -> None:
+        """Give waiting sequences the free slots, first come first served."""
+        while self.waiting and self.free:
+            seq = self.waiting.popleft()
+            seq.slot = self.free.pop(0)
+            self.running[seq.id] = seq
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # --- one step -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Hashable, int | None]]:
+        """Advance every sequence by one token (and one prefill chunk, if one is prefilling). Returns
+        (id, token) for each new token and (id, None) for each sequence that finished in this step
+        (a stop id, which is not returned, or max_new_tokens reached)."""
+        self.admit()
+        events: list[tuple[Hashable, int | None]] = []
+        decoding = [s for s in self.running.values() if s.token is not None]
+        prefilling = next((s for s in self.running.values() if s.token is None), None)
+        if prefilling is not None:
+            self._prefill_chunk(prefilling, events)
+        if decoding:
+            self._decode_rows(decoding, events)
+        self.last_batch_size = len(decoding)
+        return events
+
+    def _prefill_chunk(self, seq: Sequence, events: list) -> None:
+        end = min(len(seq.prompt), seq.filled + self.prefill_chunk)
+        chunk = torch.tensor(seq.prompt[seq.filled:end], device=self.device)
+        logits = self.slots.prefill(chunk, seq.filled, seq.slot)
+        seq.filled = end
+        if end == len(seq.prompt):
+            self._emit(seq, sample(logits.cpu() if seq.generator else logits, seq.sampling, seq.generator), events)
+
+    def _decode_rows(self, rows: list[Sequence], events: list) -> None:
+        n = len(rows)
+        size = next(b for b in self.buckets if b >= n)
+        pad = size - n
+        tokens = torch.tensor([s.token for s in rows] + [0] * pad, device=self.device)
+        positions = torch.tensor([len(s.prompt) + s.generated - 1 for s in rows] + [0] * pad, device=self.device)
+        slots = torch.tensor([s.slot for s in rows] + [self.slots.scratch] * pad, device=self.device)
+        logits, best = self._decode(tokens, positions, slots)
+        best = best.tolist()
+        for i, seq in enumerate(rows):
+            if seq.sampling.temperature <= 0:
+                token = best[i]
+            else:
+                token = sample(logits[i].cpu() if seq.generator else logits[i], seq.sampling, seq.generator)
+            self._emit(seq, token, events)
+
+    def _emit(self, seq: Sequence, token: int, events: list) -> None:
+        if token in seq.stop_ids:
+            events.append((seq.id, None))
+            self.cancel(seq.id)
+            return
+        seq.token = token
+        seq.generated += 1
+        events.append((seq.id, token))
+        if seq.generated >= seq.sampling.max_new_tokens:
+            events.append((seq.id, None))
+            self.cancel(seq.id)
+
+    def warm_up(self, prompt_len: int = 16) -> float:
+        """Run (and compile) the decode step at every bucket and a prefill chunk; returns the seconds."""
+        start = time.perf_counter()
+        for size in self.buckets:
+            for i in range(size):
+                self.add(("warm-up", size, i), [1] * prompt_len, Sampling(2, 0.0))
+            while self.has_work():
+                self.step()
+        return time.perf_counter() - start
+
+
+def compile_decode(model: SlotModel):
+    """torch.compile the decode step: one graph per bucket of rows (dynamic=False), inductor with frozen
+    weights and a C++ wrapper on CPU, CUDA graphs on GPU; guards only on the inputs (the weights and the
+    cache buffers do not change while serving)."""
+    import torch._inductor.config as inductor
+
+    from roofserve.llm.engine import _skip_module_and_cache_guards
+
+    torch._dynamo.reset()
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return torch.compile(model.decode, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    inductor.freezing = True
+    inductor.cpp_wrapper = True
+    return torch.compile(model.decode, fullgraph=True, dynamic=False,
+                         options={"guard_filter_fn": _skip_module_and_cache_guards})
