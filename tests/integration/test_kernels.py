@@ -10,6 +10,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from roofserve.llm.engine import Engine, Sampling
 from roofserve.llm.kernels import gemv_bf16, load_kernel, measure_gemv_peak, use_gemv_kernel
 from roofserve.llm.model import load
+from tests.integration.conftest import chat_ids
 
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
@@ -129,8 +130,7 @@ def loaded():
 
 @pytest.fixture(scope="module")
 def prompt(loaded):
-    ids = loaded.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return chat_ids(loaded.tokenizer, QUESTION[0]["content"])
 
 
 def _teacher_forced_logits(engine: Engine, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:

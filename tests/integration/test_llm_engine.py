@@ -4,21 +4,19 @@ import pytest
 import torch
 
 from roofserve.llm.engine import Engine, Sampling
-from roofserve.llm.model import load
+from tests.integration.conftest import chat_ids
 
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    torch.set_num_threads(2)
-    return load("default", "fp32")
+def loaded(fp32_model):
+    return fp32_model
 
 
 @pytest.fixture(scope="module")
 def prompt(loaded):
-    ids = loaded.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return chat_ids(loaded.tokenizer, QUESTION[0]["content"])
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,38 @@ def test_llm_config_refuses_combinations_that_cannot_run():
         make_config(LLMConfig, {"gemv": "roofserve", "quantize": "int4"})
     with pytest.raises(UserError, match="attention roofserve is a bf16 kernel"):
         make_config(LLMConfig, {"attention": "roofserve", "precision": "fp32"})
+    with pytest.raises(UserError, match="max-batch-size > 1 is continuous batching"):
+        make_config(LLMConfig, {"backend": "llamacpp", "max_batch_size": 4})
+    with pytest.raises(UserError, match="prefill_chunk must be >= 1"):
+        make_config(LLMConfig, {"max_batch_size": 4, "prefill_chunk": 0})
     make_config(LLMConfig, {"gemv": "roofserve", "attention": "roofserve", "compile": True})
+    make_config(LLMConfig, {"backend": "llama-server", "max_batch_size": 8})
+
+
+def test_bench_settings_are_configs_with_the_same_clear_errors():
+    from roofserve.config import LLMLoadConfig, VisionLoadConfig
+
+    assert make_config(VisionLoadConfig).concurrency == [1, 8, 32, 64]  # the one default, wherever it is used
+    assert make_config(LLMLoadConfig, {"concurrency": 4}).concurrency == [4]  # one level where a list is expected
+    with pytest.raises(UserError, match="payload must be one of"):
+        make_config(VisionLoadConfig, {"payload": "xml"})
+    with pytest.raises(UserError, match="concurrency must be a list of int"):
+        make_config(LLMLoadConfig, {"concurrency": ["many"]})
+    with pytest.raises(UserError, match="unknown LLMLoadConfig key 'rounds'"):
+        make_config(LLMLoadConfig, {"rounds": 3})  # a ladder key is not a plain load key
+
+
+def test_a_ladder_typo_names_the_step_and_the_key(tmp_path):
+    from roofserve.sweep.ladder import load_ladder
+
+    path = tmp_path / "ladder.toml"
+    path.write_text('[bench]\nrequests = 4\n[[step]]\nname = "one"\n[[step]]\nname = "two"\n'
+                    'server = { max_batch_sise = 4 }\n')
+    with pytest.raises(UserError, match="step 'two' in .*unknown VisionConfig key 'max_batch_sise'"):
+        load_ladder(str(path))
+    path.write_text('[bench]\nrequest = 4\n[[step]]\nname = "one"\n')
+    with pytest.raises(UserError, match=r"\[bench\]: unknown VisionLoadConfig key 'request'"):
+        load_ladder(str(path))
 
 
 def test_user_mistakes_are_one_line_errors_not_tracebacks():
@@ -58,6 +89,8 @@ def test_user_mistakes_are_one_line_errors_not_tracebacks():
         (["serve", "llm", "--lora", "random:many"], "needs a positive integer rank"),
         (["serve", "llm", "--lora", "/nope"], "no PEFT adapter"),
         (["serve", "llm", "--gemv", "roofserve", "--precision", "fp16"], "needs --precision bf16"),
+        (["serve", "llm", "--backend", "llamacpp", "--max-batch-size", "4"], "max-batch-size > 1 is continuous"),
+        (["bench", "llm", "--concurrency", "1,x"], "expected comma-separated int values"),
         (["bench", "llm-engine", "--quantize", "bnb4", "--device", "cpu"], "bitsandbytes 4-bit needs a CUDA GPU"),
         (["bench", "llm-engine", "--device", "cuda"], "torch sees no GPU"),
         (["serve", "vision", "--weights", "/nope.pth"], "weights file not found"),

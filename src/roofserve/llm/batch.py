@@ -242,14 +242,21 @@ class BatchEngine:
             events.append((seq.id, None))
             self.cancel(seq.id)
 
+    @torch.inference_mode()
     def warm_up(self, prompt_len: int = 16) -> float:
-        """Run (and compile) the decode step at every bucket and a prefill chunk; returns the seconds."""
+        """Run (and compile) the decode step at every bucket of rows, and a prefill; returns the seconds.
+        The decode steps run on the scratch slot, so they leave no trace in the others. (Serving
+        sequences would not fill the buckets: one prefills per step, so a warm-up batch leaves before
+        the others join; a bucket first met while serving would compile then, for a minute.)"""
         start = time.perf_counter()
+        scratch = self.slots.scratch
         for size in self.buckets:
-            for i in range(size):
-                self.add(("warm-up", size, i), [1] * prompt_len, Sampling(2, 0.0))
-            while self.has_work():
-                self.step()
+            for _ in range(2):  # three distinct tensors, as in serving (dynamo guards on aliasing too)
+                tokens, positions = (torch.zeros(size, dtype=torch.long, device=self.device) for _ in range(2))
+                self._decode(tokens, positions, torch.full((size,), scratch, device=self.device))
+        self.add(("warm-up",), [1] * prompt_len, Sampling(2, 0.0))
+        while self.has_work():
+            self.step()
         return time.perf_counter() - start
 
 

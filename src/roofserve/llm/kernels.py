@@ -307,31 +307,53 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.roofserve.gemv_bf16(x, w)
 
 
-GEMM_MAX_ROWS = 16  # up to this many rows (a decode step's batch) stream the weights in our kernel
+GEMM_ROWS = (1, 2, 4, 8, 16)  # the row counts (decode batch buckets) our kernel is measured at
 
 
 class GemvLinear(torch.nn.Module):
-    """A bias-free nn.Linear whose calls with few rows (decode steps, batched or not) go to our kernel,
-    which streams each weight once per call; prompts (many rows) still go to torch's matmul. Shares the
-    original weight (tied embeddings stay tied)."""
+    """A bias-free nn.Linear whose calls with few rows (decode steps, batched or not) go to our kernel
+    where it was measured faster than torch's matmul on this machine (`max_rows`, see
+    `measure_gemm_crossover`); other calls (prompts, larger batches) go to torch. Shares the original
+    weight (tied embeddings stay tied)."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, max_rows: int = 1):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
+        self.max_rows = max_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows == 1:
             return torch.ops.roofserve.gemv_bf16(x, self.weight)
-        if rows <= GEMM_MAX_ROWS:
+        if rows <= self.max_rows:
             return torch.ops.roofserve.gemm_bf16(x, self.weight)
         return torch.nn.functional.linear(x, self.weight)
 
 
-def use_gemv_kernel(model: torch.nn.Module) -> int:
-    """Swap every bias-free bf16 CPU nn.Linear with plain (not quantized) weights for a GemvLinear;
-    returns how many were swapped."""
+def measure_gemm_crossover(shape: tuple[int, int] = (1536, 576), size_bytes: int = 128 << 20) -> dict[int, float]:
+    """Weight GB/s of our kernel over torch's bf16 matmul at each row count of GEMM_ROWS, on one-step
+    weights too big for the caches: {rows: ours / torch}. Our kernel wins at one row everywhere we
+    measured; with more rows its horizontal sums start to cost more than torch's packed kernels (on a
+    2-core Xeon: 1.6x at 1 row, 1.2x at 2, 0.8x at 4, 0.5x at 16), so the crossover is measured, not assumed."""
+    from roofserve.measure.timing import median_time_s
+
+    load_kernel()
+    out_features, in_features = shape
+    weights = [torch.randn(shape).bfloat16() for _ in range(max(1, size_bytes // (out_features * in_features * 2)))]
+    cpu = torch.device("cpu")
+    ratios = {}
+    for rows in GEMM_ROWS:
+        x = torch.randn(rows, in_features).bfloat16()
+        ours = median_time_s(lambda: [torch.ops.roofserve.gemm_bf16(x, w) for w in weights], cpu, warmup=1, repeats=3)
+        theirs = median_time_s(lambda: [torch.nn.functional.linear(x, w) for w in weights], cpu, warmup=1, repeats=3)
+        ratios[rows] = theirs / ours
+    return ratios
+
+
+def use_gemv_kernel(model: torch.nn.Module, max_rows: int = 1) -> int:
+    """Swap every bias-free bf16 CPU nn.Linear with plain (not quantized) weights for a GemvLinear that
+    sends calls of up to max_rows rows to our kernel; returns how many were swapped."""
     load_kernel()
     swapped = 0
     for parent in list(model.modules()):
@@ -339,7 +361,7 @@ def use_gemv_kernel(model: torch.nn.Module) -> int:
             w = getattr(child, "weight", None)
             if (type(child) is torch.nn.Linear and child.bias is None and type(w) is torch.nn.Parameter
                     and w.dtype == torch.bfloat16 and w.device.type == "cpu"):
-                setattr(parent, name, GemvLinear(child))
+                setattr(parent, name, GemvLinear(child, max_rows))
                 swapped += 1
     return swapped
 

@@ -93,9 +93,16 @@ class TorchGenerator(Generator):
         loaded = load(cfg.model, cfg.precision, device)
         quantize(loaded.model, cfg.quantize, cfg.group_size, device)
         if cfg.gemv == "roofserve":
-            from roofserve.llm.kernels import use_gemv_kernel
+            from roofserve.llm.kernels import measure_gemm_crossover, use_gemv_kernel
 
-            log.info("GEMV kernel on %d linear layers", use_gemv_kernel(loaded.model))
+            max_rows = 1
+            if cfg.max_batch_size > 1:  # where our few-row kernel beats torch's matmul on this machine
+                ratios = measure_gemm_crossover()
+                max_rows = max((rows for rows, ratio in ratios.items() if ratio >= 1.0 and rows <= cfg.max_batch_size
+                                and all(ratios[r] >= 1.0 for r in ratios if r < rows)), default=1)
+                log.info("our GEMM vs torch (x faster) by rows: %s; ours up to %d rows",
+                         {r: round(v, 2) for r, v in ratios.items()}, max_rows)
+            log.info("GEMV kernel on %d linear layers", use_gemv_kernel(loaded.model, max_rows))
         model = apply_lora(loaded.model, cfg.lora) if cfg.lora else loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name

@@ -1,0 +1,43 @@
+"""llama.cpp's own HTTP server as a backend of `roofserve serve llm`: the continuous-batching peer.
+
+`roofserve serve llm --backend llama-server --max-batch-size N` runs `llama-server --parallel N` on the
+same GGUF, threads, context and address, so that a ladder step, a benchmark or a test treats it like
+our server (`/health`, `/v1/chat/completions`; SIGTERM stops it). Our knobs that llama.cpp has no
+equivalent for are not passed. Build it with `make llama-server` (scripts/build_llama_server.sh).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from roofserve.config import LLMConfig
+from roofserve.errors import UserError
+
+BUILT = Path(".cache/llama-server/bin/llama-server")
+
+
+def find_llama_server() -> str:
+    """$ROOFSERVE_LLAMA_SERVER, the binary `make llama-server` builds, or llama-server on PATH."""
+    for candidate in (os.environ.get("ROOFSERVE_LLAMA_SERVER"), str(BUILT.resolve()), shutil.which("llama-server")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise UserError("llama-server not found: build it with `make llama-server` (about 5 minutes), or set "
+                    "ROOFSERVE_LLAMA_SERVER to its path")
+
+
+def command(cfg: LLMConfig) -> list[str]:
+    from roofserve.llm.llamacpp import gguf_path
+
+    threads = cfg.threads_per_worker or os.cpu_count() or 1
+    return [find_llama_server(), "-m", str(gguf_path(cfg.model)), "--host", cfg.host, "--port", str(cfg.port),
+            "-t", str(threads), "--parallel", str(cfg.max_batch_size),
+            "-c", str(cfg.max_seq_len * cfg.max_batch_size),  # llama-server splits its context among the slots
+            "-b", str(max(cfg.prefill_chunk, 64)), "--no-webui"]
+
+
+def exec_server(cfg: LLMConfig) -> None:
+    """Replace this process with llama-server (so SIGTERM reaches it directly)."""
+    argv = command(cfg)
+    os.execv(argv[0], argv)

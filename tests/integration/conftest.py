@@ -1,0 +1,20 @@
+"""In-process fixtures: the bundled chat model, loaded once for every module that needs it."""
+
+import pytest
+import torch
+
+from roofserve.llm.model import load
+
+
+def chat_ids(tokenizer, question: str) -> list[int]:
+    """The prompt ids of one user message through the model's chat template."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@pytest.fixture(scope="session")
+def fp32_model():
+    """SmolLM2-135M-Instruct from the bundled GGUF, fp32 (shared: tests must not change its weights)."""
+    torch.set_num_threads(2)
+    return load("default", "fp32")
