@@ -71,15 +71,19 @@ class SlotModel(torch.nn.Module):
     def caches(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"k{i}"), getattr(self, f"v{i}")
 
-    def _qkv(self, layer, x: torch.Tensor, positions: torch.Tensor):
-        # x (b, t, hidden); positions (b, t) -> q (b, H, t, D), k and v (b, KV, t, D), rotary applied
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (b, 1, t, D) of the positions (b, t): once per forward, shared by all layers."""
+        cos, sin = self.lm.model.rotary_emb(x, positions)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def _qkv(self, layer, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]):
+        # x (b, t, hidden) -> q (b, H, t, D), k and v (b, KV, t, D), rotary applied
         b, t, _ = x.shape
         attn = layer.self_attn
         q = attn.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.lm.model.rotary_emb(x, positions)  # (b, t, D)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin = rotary
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         return q, k, v
@@ -94,10 +98,10 @@ class SlotModel(torch.nn.Module):
         """One token per row. tokens, positions, slots: (b,) int64 -> logits (b, vocab) fp32 and their argmax (b,)."""
         b = tokens.shape[0]
         x = self.lm.model.embed_tokens(tokens.view(b, 1))
-        pos = positions.view(b, 1)
+        rotary = self._rotary(x, positions.view(b, 1))
         for i, layer in enumerate(self.layers):
             kc, vc = self.caches(i)
-            q, k, v = self._qkv(layer, layer.input_layernorm(x), pos)
+            q, k, v = self._qkv(layer, layer.input_layernorm(x), rotary)
             kc[slots, :, positions] = k[:, :, 0]  # each row's new entry at its own slot and position
             vc[slots, :, positions] = v[:, :, 0]
             if self.kernel_attention:
@@ -119,9 +123,10 @@ class SlotModel(torch.nn.Module):
         pos = torch.arange(start, start + t, device=tokens.device).view(1, t)
         end = start + t
         causal = torch.arange(end, device=tokens.device)[None, :] <= pos.view(t, 1)  # (t, end)
+        rotary = self._rotary(x, pos)
         for i, layer in enumerate(self.layers):
             kc, vc = self.caches(i)
-            q, k, v = self._qkv(layer, layer.input_layernorm(x), pos)
+            q, k, v = self._qkv(layer, layer.input_layernorm(x), rotary)
             kc[slot, :, start:end] = k[0]
             vc[slot, :, start:end] = v[0]
             out = F.scaled_dot_product_attention(q, kc[slot:slot + 1, :, :end], vc[slot:slot + 1, :, :end],
