@@ -23,7 +23,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +146,6 @@ class Sequence:
     filled: int = 0  # prompt tokens in the cache
     token: int | None = None  # the last token made, not yet in the cache
     generated: int = 0
-    steps: list[float] = field(default_factory=list)
 
 
 class BatchEngine:

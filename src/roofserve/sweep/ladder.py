@@ -24,7 +24,7 @@ from roofserve.errors import UserError
 log = logging.getLogger(__name__)
 # server config class -> the class of its ladder's [bench] table
 BENCH_CONFIGS = {VisionConfig: VisionLoadConfig, LLMConfig: LLMLadderConfig}
-_TOP_KEYS = {"bench", "server", "step", "model"}
+_TOP_KEYS = {"bench", "server", "step"}  # and [model] in a vision ladder
 
 
 @dataclass
@@ -51,7 +51,8 @@ def load_ladder(path: str, cls: type = VisionConfig, overrides: dict[str, Any] |
         raise UserError(f"{path} has no [[step]] tables")
     unknown = set(doc) - _TOP_KEYS - ({"model"} if cls is VisionConfig else set())
     if unknown:
-        raise UserError(f"unknown tables in {path}: {', '.join(sorted(unknown))} (known: bench, server, step, model)")
+        raise UserError(f"unknown tables in {path}: {', '.join(sorted(unknown))} (known: bench, server, step"
+                        f"{', model' if cls is VisionConfig else ''})")
     bench_cls = BENCH_CONFIGS[cls]
     where = f"{path} [bench]"
     bench = _checked(where, lambda: make_config(bench_cls, doc.get("bench"), overrides))
