@@ -31,6 +31,6 @@ def images() -> dict[str, bytes]:
 
 
 def metric(url: str, name: str) -> float:
-    """The value of one unlabelled metric from the server's /metrics."""
+    """The value of one metric, labels included in `name` if it has any, from the server's /metrics."""
     lines = httpx.get(url + "/metrics").text.splitlines()
     return float(next(line for line in lines if line.startswith(name + " ")).split()[-1])

@@ -49,6 +49,22 @@ class ServerConfig:
         default="glibc-tuned",
     )
     api_key: str | None = _help("require this key in the X-API-Key header (all routes but /health)", default=None)
+    # connections (server/connections.py): what a server facing clients without a proxy needs
+    header_timeout_s: float = _help("close (408) a connection whose request headers are not complete this long after "
+                                    "they began", default=10.0)
+    body_timeout_s: float = _help("close (408) a connection whose request body sends no byte for this long",
+                                  default=30.0)
+    keep_alive_s: float = _help("close an idle keep-alive connection after this many seconds", default=5.0)
+    slow_reader_timeout_s: float = _help("cut a response (and stop its generation) when the client reads nothing "
+                                         "for this long while the send buffer is full", default=30.0)
+    max_connections: int = _help("open connections at most; at the bound a new one replaces the stalest "
+                                 "stalled or idle one, or gets 503 when all are busy", default=2048)
+    max_connections_per_client: int = _help("open connections from one client address at most (same policy)",
+                                            default=1024)
+    max_header_bytes: int = _help("request line + headers, in bytes; more gets 431", default=32768)
+    max_headers: int = _help("request headers at most; more gets 431", default=100)
+    send_buffer_bytes: int = _help("kernel and user-space send buffer per connection: what is held for a client "
+                                   "that does not read", default=256 * 1024)
 
     def validate(self) -> None:
         _check_choice("device", self.device, DEVICES)
@@ -56,6 +72,12 @@ class ServerConfig:
         _check_positive("workers_per_device", self.workers_per_device)
         _check_positive("max_payload_bytes", self.max_payload_bytes)
         _check_positive("max_queued_requests", self.max_queued_requests)
+        for name in ("max_connections", "max_connections_per_client", "max_header_bytes", "max_headers",
+                     "send_buffer_bytes"):
+            _check_positive(name, getattr(self, name))
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "slow_reader_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be > 0")
         if self.timeout_s <= 0:
             raise UserError("timeout_s must be > 0")
         if self.grace_s < 0:

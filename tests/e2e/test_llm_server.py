@@ -15,7 +15,8 @@ CONTEXT = 256
 @pytest.fixture(scope="module", params=[1, 4], ids=["one-at-a-time", "batch-4"])
 def url(request):
     with running_server(["llm", "--max-seq-len", str(CONTEXT), "--max-tokens-cap", "128", "--default-max-tokens", "16",
-                         "--max-batch-size", str(request.param)]) as url:
+                         "--max-batch-size", str(request.param), "--send-buffer-bytes", "2048",
+                         "--slow-reader-timeout-s", "2"]) as url:
         yield url
 
 
@@ -125,6 +126,29 @@ def test_client_that_disconnects_mid_stream_stops_generation(url, client):
     assert metric(url, "roofserve_generations_stopped_total") == before + 1
     # It stopped early: far fewer than the 128 tokens asked for (and ignore_eos kept it from ending).
     assert metric(url, "roofserve_stopped_generation_tokens_total") - tokens_before < 100
+
+
+def test_a_client_that_stops_reading_a_stream_is_cut_and_releases_its_slot(url, client):
+    import json
+    import socket
+    import time
+
+    before = metric(url, 'roofserve_connections_closed_total{reason="slow_reader"}')
+    body = json.dumps({"messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+                       "max_tokens": 128, "stream": True, "ignore_eos": True}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # about 50 of the 128 events fit in the buffers
+    sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)  # and read nothing
+    deadline = time.monotonic() + 30
+    while metric(url, 'roofserve_connections_closed_total{reason="slow_reader"}') == before:
+        assert time.monotonic() < deadline, "the server kept a client that reads nothing"
+        time.sleep(0.25)
+    sock.close()
+    answer = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=4)
+    assert answer.choices[0].message.content
+    assert metric(url, "roofserve_requests_in_flight") == 0
 
 
 def test_metrics_count_tokens_and_time_to_first_token(url, client):

@@ -2,6 +2,7 @@
 
 import concurrent.futures as cf
 import json
+import time
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ KEY = "test-key-123"
 @pytest.fixture(scope="module")
 def guarded(images):
     args = ["vision", "--workers-per-device", "1", "--max-batch-size", "1", "--api-key", KEY,
-            "--max-queued-requests", "4", "--timeout-s", "20"]
+            "--max-queued-requests", "4", "--timeout-s", "20", "--header-timeout-s", "2", "--body-timeout-s", "2"]
     with running_server(args) as url:
         yield url
 
@@ -76,13 +77,54 @@ def test_deadline_gives_504_while_queued_or_running_and_the_server_moves_on(imag
             codes = list(pool.map(lambda _: _post(url, big, key=None).status_code, range(3)))
         assert codes == [504, 504, 504]
         # the worker finishes the late ones and drops their answers; then it serves again
-        import time
 
         for _ in range(40):
             if (ok := _post(url, images["bull mastiff"], key=None)).status_code == 200:
                 break
             time.sleep(0.5)
         assert ok.status_code == 200
+
+
+def _metrics(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", headers={"X-API-Key": KEY}).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("roofserve_connections")}
+
+
+def test_hundreds_of_stalled_uploads_and_headers_neither_fill_the_queue_nor_outlive_their_timeout(guarded, images):
+    import socket
+
+    from roofserve.server.connections import raise_fd_limit
+
+    raise_fd_limit(2048)
+    port = int(guarded.rsplit(":", 1)[1])
+    before = _metrics(guarded)
+    stalled = []
+    for i in range(500):  # 300 uploads that declare 100 KB and send 10 bytes, 200 requests whose headers stop
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nX-API-Key: " + KEY.encode()
+                     + (b"\r\nContent-Length: 100000\r\n\r\n0123456789" if i < 300 else b"\r\nContent-Le"))
+        stalled.append(sock)
+    opened = time.monotonic()
+    # --max-queued-requests is 4: the 300 stalled uploads would fill it 75 times over if they counted
+    with cf.ThreadPoolExecutor(4) as pool:
+        codes = list(pool.map(lambda _: _post(guarded, images["dalmatian"]).status_code, range(16)))
+    assert codes == [200] * 16
+    answers = []
+    for sock in stalled:
+        sock.settimeout(max(0.1, opened + 2 + 5 - time.monotonic()))  # each closed within its timeout + 5 s
+        try:
+            answers.append(sock.recv(4096))
+            assert sock.recv(4096) == b""
+        except TimeoutError:
+            answers.append(b"still open")
+        sock.close()
+    assert [a[:12] for a in answers] == [b"HTTP/1.1 408"] * 500, {a[:40] for a in answers}
+    after = _metrics(guarded)
+    closed = 'roofserve_connections_closed_total{reason="%s"}'
+    assert after[closed % "body_timeout"] - before[closed % "body_timeout"] == 300
+    assert after[closed % "header_timeout"] - before[closed % "header_timeout"] == 200
+    assert after["roofserve_connections_open"] <= 2  # the /metrics request itself, and perhaps a keep-alive
 
 
 def test_metrics_count_requests_by_status(guarded, images):

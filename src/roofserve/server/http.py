@@ -10,6 +10,7 @@ from typing import Protocol
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 
 @dataclass
@@ -42,10 +43,13 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         except ValueError:
             raise HTTPException(400, "invalid Content-Length header") from None
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise HTTPException(413, f"request body is over the limit of {max_bytes} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise HTTPException(413, f"request body is over the limit of {max_bytes} bytes")
+    except ClientDisconnect:  # the client left, or server.connections cut a stalled upload: nobody reads this
+        raise HTTPException(408, "the connection closed before the request body was complete") from None
     return bytes(body)
 
 

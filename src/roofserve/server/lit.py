@@ -36,6 +36,7 @@ from litserve.loops.base import LitLoop
 from litserve.server import RegularRequestHandler
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, WorkerSetupStatus
 
+from roofserve.server import connections
 from roofserve.server.http import (
     Rejection,
     error_response,
@@ -110,15 +111,15 @@ class PayloadHandler(RegularRequestHandler):
     """
 
     async def handle_request(self, request: Request, request_type=None) -> Response:
+        body = await read_body(request, self.server.max_payload_bytes)  # admitted only once its body is in
         if busy := overloaded(self.server):
             return busy
         try:
-            return await self._handle(request)
+            return await self._handle(request, body)
         finally:
             self.server.metrics.in_flight -= 1
 
-    async def _handle(self, request: Request) -> Response:
-        body = await read_body(request, self.server.max_payload_bytes)
+    async def _handle(self, request: Request, body: bytes) -> Response:
         payload = await self.lit_api.read_payload(request, body)
         uid, _ = await self._submit_request(payload)
         event = asyncio.Event()
@@ -141,6 +142,7 @@ class StreamingPayloadHandler(RegularRequestHandler):
     plain 4xx; then the API's `respond(payload, first, items, close)` builds the response."""
 
     async def handle_request(self, request: Request, request_type=None) -> Response:
+        body = await read_body(request, self.server.max_payload_bytes)  # admitted only once its body is in
         if busy := overloaded(self.server):
             return busy
         released = False
@@ -152,14 +154,13 @@ class StreamingPayloadHandler(RegularRequestHandler):
                 self.server.metrics.in_flight -= 1
 
         try:
-            return await self._handle(request, release)
+            return await self._handle(request, body, release)
         except BaseException:
             release()
             raise
 
-    async def _handle(self, request: Request, release) -> Response:
+    async def _handle(self, request: Request, body: bytes, release) -> Response:
         started = time.perf_counter()
-        body = await read_body(request, self.server.max_payload_bytes)
         payload = await self.lit_api.read_payload(request, body)
         payload["deadline"] = time.time() + self.server.deadline_s  # checked by the worker between tokens
         uid, _ = await self._submit_request(payload)
@@ -220,6 +221,7 @@ class RoofServer(ls.LitServer):
 
         async def metrics() -> Response:
             lines = getattr(lit_api, "metrics_lines", list)()  # what only the API knows (from its workers)
+            lines += connections.REGISTRY.metrics_lines()
             return Response(self.metrics.render(lines), media_type="text/plain; version=0.0.4")
 
         self.app.add_api_route("/metrics", metrics, methods=["GET"], dependencies=[Depends(self.setup_auth())])
