@@ -173,14 +173,37 @@ def cmd_bench_llm_engine(args: argparse.Namespace) -> int:
 def cmd_bench_soak(args: argparse.Namespace) -> int:
     from roofserve.load.soak import run_soak
 
+    if args.stalled < 0:
+        raise UserError("--stalled must be >= 0")
     rows, exit_code = run_soak(args.server, args.server_args, args.duration_s, args.concurrency, args.warmup_s,
-                               args.rss_tolerance)
+                               args.rss_tolerance, args.stalled)
     _table(rows[1:], ["case", "good", "requests", "statuses"])
     _table(rows[:1], ["server", "requests", "good_requests", "good_5xx", "bad_requests", "bad_4xx", "rss_start_mb",
                       "rss_warm_mb", "rss_end_mb", "rss_growth_pct", "passed"])
+    if args.stalled:
+        _table(rows[:1], ["stalled", "stalled_opened", "stalled_ended", "stalled_held_max_s", "stalled_late"])
     config = {k: v for k, v in vars(args).items() if k != "func"}
     _save(args.out or f"results/soak-{args.server}.json", "bench soak", config, rows)
     return 0 if rows[0]["passed"] and exit_code == 0 else 1
+
+
+def cmd_bench_crowd(args: argparse.Namespace) -> int:
+    import shlex
+
+    from roofserve.load.crowd import bench_under_crowd
+
+    for name in ("stalled", "concurrency", "requests", "rounds"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1")
+    rows, exit_code = bench_under_crowd(shlex.split(args.server_args), args.stalled, args.concurrency, args.requests,
+                                        args.rounds)
+    _table(rows[:-1], ["round", "stalled", "requests", "ok", "req_per_s", "latency_p50_ms", "latency_p99_ms",
+                       "stalled_opened", "stalled_late"])
+    _table(rows[-1:], ["stalled", "latency_p99_ms_undisturbed", "latency_p99_ms_stalled", "p99_ratio", "all_ok",
+                       "stalled_late", "passed"])
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    _save(args.out, "bench crowd", config, rows)
+    return 0 if rows[-1]["passed"] and exit_code == 0 else 1
 
 
 def cmd_sweep_vision(args: argparse.Namespace) -> int:
@@ -307,8 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
         "soak", help="mixed good and bad requests for a while against a server it starts; checks 5xx and memory",
         description="Start a server on 127.0.0.1, send it good and malformed requests round-robin for "
         "--duration-s after a warm-up, and sample the memory of its process tree. Passes (exit 0) when no "
-        "good request failed, every bad one got a 4xx, memory grew at most --rss-tolerance after the "
-        "warm-up, and the server stopped cleanly on SIGTERM.",
+        "good request failed, every bad one got a 4xx, no stalled client (--stalled) was held past the "
+        "server's timeout + 5 s, memory grew at most --rss-tolerance after the warm-up, and the server "
+        "stopped cleanly on SIGTERM.",
     )
     p.add_argument("server", choices=["vision", "llm"])
     p.add_argument("--duration-s", type=float, default=180.0, help="measured part of the run (default: 180)")
@@ -317,8 +341,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-args", default="",
                    help='flags for `roofserve serve SERVER`, written with =: --server-args="--max-seq-len 512"')
     p.add_argument("--rss-tolerance", type=float, default=0.05, help="allowed memory growth (default: 0.05 = 5%%)")
+    p.add_argument("--stalled", type=int, default=100,
+                   help="stalled clients held meanwhile (uploads, headers and silent connections that stop; "
+                   "reopened when the server closes them; default: 100)")
     p.add_argument("--out", default=None, help="JSON rows (default: results/soak-SERVER.json)")
     p.set_defaults(func=cmd_bench_soak)
+
+    p = bench.add_parser(
+        "crowd", help="classification latency with and without a crowd of stalled uploads held open",
+        description="Start the vision server on 127.0.0.1 and load it at --concurrency, alternately alone and "
+        "while --stalled connections each declare a 100 KB upload and send 10 bytes of it (reopened when the "
+        "server closes them). Passes (exit 0) when every request got 200, the median p99 latency with the "
+        "crowd is within 2x of the one without, and no stalled connection outlived the server's timeout + 5 s.",
+    )
+    p.add_argument("--stalled", type=int, default=1000, help="stalled uploads held open (default: 1000)")
+    p.add_argument("--concurrency", type=int, default=8, help="classification clients (default: 8)")
+    p.add_argument("--requests", type=int, default=400, help="requests per run (default: 400)")
+    p.add_argument("--rounds", type=int, default=2, help="pairs of runs, alone then crowded (default: 2)")
+    p.add_argument("--server-args", default="", help='flags for `roofserve serve vision`, written with =')
+    p.add_argument("--out", default="results/crowd-vision.json", help="JSON rows (default: %(default)s)")
+    p.set_defaults(func=cmd_bench_crowd)
 
     sweep = sub.add_parser("sweep", help="run a ladder of server configs").add_subparsers(dest="what", metavar="LADDER", required=True)
     p = sweep.add_parser("vision", help="start the vision server with each step's config, load it, stop it")

@@ -1,10 +1,12 @@
-"""This machine for result files (CPU, cores, memory, GPU, library versions) and the datasheet
-figures of common GPUs. No torch at import: the client side (load generator, report) uses it too."""
+"""This machine for result files (CPU, cores, memory, GPU, library versions), the datasheet figures of
+common GPUs, and the open-file limit (servers and load generators hold many sockets). No torch at
+import: the client side (load generator, report) uses it too."""
 
 from __future__ import annotations
 
 import os
 import platform
+import resource
 import sys
 
 # Dense (no sparsity) datasheet peaks: TFLOP/s per dtype and memory bandwidth in GB/s.
@@ -78,3 +80,11 @@ def versions() -> dict:
     return out
 
 
+def raise_fd_limit(needed: int) -> int:
+    """Raise this process's open-file limit toward `needed` (up to the hard limit); returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft

@@ -32,10 +32,14 @@ ROW_SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "llm-engine": {"prompt": (str,), "prompt_tokens": (int,), "ttft_ms": NUM, "decode_tokens_per_s": OPT_NUM},
     "soak": {"server": (str,), "requests": (int,), "passed": (bool,)},
     "soak-case": {"server": (str,), "case": (str,), "good": (bool,), "requests": (int,)},
+    "crowd": {"round": (int,), "stalled": (int,), "concurrency": (int,), "requests": (int,), "ok": (int,),
+              "latency_p99_ms": OPT_NUM},
+    "crowd-summary": {"stalled": (int,), "p99_ratio": OPT_NUM, "passed": (bool,)},
 }
 # command -> the suite its rows belong to
 SUITES = {"peak": "machine", "bench vision-model": "vision", "bench vision-api": "vision", "sweep vision": "vision",
-          "bench llm": "llm", "bench llm-engine": "llm", "sweep llm": "llm", "bench soak": "soak"}
+          "bench llm": "llm", "bench llm-engine": "llm", "sweep llm": "llm", "bench soak": "soak",
+          "bench crowd": "soak"}
 
 
 def check_row(row: dict) -> None:

@@ -94,7 +94,7 @@ def _metrics(url: str) -> dict[str, float]:
 def test_hundreds_of_stalled_uploads_and_headers_neither_fill_the_queue_nor_outlive_their_timeout(guarded, images):
     import socket
 
-    from roofserve.server.connections import raise_fd_limit
+    from roofserve.machine import raise_fd_limit
 
     raise_fd_limit(2048)
     port = int(guarded.rsplit(":", 1)[1])

@@ -15,7 +15,7 @@ SRC = ROOT / "src"
 # What a client machine runs: the load generators, the soak, the report, and the CLI that calls them.
 CLIENT_MODULES = ["roofserve.cli", "roofserve.results", "roofserve.examples", "roofserve.machine",
                   "roofserve.load.vision", "roofserve.load.llm", "roofserve.load.soak", "roofserve.load.monitor",
-                  "roofserve.load.process", "roofserve.report.markdown", "roofserve.report.plots",
+                  "roofserve.load.process", "roofserve.load.crowd", "roofserve.report.markdown", "roofserve.report.plots",
                   "roofserve.sweep.ladder", "roofserve.server.env"]
 # A sitecustomize that makes `import torch` fail in every Python process that starts with it on the path.
 BLOCK_TORCH = '''

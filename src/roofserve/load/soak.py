@@ -1,8 +1,12 @@
 """Soak: a bounded run of mixed good and bad requests against a server on 127.0.0.1 that this
 process started, sampling the memory (RSS) of the server's whole process tree along the way.
 
-It passes when no good request got a 5xx or failed to connect, every bad request got a 4xx, and
-the memory after the run is within `rss_tolerance` of the memory after the warm-up.
+Alongside, a crowd of stalled clients (load.crowd: uploads that stop, headers that stop, connections
+that send nothing) is held open and reopened as the server closes them.
+
+It passes when no good request got a 5xx or failed to connect, every bad request got a 4xx, no
+stalled connection outlived the server's timeout + 5 s, and the memory after the run is within
+`rss_tolerance` of the memory after the warm-up.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import httpx
 import psutil
 from tqdm import tqdm
 
+from roofserve.load.crowd import KINDS, Crowd, limits_from
 from roofserve.load.process import ServerProcess
 
 
@@ -61,7 +66,15 @@ def vision_cases(images: list[tuple[str, bytes]], max_payload_bytes: int) -> lis
         Case("decompression bomb", False,
              _post("/predict", content=_bomb_png(), headers={"Content-Type": "image/png"})),
         Case("over the size cap", False, _post("/predict", content=b"\xff" * (max_payload_bytes + 1), headers=raw)),
+        *_header_cases("/predict"),
     ]
+
+
+def _header_cases(path: str) -> list[Case]:
+    """Requests whose headers break the server's limits (431 at the defaults)."""
+    many = {f"X-Filler-{i}": "1" for i in range(5000)}
+    return [Case("one 40 KB header", False, _post(path, content=b"", headers={"X-Big": "a" * 40_000})),
+            Case("5000 headers", False, _post(path, content=b"", headers=many))]
 
 
 def _stream_and_leave(client: httpx.Client, url: str) -> int:
@@ -99,6 +112,7 @@ def llm_cases(max_seq_len: int, max_payload_bytes: int) -> list[Case]:
         Case("wrong content type", False, _post(chat, content=b"hi", headers={"Content-Type": "text/plain"})),
         Case("over the size cap", False, _post(chat, content=b"x" * (max_payload_bytes + 1),
                                                 headers={"Content-Type": "application/json"})),
+        *_header_cases(chat),
     ]
 
 
@@ -115,9 +129,11 @@ def tree_rss_mb(pid: int) -> float:
 
 
 def soak(server: ServerProcess, cases: list[Case], duration_s: float, concurrency: int, name: str,
-         warmup_s: float = 10.0, rss_tolerance: float = 0.05, progress: bool = True) -> list[dict]:
-    """Send `cases` round-robin from `concurrency` threads for duration_s; returns a summary row and
-    one row per case. Memory is compared between the end of the warm-up and the end of the run."""
+         warmup_s: float = 10.0, rss_tolerance: float = 0.05, progress: bool = True,
+         crowd: Crowd | None = None) -> list[dict]:
+    """Send `cases` round-robin from `concurrency` threads for duration_s, with `crowd` (not yet
+    entered) held meanwhile; returns a summary row and one row per case. Memory is compared between
+    the end of the warm-up and the end of the run."""
     statuses: dict[str, Counter] = {case.name: Counter() for case in cases}
     next_case, lock = itertools.count(), threading.Lock()
     start = time.monotonic()
@@ -136,6 +152,8 @@ def soak(server: ServerProcess, cases: list[Case], duration_s: float, concurrenc
                     statuses[case.name][status] += 1
 
     threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(concurrency)]
+    if crowd is not None:
+        crowd.__enter__()
     for t in threads:
         t.start()
     bar = tqdm(total=round(warmup_s + duration_s), desc=f"soak {name}", unit="s", disable=not progress)
@@ -147,6 +165,8 @@ def soak(server: ServerProcess, cases: list[Case], duration_s: float, concurrenc
     bar.close()
     for t in threads:
         t.join(timeout=90)
+    if crowd is not None:
+        crowd.__exit__(None, None, None)
 
     def count(good: bool, test: Callable[[int | str], bool]) -> int:
         return sum(n for case in cases if case.good == good
@@ -166,9 +186,10 @@ def soak(server: ServerProcess, cases: list[Case], duration_s: float, concurrenc
         "rss_max_mb": round(max(mb for _, mb in rss), 1),
         "rss_growth_pct": round(100 * (rss[-1][1] - warm_rss) / warm_rss, 2),
         "rss_samples": [[round(t, 1), round(mb, 1)] for t, mb in rss],
+        **(crowd.stats() if crowd is not None else {}),
     }
     summary["passed"] = (summary["good_5xx"] == 0 and summary["good_ok"] == summary["good_requests"]
-                         and summary["bad_4xx"] == summary["bad_requests"]
+                         and summary["bad_4xx"] == summary["bad_requests"] and not summary.get("stalled_late")
                          and summary["rss_growth_pct"] <= 100 * rss_tolerance)
     rows = [summary]
     for case in cases:
@@ -179,9 +200,9 @@ def soak(server: ServerProcess, cases: list[Case], duration_s: float, concurrenc
 
 
 def run_soak(server_name: str, server_args: str, duration_s: float, concurrency: int, warmup_s: float,
-             rss_tolerance: float) -> tuple[list[dict], int]:
+             rss_tolerance: float, stalled: int = 0) -> tuple[list[dict], int]:
     """Start `roofserve serve SERVER_NAME SERVER_ARGS` on 127.0.0.1, soak it with the cases that fit the
-    caps it reports at /info, stop it; (rows, the server's exit code)."""
+    caps it reports at /info and `stalled` stalled clients, stop it; (rows, the server's exit code)."""
     import shlex
 
     from roofserve.examples import example_images
@@ -192,7 +213,9 @@ def run_soak(server_name: str, server_args: str, duration_s: float, concurrency:
         cfg = httpx.get(server.url + "/info", timeout=10).json()["model"]["config"]  # the caps the server runs with
         cases = (vision_cases(example_images(), cfg["max_payload_bytes"]) if server_name == "vision"
                  else llm_cases(cfg["max_seq_len"], cfg["max_payload_bytes"]))
-        rows = soak(server, cases, duration_s, concurrency, server_name, warmup_s, rss_tolerance)
+        path = "/predict" if server_name == "vision" else "/v1/chat/completions"
+        crowd = Crowd(server.url, stalled, KINDS, limits_from(cfg), path) if stalled else None
+        rows = soak(server, cases, duration_s, concurrency, server_name, warmup_s, rss_tolerance, crowd=crowd)
     finally:
         exit_code = stop_process_group(server.proc)
     rows[0]["server_exit_code"] = exit_code

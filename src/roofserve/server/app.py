@@ -9,7 +9,8 @@ import signal
 
 import litserve as ls
 
-from roofserve.server.connections import GuardedHttpProtocol, Limits, raise_fd_limit
+from roofserve.machine import raise_fd_limit
+from roofserve.server.connections import GuardedHttpProtocol, Limits
 from roofserve.server.lit import RoofServer
 
 log = logging.getLogger(__name__)

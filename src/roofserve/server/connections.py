@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import socket
 from collections import Counter
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from roofserve.server.http import error_body
 log = logging.getLogger(__name__)
 
 IDLE, HEADERS, BODY, APP = "idle", "headers", "body", "app"
+LINGER_S = 2.0  # how long a refused client may go on sending before we close
 CLOSE_REASONS = ("header_timeout", "body_timeout", "idle_timeout", "slow_reader", "headers_too_large",
                  "request_line_too_long", "bad_request", "cut_at_limit", "refused_at_limit")
 
@@ -104,16 +104,6 @@ class Registry:
 REGISTRY = Registry()
 
 
-def raise_fd_limit(needed: int) -> int:
-    """Raise this process's open-file limit toward `needed` (up to the hard limit); returns the soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-    if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    return soft
-
-
 def _raw_response(status: int, message: str) -> bytes:
     body = json.dumps(error_body(status, message)).encode()
     head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
@@ -159,8 +149,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         else:
             self.cut("body_timeout", 408, f"request body stalled: no bytes for {self.limits.body_timeout_s:g} s")
 
-    def cut(self, reason: str, status: int | None = None, message: str = "") -> None:
-        """Close this connection for `reason`, answering `status` first if no response has started."""
+    def cut(self, reason: str, status: int | None = None, message: str = "", linger: bool = False) -> None:
+        """Close this connection for `reason`, answering `status` first if no response has started.
+        linger: the client may still be sending; see _linger."""
         if self._closed:
             return
         self._closed = True
@@ -177,7 +168,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             cycle.disconnected = True  # the app's receive() sees http.disconnect, its send() is dropped
             cycle.message_event.set()
         self.flow.resume_writing()  # a send waiting for the client to read returns
-        self.transport.close()
+        if linger:
+            self._linger()
+        else:
+            self.transport.close()
+
+    def _linger(self) -> None:
+        """Send FIN after the answer and discard what still comes, closing at the client's FIN or after
+        LINGER_S: closing a socket with unread bytes sends a reset, which can destroy the answer before
+        the client reads it (nginx's lingering_close)."""
+        self.flow.resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
     # --- connection ---------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -192,7 +195,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._closed = True
             REGISTRY.closed["refused_at_limit"] += 1
             transport.write(_raw_response(503, "server at its connection limit; retry shortly"))
-            transport.close()
+            self._linger()
             return
         self._arm(self.limits.header_timeout_s, "header_timeout")  # a connection that never sends a request
 
@@ -212,12 +215,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.phase == HEADERS and not self._closed:  # headers not complete: httptools holds them unparsed
             self._raw_header_bytes += len(data)
             if self._raw_header_bytes > self.limits.max_header_bytes:
-                self.cut("headers_too_large", 431, f"request headers over {self.limits.max_header_bytes} bytes")
+                self.cut("headers_too_large", 431, f"request headers over {self.limits.max_header_bytes} bytes",
+                         linger=True)
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a parser error; a callback of ours that refused a request raised it."""
         reason, status, message = self._refusal or ("bad_request", 400, "malformed HTTP request")
-        self.cut(reason, status, message)
+        self.cut(reason, status, message, linger=True)
 
     def _refuse(self, reason: str, status: int, message: str) -> None:
         self._refusal = (reason, status, message)
@@ -273,7 +277,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._closed = True
             REGISTRY.forget(self)
             self._reason = None
-            self.transport.close()
+            self._linger()
 
     def timeout_keep_alive_handler(self) -> None:
         if not self._closed:
