@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from roofserve.config import (
@@ -130,7 +131,7 @@ def cmd_bench_vision_api(args: argparse.Namespace) -> int:
     from roofserve.load.vision import bench_api
 
     load = make_config(VisionLoadConfig, config_from_args(args, VisionLoadConfig))
-    rows = bench_api(args.url, example_images(args.images), load, args.api_key)
+    rows = bench_api(args.url, example_images(args.images), load, args.api_key or os.environ.get("ROOFSERVE_API_KEY"))
     for row in rows:
         row["step"] = args.label
     _table(rows, ["mode", "concurrency", "rate_per_s", "req_per_s", "latency_p50_ms", "latency_p99_ms", "errors",
@@ -143,7 +144,7 @@ def cmd_bench_llm(args: argparse.Namespace) -> int:
     from roofserve.load.llm import bench_llm_levels
 
     load = make_config(LLMLoadConfig, config_from_args(args, LLMLoadConfig))
-    rows = bench_llm_levels(args.url, args.model, load, args.api_key)
+    rows = bench_llm_levels(args.url, args.model, load, args.api_key or os.environ.get("ROOFSERVE_API_KEY"))
     for row in rows:
         row["step"] = args.label
     _table([r for r in rows if r["kind"] == "llm-api"],
@@ -303,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8000/predict")
     add_config_args(p, VisionLoadConfig)
     p.add_argument("--images", help="folder of images to send (default: the bundled examples)")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=None, help="the server's key (default: $ROOFSERVE_API_KEY)")
     p.add_argument("--label", default="manual", help="step name stored in each row")
     p.add_argument("--out", default="results/vision-api.json")
     p.set_defaults(func=cmd_bench_vision_api)
@@ -312,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8000/v1/chat/completions")
     p.add_argument("--model", default="", help="model name to send (llama.cpp and vLLM servers check it)")
     add_config_args(p, LLMLoadConfig)
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=None, help="the server's key (default: $ROOFSERVE_API_KEY)")
     p.add_argument("--label", default="manual")
     p.add_argument("--out", default="results/llm-api.json")
     p.set_defaults(func=cmd_bench_llm)

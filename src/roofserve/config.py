@@ -48,7 +48,10 @@ class ServerConfig:
         "malloc for all server processes: glibc-tuned (no mmap, no trim), glibc, jemalloc, tcmalloc",
         default="glibc-tuned",
     )
-    api_key: str | None = _help("require this key in the X-API-Key header (all routes but /health)", default=None)
+    api_key: str | None = _help("require this key in the X-API-Key header (all routes but /health); a flag is "
+                                "visible in `ps`: prefer --api-key-file or the ROOFSERVE_API_KEY variable",
+                                default=None)
+    api_key_file: str | None = _help("read the API key from this file (its first line)", default=None)
     # connections (server/connections.py): what a server facing clients without a proxy needs
     header_timeout_s: float = _help("close (408) a connection whose request headers are not complete this long after "
                                     "they began", default=10.0)
@@ -86,6 +89,22 @@ class ServerConfig:
             raise UserError("threads_per_worker must be >= 0 (0 means cores / workers)")
         if not 0 < self.port < 65536:
             raise UserError(f"port must be in 1..65535, got {self.port}")
+        if self.api_key_file and not Path(self.api_key_file).is_file():
+            raise UserError(f"api_key_file not found: {self.api_key_file}")
+
+    def resolved_api_key(self) -> str | None:
+        """The key the server requires: --api-key, else the first line of --api-key-file, else
+        $ROOFSERVE_API_KEY, else none (no auth)."""
+        import os
+
+        if self.api_key:
+            return self.api_key
+        if self.api_key_file:
+            key = Path(self.api_key_file).read_text().strip().splitlines()
+            if not key or not key[0].strip():
+                raise UserError(f"api_key_file {self.api_key_file} is empty")
+            return key[0].strip()
+        return os.environ.get("ROOFSERVE_API_KEY") or None
 
 
 @dataclass
@@ -166,6 +185,9 @@ class LLMConfig(ServerConfig):
     max_seq_len: int = _help("context length served: prompt + max_tokens must fit", default=2048)
     max_tokens_cap: int = _help("server-side cap on max_tokens", default=1024)
     default_max_tokens: int = _help("max_tokens when a request gives none", default=256)
+    served_model_name: list[str] = _help("names a request's `model` may use, the first one reported (vLLM's "
+                                         "--served-model-name); others get 404. Empty: the model's own name",
+                                         default_factory=list)
 
     def validate(self) -> None:
         super().validate()

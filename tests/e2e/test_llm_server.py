@@ -9,6 +9,7 @@ import pytest
 from tests.conftest import metric, running_server
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+MODEL = "smollm2-135m-instruct"
 CONTEXT = 256
 
 
@@ -16,7 +17,7 @@ CONTEXT = 256
 def url(request):
     with running_server(["llm", "--max-seq-len", str(CONTEXT), "--max-tokens-cap", "128", "--default-max-tokens", "16",
                          "--max-batch-size", str(request.param), "--send-buffer-bytes", "2048",
-                         "--slow-reader-timeout-s", "2"]) as url:
+                         "--slow-reader-timeout-s", "2", "--served-model-name", f"{MODEL},smol"]) as url:
         yield url
 
 
@@ -34,14 +35,14 @@ def tokenizer():
 
 def test_models_lists_the_served_model(client):
     models = client.models.list().data
-    assert [m.id for m in models] == ["smollm2-135m-instruct"]
+    assert [m.id for m in models] == [MODEL, "smol"]  # --served-model-name: the name and an alias
 
 
 def test_greedy_answer_is_stable_and_same_streaming_or_not(client):
-    answers = [client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=24) for _ in range(2)]
+    answers = [client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=24) for _ in range(2)]
     assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
     assert "Paris" in answers[0].choices[0].message.content
-    stream = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=24, stream=True)
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=24, stream=True)
     chunks = list(stream)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == answers[0].choices[0].message.content
@@ -50,7 +51,7 @@ def test_greedy_answer_is_stable_and_same_streaming_or_not(client):
 
 
 def test_usage_counts_match_the_tokenizer(client, tokenizer):
-    answer = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=24)
+    answer = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=24)
     ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert answer.usage.prompt_tokens == len(ids)
@@ -61,20 +62,78 @@ def test_usage_counts_match_the_tokenizer(client, tokenizer):
 
 def test_max_tokens_stops_with_length(client):
     long = [{"role": "user", "content": "Write a long story about a dragon."}]
-    answer = client.chat.completions.create(model="x", messages=long, temperature=0, max_tokens=7)
+    answer = client.chat.completions.create(model=MODEL, messages=long, temperature=0, max_tokens=7)
     assert answer.choices[0].finish_reason == "length"
     assert answer.usage.completion_tokens == 7
 
 
 def test_seed_makes_sampling_reproducible(client):
-    kw = dict(model="x", messages=QUESTION, temperature=1.0, top_p=0.95, max_tokens=16, seed=7)
+    kw = dict(model=MODEL, messages=QUESTION, temperature=1.0, top_p=0.95, max_tokens=16, seed=7)
     assert client.chat.completions.create(**kw).choices[0].message.content == client.chat.completions.create(**kw).choices[0].message.content
 
 
 def test_stop_string_ends_the_answer(client):
-    answer = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=24, stop=["Paris"])
+    answer = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=24, stop=["Paris"])
     assert "Paris" not in answer.choices[0].message.content
     assert answer.choices[0].finish_reason == "stop"
+
+
+def test_completions_work_through_the_openai_sdk_streaming_or_not(client, tokenizer):
+    prompt = "The capital of France is"
+    whole = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8)
+    assert whole.object == "text_completion" and whole.choices[0].text
+    assert whole.choices[0].finish_reason in ("length", "stop")
+    assert whole.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])  # no chat template
+    stream = list(client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8, stream=True))
+    assert "".join(c.choices[0].text for c in stream if c.choices) == whole.choices[0].text
+    assert stream[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    by_ids = client.completions.create(model=MODEL, prompt=tokenizer(prompt)["input_ids"], temperature=0, max_tokens=8)
+    assert by_ids.choices[0].text == whole.choices[0].text
+
+
+def test_stream_options_include_usage_adds_openais_usage_chunk(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=4,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_tokenize_and_detokenize_in_vllms_shapes(url, client, tokenizer):
+    done = httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": "Hello there"}, timeout=60).json()
+    assert done["tokens"] == tokenizer("Hello there")["input_ids"] and done["count"] == len(done["tokens"])
+    assert done["max_model_len"] == CONTEXT
+    chat = httpx.post(url + "/tokenize", json={"messages": QUESTION}, timeout=60).json()
+    answer = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=2)
+    assert chat["count"] == answer.usage.prompt_tokens  # the same chat template as generation
+    text = httpx.post(url + "/detokenize", json={"tokens": done["tokens"]}, timeout=60).json()
+    assert text == {"prompt": "Hello there"}
+    assert httpx.post(url + "/detokenize", json={"tokens": [10**9]}).status_code == 400
+    assert httpx.post(url + "/tokenize", json={"prompt": "x", "messages": QUESTION}).status_code == 400
+    assert httpx.get(url + "/version").json()["version"]
+
+
+def test_an_alias_is_served_and_another_model_is_openais_404(url, client):
+    assert client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=2).model == MODEL
+    response = httpx.post(url + "/v1/chat/completions", json={"model": "gpt-4o", "messages": QUESTION})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    assert "gpt-4o" in response.json()["error"]["message"]
+    assert httpx.post(url + "/v1/completions", json={"model": "gpt-4o", "prompt": "x"}).status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4o", prompt="x", max_tokens=2)
+
+
+def test_unsupported_fields_are_named_in_a_400_and_neutral_values_pass(url):
+    refused = {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}], "logprobs": True,
+               "response_format": {"type": "json_object"}, "presence_penalty": 0.5, "top_k": 5}
+    response = httpx.post(url + "/v1/chat/completions", json=refused, timeout=60)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith(
+        "unsupported fields: logprobs, presence_penalty, response_format, tools, top_k")
+    neutral = {"messages": QUESTION, "max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0.0, "n": 1,
+               "logprobs": False, "tools": [], "user": "someone", "logit_bias": {}}
+    assert httpx.post(url + "/v1/chat/completions", json=neutral, timeout=60).status_code == 200
+    response = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "echo": True, "suffix": "x"}, timeout=60)
+    assert response.status_code == 400 and "echo, suffix" in response.json()["error"]["message"]
 
 
 BAD = {
@@ -89,12 +148,24 @@ BAD = {
     "prompt over context": {"messages": [{"role": "user", "content": "word " * 400}], "max_tokens": 8},
     "stream not bool": {"messages": QUESTION, "stream": "yes"},
     "messages not a list": {"messages": "hello"},
+    "stream_options without stream": {"messages": QUESTION, "stream_options": {"include_usage": True}},
+}
+BAD_COMPLETIONS = {
+    "no prompt": {"model": MODEL},
+    "empty prompt": {"prompt": ""},
+    "two prompts": {"prompt": ["a", "b"]},
+    "prompt ids over the vocabulary": {"prompt": [1, 2, 10**9], "max_tokens": 2},
+    "prompt a number": {"prompt": 5},
+    "messages on completions": {"messages": QUESTION},
+    "prompt over context": {"prompt": "word " * 400, "max_tokens": 8},
 }
 
 
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_requests_get_openai_style_4xx(url, case):
-    response = httpx.post(url + "/v1/chat/completions", json=BAD[case], timeout=60)
+@pytest.mark.parametrize("path, case", [("/v1/chat/completions", c) for c in BAD]
+                         + [("/v1/completions", c) for c in BAD_COMPLETIONS])
+def test_bad_requests_get_openai_style_4xx(url, path, case):
+    body = (BAD if path == "/v1/chat/completions" else BAD_COMPLETIONS)[case]
+    response = httpx.post(url + path, json=body, timeout=60)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"]
 
@@ -121,7 +192,7 @@ def test_client_that_disconnects_mid_stream_stops_generation(url, client):
             if i >= 4:
                 break  # hang up after a few tokens
     # The worker serves one request at a time, so once this answers the first one has ended.
-    answer = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=8)
+    answer = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=8)
     assert answer.choices[0].message.content
     assert metric(url, "roofserve_generations_stopped_total") == before + 1
     # It stopped early: far fewer than the 128 tokens asked for (and ignore_eos kept it from ending).
@@ -146,22 +217,26 @@ def test_a_client_that_stops_reading_a_stream_is_cut_and_releases_its_slot(url, 
         assert time.monotonic() < deadline, "the server kept a client that reads nothing"
         time.sleep(0.25)
     sock.close()
-    answer = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=4)
+    answer = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=4)
     assert answer.choices[0].message.content
     assert metric(url, "roofserve_requests_in_flight") == 0
 
 
 def test_metrics_count_tokens_and_time_to_first_token(url, client):
-    client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=4)
+    client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=4)
     text = httpx.get(url + "/metrics").text
     tokens = next(line for line in text.splitlines() if line.startswith("roofserve_tokens_generated_total"))
     assert int(tokens.split()[-1]) >= 4
     ttft = next(line for line in text.splitlines() if line.startswith("roofserve_time_to_first_token_seconds_count"))
     assert int(ttft.split()[-1]) >= 1
     assert 'route="/v1/chat/completions",status="400"' in text
+    assert metric(url, "roofserve_prompt_tokens_total") > 0 and metric(url, "process_resident_memory_bytes") > 0
+    client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=4, stream=True)
+    assert metric(url, "roofserve_time_per_output_token_seconds_count") >= 1
 
 
-def test_fuzzed_chat_requests_never_get_5xx(url):
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"])
+def test_fuzzed_requests_never_get_5xx(url, path):
     import json
 
     from hypothesis import HealthCheck, given, settings
@@ -171,14 +246,25 @@ def test_fuzzed_chat_requests_never_get_5xx(url):
                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
                           max_leaves=8)
     message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", 3]), "content": values})
-    body = st.fixed_dictionaries({"messages": st.one_of(st.lists(message, max_size=2), values)},
-                                 optional={"max_tokens": values, "temperature": values, "top_p": values, "seed": values,
-                                           "stop": values, "stream": values, "n": values})
+    optional = {"max_tokens": values, "temperature": values, "top_p": values, "seed": values, "stop": values,
+                "stream": values, "n": values, "model": st.sampled_from([MODEL, "smol", "other", 3]),
+                "stream_options": values, "logprobs": values, "add_special_tokens": values}
+    body = st.fixed_dictionaries({"messages": st.one_of(st.lists(message, max_size=2), values)}, optional=optional) \
+        if path != "/v1/completions" else st.fixed_dictionaries({"prompt": st.one_of(values, st.lists(
+            st.integers(-2, 60000), max_size=4))}, optional=optional)
+    if path == "/detokenize":
+        body = st.fixed_dictionaries({"tokens": st.one_of(values, st.lists(st.integers(-2, 60000), max_size=4))},
+                                     optional={"model": st.sampled_from([MODEL, "other"])})
+    if path == "/tokenize":
+        body = st.one_of(body, st.fixed_dictionaries({"prompt": values}, optional=optional))
 
-    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=25 if path.startswith("/v1") else 15, deadline=None,
+              suppress_health_check=list(HealthCheck))
     @given(doc=body)
     def check(doc):
-        response = httpx.post(url + "/v1/chat/completions", content=json.dumps(doc), timeout=60,
+        if path.startswith("/v1") and isinstance(doc, dict) and doc.get("max_tokens") is None:
+            doc["max_tokens"] = 4  # keep the generations that do run short
+        response = httpx.post(url + path, content=json.dumps(doc), timeout=60,
                               headers={"Content-Type": "application/json"})
         assert response.status_code < 500, (doc, response.text)
 

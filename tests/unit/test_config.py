@@ -80,6 +80,7 @@ def test_a_ladder_typo_names_the_step_and_the_key(tmp_path):
 
 
 def test_user_mistakes_are_one_line_errors_not_tracebacks():
+    import concurrent.futures
     import subprocess
     import sys
 
@@ -97,11 +98,31 @@ def test_user_mistakes_are_one_line_errors_not_tracebacks():
         (["serve", "vision", "--model", "not_a_model"], "unknown timm model"),
         (["serve", "vision", "--precision", "fp16", "--device", "cpu"], "fp16 is slow or unsupported on CPU"),
         (["report", "/nope"], "no result file or folder"),
+        (["serve", "vision", "--api-key-file", "/nope"], "api_key_file not found"),
     ]
-    for args, message in cases:
-        done = subprocess.run([sys.executable, "-m", "roofserve", *args], capture_output=True, text=True, timeout=120)
+
+    def run(args):
+        return subprocess.run([sys.executable, "-m", "roofserve", *args], capture_output=True, text=True, timeout=180)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # each mostly imports: overlap them
+        runs = list(pool.map(run, [args for args, _ in cases]))
+    for (args, message), done in zip(cases, runs):
         assert done.returncode == 2, (args, done.stderr[-500:])
         assert message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr[-500:])
+
+
+def test_the_api_key_comes_from_the_flag_a_file_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("ROOFSERVE_API_KEY", raising=False)
+    assert make_config(VisionConfig).resolved_api_key() is None
+    monkeypatch.setenv("ROOFSERVE_API_KEY", "from-env")
+    assert make_config(VisionConfig).resolved_api_key() == "from-env"
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert make_config(VisionConfig, {"api_key_file": str(key_file)}).resolved_api_key() == "from-file"
+    assert make_config(VisionConfig, {"api_key": "flag", "api_key_file": str(key_file)}).resolved_api_key() == "flag"
+    key_file.write_text("\n")
+    with pytest.raises(UserError, match="is empty"):
+        make_config(VisionConfig, {"api_key_file": str(key_file)}).resolved_api_key()
 
 
 @pytest.mark.parametrize("name", ["vision-cpu", "vision-gpu", "llm-cpu", "llm-gpu"])

@@ -1,13 +1,13 @@
-"""The OpenAI-compatible chat API: POST /v1/chat/completions (streaming and not), GET /v1/models.
+"""The OpenAI-compatible API: POST /v1/chat/completions and /v1/completions (streaming and not);
+POST /tokenize and /detokenize, GET /v1/models and /version are added by llm.serve.
 
-The HTTP process validates the request. A worker generates one request at a time (max_batch_size 1,
+The HTTP process validates the request (llm.protocol). A worker generates one request at a time (max_batch_size 1,
 as the reference deployment served: `predict`), or many in a continuous batch (`admit` and `step`,
 driven by server.lit.StepLoop); text items travel back and are sent as SSE or gathered.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -23,13 +23,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from roofserve.config import LLMConfig
 from roofserve.llm.engine import Sampling
+from roofserve.llm.protocol import Formatter, bad, validate_chat_request, validate_completion_request
 from roofserve.llm.text import Coalescer, TextStream, coalesce
 from roofserve.server.lit import StepLoop
 from roofserve.server.app import worker_threads
-from roofserve.server.http import Rejection, error_body, error_response, parse_json
+from roofserve.server.http import Rejection, error_response, parse_json
 
 log = logging.getLogger(__name__)
-ROLES = ("system", "user", "assistant")
 _CANCEL_SLOTS = 64
 
 
@@ -43,93 +43,14 @@ class _Job:
     joiner: Coalescer
 
 
-def _bad(message: str) -> HTTPException:
-    return HTTPException(400, message)
-
-
-def _number(doc: dict, key: str, default: float, low: float, high: float, low_open: bool = False) -> float:
-    value = doc.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(f"'{key}' must be a number")
-    if value > high or value < low or (low_open and value == low):
-        raise _bad(f"'{key}' must be in {'(' if low_open else '['}{low}, {high}], got {value}")
-    return float(value)
-
-
-def _content(message: dict, index: int) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # [{"type": "text", "text": "..."}, ...]
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise _bad(f"messages[{index}].content: only text parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise _bad(f"messages[{index}].content must be a string or a list of text parts")
-
-
-def validate_chat_request(doc: object, cfg: LLMConfig) -> dict:
-    """The request, checked and normalised; raises HTTPException(400) with what is wrong."""
-    if not isinstance(doc, dict):
-        raise _bad("the body must be a JSON object")
-    messages = doc.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _bad("'messages' must be a non-empty list")
-    clean = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise _bad(f"messages[{i}] must be an object")
-        if message.get("role") not in ROLES:
-            raise _bad(f"messages[{i}].role must be one of {', '.join(ROLES)}")
-        clean.append({"role": message["role"], "content": _content(message, i)})
-    max_tokens = doc.get("max_completion_tokens", doc.get("max_tokens"))
-    if max_tokens is not None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-            raise _bad("'max_tokens' must be an integer")
-        if not 1 <= max_tokens <= min(cfg.max_tokens_cap, cfg.max_seq_len):
-            raise _bad(f"'max_tokens' must be in [1, {min(cfg.max_tokens_cap, cfg.max_seq_len)}], got {max_tokens}")
-    stop = doc.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)):
-        raise _bad("'stop' must be a non-empty string or a list of up to 4 of them")
-    seed = doc.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise _bad("'seed' must be an integer")
-    stream = doc.get("stream", False)
-    if not isinstance(stream, bool):
-        raise _bad("'stream' must be true or false")
-    if doc.get("n", 1) not in (1, None):
-        raise _bad("only n=1 is supported")
-    ignore_eos = doc.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise _bad("'ignore_eos' must be true or false")
-    model = doc.get("model", "")
-    if not isinstance(model, str):
-        raise _bad("'model' must be a string")
-    return {
-        "messages": clean,
-        "max_tokens": max_tokens,
-        "temperature": _number(doc, "temperature", 1.0, 0.0, 2.0),
-        "top_p": _number(doc, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        "seed": seed,
-        "stop": stop or [],
-        "stream": stream,
-        "ignore_eos": ignore_eos,
-        "model": model,
-        "request_id": secrets.randbits(62) + 1,
-    }
-
-
 class LLMAPI(ls.LitAPI):
+    extra_paths = ("/v1/completions",)  # served by the same handler and workers (server.lit registers them)
+
     def __init__(self, cfg: LLMConfig, model_id: str, random_weights: bool):
         super().__init__(max_batch_size=1, stream=True, api_path="/v1/chat/completions")
         self.cfg = cfg
         self.model_id = model_id
+        self.served = tuple(cfg.served_model_name) or (model_id,)  # the names a request's `model` may use
         self.random_weights = random_weights
         # Request ids whose client went away; the worker checks them between tokens.
         self.cancelled = mp.get_context("spawn").Array("q", _CANCEL_SLOTS, lock=False)
@@ -149,8 +70,10 @@ class LLMAPI(ls.LitAPI):
         try:
             doc = parse_json(body)
         except ValueError as e:
-            raise _bad(str(e)) from None
-        return validate_chat_request(doc, self.cfg)
+            raise bad(str(e)) from None
+        if request.url.path == "/v1/completions":
+            return validate_completion_request(doc, self.cfg, self.served)
+        return validate_chat_request(doc, self.cfg, self.served)
 
     def cancel(self, request_id: int) -> None:
         self.cancelled[self._cancel_next % _CANCEL_SLOTS] = request_id
@@ -176,9 +99,9 @@ class LLMAPI(ls.LitAPI):
 
     async def respond(self, payload: dict, first: dict, items: AsyncIterator, close: Callable[[], None],
                       started: float, metrics) -> object:
-        created, cid = int(time.time()), f"chatcmpl-{payload['request_id']:x}"
-        base = {"id": cid, "created": created, "model": self.model_id}
         extra = {"roofserve": {"random_weights": True, "note": "random weights: this text is meaningless"}} if self.random_weights else {}
+        out = Formatter(payload, self.served[0], int(time.time()), extra)
+        metrics.prompt_tokens += first.get("prompt_tokens", 0)
 
         if not payload["stream"]:
             parts, end = [], {}
@@ -195,34 +118,30 @@ class LLMAPI(ls.LitAPI):
                         metrics.tokens_generated += item["usage"]["completion_tokens"]
             finally:
                 close()
-            message = {"role": "assistant", "content": "".join(parts)}
-            return JSONResponse({**base, "object": "chat.completion", **extra,
-                                 "choices": [{"index": 0, "message": message, "finish_reason": end.get("finish_reason", "stop")}],
-                                 "usage": end.get("usage")})
-
-        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
-            doc = {**base, "object": "chat.completion.chunk", **extra,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            if usage is not None:
-                doc["usage"] = usage
-            return f"data: {json.dumps(doc)}\n\n"
+            return JSONResponse(out.whole("".join(parts), end.get("finish_reason", "stop"), end.get("usage")))
 
         async def events():
-            finished, first_token = False, True
+            finished, first_token = False, None
             try:
-                yield chunk({"role": "assistant", "content": ""})
+                for event in out.start():
+                    yield event
                 async for item, _status in items:
                     if isinstance(item, Rejection):
-                        yield f"data: {json.dumps(error_body(item.status, item.message))}\n\n"
+                        yield out.error(item.status, item.message)
                         break
                     if item["t"] == "delta":
-                        if first_token:
-                            metrics.ttft.observe(time.perf_counter() - started)
-                            first_token = False
-                        yield chunk({"content": item["text"]})
+                        now = time.perf_counter()
+                        if first_token is None:
+                            metrics.ttft.observe(now - started)
+                            first_token = now
+                        yield out.delta(item["text"])
                     elif item["t"] == "end":
-                        metrics.tokens_generated += item["usage"]["completion_tokens"]
-                        yield chunk({}, item["finish_reason"], item["usage"])
+                        tokens = item["usage"]["completion_tokens"]
+                        metrics.tokens_generated += tokens
+                        if first_token is not None and tokens > 1:
+                            metrics.tpot.observe((time.perf_counter() - first_token) / (tokens - 1))
+                        for event in out.end(item["finish_reason"], item["usage"]):
+                            yield event
                 yield "data: [DONE]\n\n"
                 finished = True
             finally:
@@ -246,7 +165,14 @@ class LLMAPI(ls.LitAPI):
 
     def _prompt(self, request: dict) -> tuple[list[int], int, Rejection | None]:
         """(prompt ids, max_tokens, or the 400 when they do not fit the context)."""
-        ids = self.generator.prompt_ids(request["messages"])
+        if request["route"] == "chat":
+            ids = self.generator.prompt_ids(request["messages"])
+        elif isinstance(request["prompt"], str):
+            ids = self.generator.text_ids(request["prompt"])
+        else:
+            ids = request["prompt"]
+            if max(ids) >= self.generator.vocab_size:
+                return ids, 0, Rejection(400, f"token ids must be in [0, {self.generator.vocab_size})")
         room = self.cfg.max_seq_len - len(ids)
         max_tokens = request["max_tokens"] or min(self.cfg.default_max_tokens, room)
         if len(ids) + max_tokens > self.cfg.max_seq_len or room < 1:

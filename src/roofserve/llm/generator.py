@@ -17,6 +17,14 @@ class Generator:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
+    def text_ids(self, text: str) -> list[int]:
+        """A raw prompt (/v1/completions) as ids: no chat template."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 

@@ -70,6 +70,18 @@ def _load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
+def load_tokenizer(source: str):
+    """The tokenizer of a model source (what `load` pairs with the model), without the model."""
+    from transformers import AutoTokenizer
+
+    check_source(source)
+    if source in (DEFAULT_MODEL, "default") or source.startswith("random:"):
+        return _load_tokenizer(bundled_gguf())
+    if source.endswith(".gguf"):
+        return _load_tokenizer(Path(source))
+    return AutoTokenizer.from_pretrained(source)
+
+
 def _from_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, GgufConfig
 

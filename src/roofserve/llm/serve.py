@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import Depends
+import asyncio
+import functools
+
+from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 
 from roofserve.config import LLMConfig
 from roofserve.llm.preflight import preflight
+from roofserve.llm.protocol import bad, validate_detokenize_request, validate_tokenize_request
 from roofserve.server.app import make_server, run_server
+from roofserve.server.http import parse_json, read_body
 from roofserve.server.env import reexec_with, tuned_environ
 
 log = logging.getLogger(__name__)
@@ -27,12 +32,72 @@ def serve(cfg: LLMConfig) -> None:
 
     api = LLMAPI(cfg, model_id, random_weights)
     server = make_server(api, cfg, accelerator, model_id)
-    card = {"id": model_id, "object": "model", "created": 0, "owned_by": "roofserve",
-            "backend": cfg.backend, "random_weights": random_weights}
+    auth = [Depends(server.setup_auth())]
+    cards = [{"id": name, "object": "model", "created": 0, "owned_by": "roofserve", "root": model_id,
+              "max_model_len": cfg.max_seq_len, "backend": cfg.backend, "random_weights": random_weights}
+             for name in api.served]
 
     async def models() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [card]})
+        return JSONResponse({"object": "list", "data": cards})
 
-    server.app.add_api_route("/v1/models", models, methods=["GET"], dependencies=[Depends(server.setup_auth())])
-    log.info("serving %s on http://%s:%d/v1/chat/completions (%s)", model_id, cfg.host, cfg.port, accelerator)
+    async def version() -> JSONResponse:
+        from importlib.metadata import version as installed
+
+        return JSONResponse({"version": installed("roofserve")})
+
+    tokenizer = _Tokenizer(cfg.model)
+
+    async def tokenize(request: Request) -> JSONResponse:
+        doc = _json(await read_body(request, cfg.max_payload_bytes))
+        spec = validate_tokenize_request(doc, api.served)
+        ids = await tokenizer.run(_tokenize, spec)
+        return JSONResponse({"count": len(ids), "max_model_len": cfg.max_seq_len, "tokens": ids})
+
+    async def detokenize(request: Request) -> JSONResponse:
+        doc = _json(await read_body(request, cfg.max_payload_bytes))
+        vocab = await tokenizer.run(len)
+        ids = validate_detokenize_request(doc, api.served, vocab)
+        return JSONResponse({"prompt": await tokenizer.run(lambda t: t.decode(ids))})
+
+    server.app.add_api_route("/v1/models", models, methods=["GET"], dependencies=auth)
+    server.app.add_api_route("/version", version, methods=["GET"], dependencies=auth)
+    server.app.add_api_route("/tokenize", tokenize, methods=["POST"], dependencies=auth)
+    server.app.add_api_route("/detokenize", detokenize, methods=["POST"], dependencies=auth)
+    log.info("serving %s as %s on http://%s:%d/v1/chat/completions and /v1/completions (%s)", model_id,
+             ", ".join(api.served), cfg.host, cfg.port, accelerator)
     run_server(server, cfg)
+
+
+def _json(body: bytes) -> object:
+    try:
+        return parse_json(body)
+    except ValueError as e:
+        raise bad(str(e)) from None
+
+
+def _tokenize(tokenizer, spec: dict) -> list[int]:
+    if "messages" in spec:
+        ids = tokenizer.apply_chat_template(spec["messages"], add_generation_prompt=spec["add_generation_prompt"],
+                                            tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return list(tokenizer(spec["prompt"], add_special_tokens=spec["add_special_tokens"])["input_ids"])
+
+
+class _Tokenizer:
+    """The model's tokenizer in the HTTP process, for /tokenize and /detokenize (not through the worker
+    queue, where they would wait behind generations). Loaded on first use, on a thread, so that the
+    event loop keeps serving meanwhile; calls run on that thread too."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self._tokenizer = None
+        self._lock = asyncio.Lock()
+
+    async def run(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            if self._tokenizer is None:
+                from roofserve.llm.model import load_tokenizer
+
+                self._tokenizer = await loop.run_in_executor(None, load_tokenizer, self.source)
+        return await loop.run_in_executor(None, functools.partial(fn, self._tokenizer, *args))

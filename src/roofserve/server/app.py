@@ -29,7 +29,7 @@ def make_server(api: ls.LitAPI, cfg, accelerator: str, model: str) -> RoofServer
         api,
         max_payload_bytes=cfg.max_payload_bytes,
         max_queued_requests=cfg.max_queued_requests,
-        api_key=cfg.api_key,
+        api_key=cfg.resolved_api_key(),
         accelerator=accelerator,
         devices=1,
         workers_per_device=cfg.workers_per_device,

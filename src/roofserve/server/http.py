@@ -22,15 +22,24 @@ class Rejection:
     message: str
 
 
-def error_body(status: int, message: str) -> dict:
-    """The one error shape of every roofserve answer (OpenAI's)."""
+def error_body(status: int, message: str, code: str | None = None) -> dict:
+    """The one error shape of every roofserve answer (OpenAI's; `code` a name such as model_not_found,
+    else the status)."""
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "code": status}}
+    return {"error": {"message": message, "type": kind, "code": code or status}}
 
 
-def error_response(status: int, message: str) -> JSONResponse:
+class APIError(HTTPException):
+    """An HTTPException whose error body names an OpenAI error code."""
+
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(status, message)
+        self.code = code
+
+
+def error_response(status: int, message: str, code: str | None = None) -> JSONResponse:
     headers = {"Retry-After": "1"} if status == 503 else None  # 503s here are all worth a retry
-    return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -69,7 +78,7 @@ def overloaded(server: _Admitting) -> JSONResponse | None:
 
 
 async def http_exception(request: Request, exc: HTTPException) -> JSONResponse:
-    response = error_response(exc.status_code, str(exc.detail))
+    response = error_response(exc.status_code, str(exc.detail), getattr(exc, "code", None))
     for key, value in (exc.headers or {}).items():
         response.headers[key] = value
     return response

@@ -193,7 +193,9 @@ class RoofServer(ls.LitServer):
     """LitServer with bounded bodies, our error shape, and raw/multipart/JSON bodies for plain APIs.
 
     An API without a spec must define `async read_payload(request, body) -> picklable` that runs in
-    the HTTP process; what it returns is what the worker's decode_request receives.
+    the HTTP process; what it returns is what the worker's decode_request receives. Its optional
+    `extra_paths` are more POST routes to the same handler and workers (read_payload tells them apart
+    by `request.url.path`).
 
     Faults: LitServe's monitor restarts a worker that dies (its `/health` is 503 until the new one is
     warm); our watchdog in the HTTP process answers 503 at once to the requests the dead worker held,
@@ -216,7 +218,8 @@ class RoofServer(ls.LitServer):
         self.uvicorn_graceful_timeout = grace_s
         self.app.add_exception_handler(HTTPException, http_exception)
         self.app.add_exception_handler(RequestValidationError, validation_exception)
-        self.metrics = Metrics((lit_api.api_path, self.healthcheck_path, "/metrics", "/v1/models", self.info_path))
+        self.metrics = Metrics((lit_api.api_path, *getattr(lit_api, "extra_paths", ()), self.healthcheck_path,
+                                "/metrics", "/v1/models", self.info_path, "/tokenize", "/detokenize", "/version"))
         self.app.add_middleware(MetricsMiddleware, metrics=self.metrics)
 
         async def metrics() -> Response:
@@ -345,8 +348,7 @@ class RoofServer(ls.LitServer):
         async def endpoint(request: Request) -> Response:
             return await handler.handle_request(request)
 
-        self.app.add_api_route(
-            lit_api.api_path, endpoint, methods=["POST"], dependencies=[Depends(self.setup_auth(lit_api))]
-        )
+        for path in (lit_api.api_path, *getattr(lit_api, "extra_paths", ())):  # same handler, same workers
+            self.app.add_api_route(path, endpoint, methods=["POST"], dependencies=[Depends(self.setup_auth(lit_api))])
 
 

@@ -1,13 +1,16 @@
 """Prometheus metrics of one HTTP process: requests by route and status, latency histograms,
-requests in flight (admitted, not yet answered), and for the LLM tokens generated and TTFT."""
+requests in flight (admitted, not yet answered), the process's CPU time and memory, and for the LLM
+prompt and generated tokens, TTFT and TPOT."""
 
 from __future__ import annotations
 
 import bisect
+import resource
 import time
 from collections import defaultdict
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class Histogram:
@@ -40,7 +43,9 @@ class Metrics:
         self.rejected_overload = 0
         self.worker_deaths = 0
         self.tokens_generated = 0
+        self.prompt_tokens = 0
         self.ttft = Histogram()
+        self.tpot = Histogram(TPOT_BUCKETS_S)
 
     def route(self, path: str) -> str:
         return path if path in self.routes else "other"  # bounded label values
@@ -63,9 +68,24 @@ class Metrics:
                   f"roofserve_worker_deaths_total {self.worker_deaths}",
                   "# TYPE roofserve_tokens_generated_total counter",
                   f"roofserve_tokens_generated_total {self.tokens_generated}",
+                  "# TYPE roofserve_prompt_tokens_total counter",
+                  f"roofserve_prompt_tokens_total {self.prompt_tokens}",
                   "# TYPE roofserve_time_to_first_token_seconds histogram"]
         lines += self.ttft.lines("roofserve_time_to_first_token_seconds", "")
+        lines.append("# HELP roofserve_time_per_output_token_seconds per streamed request: (last - first token) / (tokens - 1)")
+        lines.append("# TYPE roofserve_time_per_output_token_seconds histogram")
+        lines += self.tpot.lines("roofserve_time_per_output_token_seconds", "")
+        lines += _process_lines()
         return "\n".join([*lines, *extra_lines]) + "\n"
+
+
+def _process_lines() -> list[str]:
+    """This HTTP process's own CPU time and resident memory, in the names Prometheus' client libraries use."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    with open("/proc/self/statm") as f:  # Linux: pages; resident is the second field
+        rss = int(f.read().split()[1]) * resource.getpagesize()
+    return ["# TYPE process_cpu_seconds_total counter", f"process_cpu_seconds_total {usage.ru_utime + usage.ru_stime}",
+            "# TYPE process_resident_memory_bytes gauge", f"process_resident_memory_bytes {rss}"]
 
 
 class MetricsMiddleware:

@@ -1,0 +1,242 @@
+"""The OpenAI wire format of the LLM server: requests checked and normalised (chat, completions,
+tokenize), and the response bodies and SSE chunks built from the worker's text items.
+
+A field we do not implement is refused with a 400 that names it, unless it holds its neutral value
+(`"presence_penalty": 0`, `"n": 1`, `"tools": []` ...), which several clients send on every request:
+a request must never get a 200 as if a feature had worked.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from fastapi import HTTPException
+
+from roofserve.config import LLMConfig
+from roofserve.server.http import APIError, error_body
+
+ROLES = ("system", "user", "assistant")
+# Fields that change nothing (informational), and fields we do not implement with the values that
+# mean "off": anything else in them is a 400.
+IGNORED = {"user", "metadata", "store", "service_tier"}
+NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
+           "logprobs": (False, 0), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",),
+           "parallel_tool_calls": (False, True), "response_format": ({"type": "text"},),
+           "echo": (False,), "suffix": ("",), "best_of": (1,), "n": (1,)}
+CHAT_FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
+               "stream", "stream_options", "ignore_eos"}
+COMPLETION_FIELDS = {"prompt", "model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
+                     "stream_options", "ignore_eos"}
+
+
+def bad(message: str) -> HTTPException:
+    return HTTPException(400, message)
+
+
+def check_fields(doc: dict, supported: set[str]) -> None:
+    """400 naming every field that is neither supported, informational, nor at its neutral value."""
+    refused = [key for key, value in doc.items()
+               if key not in supported and key not in IGNORED
+               and not (key in NEUTRAL and (value is None or value in NEUTRAL[key]))]
+    if refused:
+        raise bad(f"unsupported field{'s' if len(refused) > 1 else ''}: {', '.join(sorted(refused))} "
+                  "(roofserve does not implement them; remove them from the request)")
+
+
+def check_model(doc: dict, served: tuple[str, ...]) -> None:
+    """OpenAI's 404 model_not_found for a model this server does not serve (absent or empty: the first)."""
+    model = doc.get("model", "")
+    if not isinstance(model, str):
+        raise bad("'model' must be a string")
+    if model and model not in served:
+        raise APIError(404, f"The model `{model}` does not exist. This server serves: {', '.join(served)}",
+                       "model_not_found")
+
+
+def _number(doc: dict, key: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = doc.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad(f"'{key}' must be a number")
+    if value > high or value < low or (low_open and value == low):
+        raise bad(f"'{key}' must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+    return float(value)
+
+
+def _content(message: dict, index: int) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": "..."}, ...]
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise bad(f"messages[{index}].content: only text parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad(f"messages[{index}].content must be a string or a list of text parts")
+
+
+def check_messages(messages: object) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty list")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad(f"messages[{i}] must be an object")
+        if message.get("role") not in ROLES:
+            raise bad(f"messages[{i}].role must be one of {', '.join(ROLES)}")
+        clean.append({"role": message["role"], "content": _content(message, i)})
+    return clean
+
+
+def _common(doc: dict, cfg: LLMConfig) -> dict:
+    """The sampling, limits and streaming fields chat and completions share."""
+    max_tokens = doc.get("max_completion_tokens", doc.get("max_tokens"))
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            raise bad("'max_tokens' must be an integer")
+        if not 1 <= max_tokens <= min(cfg.max_tokens_cap, cfg.max_seq_len):
+            raise bad(f"'max_tokens' must be in [1, {min(cfg.max_tokens_cap, cfg.max_seq_len)}], got {max_tokens}")
+    stop = doc.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)):
+        raise bad("'stop' must be a non-empty string or a list of up to 4 of them")
+    seed = doc.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad("'seed' must be an integer")
+    stream = doc.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad("'stream' must be true or false")
+    options = doc.get("stream_options")
+    if options is not None:
+        if not stream:
+            raise bad("'stream_options' is only allowed with stream: true")
+        if not isinstance(options, dict) or set(options) - {"include_usage"} or \
+                not isinstance(options.get("include_usage", False), bool):
+            raise bad("'stream_options' supports only {\"include_usage\": true|false}")
+    ignore_eos = doc.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad("'ignore_eos' must be true or false")
+    return {
+        "max_tokens": max_tokens,
+        "temperature": _number(doc, "temperature", 1.0, 0.0, 2.0),
+        "top_p": _number(doc, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        "seed": seed,
+        "stop": stop or [],
+        "stream": stream,
+        "include_usage": bool(options and options.get("include_usage")),
+        "ignore_eos": ignore_eos,
+        "request_id": secrets.randbits(62) + 1,
+    }
+
+
+def validate_chat_request(doc: object, cfg: LLMConfig, served: tuple[str, ...]) -> dict:
+    """POST /v1/chat/completions, checked and normalised; raises HTTPException(400/404) with what is wrong."""
+    if not isinstance(doc, dict):
+        raise bad("the body must be a JSON object")
+    check_fields(doc, CHAT_FIELDS)
+    check_model(doc, served)
+    return {"route": "chat", "messages": check_messages(doc.get("messages")), **_common(doc, cfg)}
+
+
+def _prompt(prompt: object) -> str | list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                   for t in prompt):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
+        raise bad("one prompt per request: send the prompts as separate requests")
+    raise bad("'prompt' must be a non-empty string or a list of token ids")
+
+
+def validate_completion_request(doc: object, cfg: LLMConfig, served: tuple[str, ...]) -> dict:
+    """POST /v1/completions, checked and normalised."""
+    if not isinstance(doc, dict):
+        raise bad("the body must be a JSON object")
+    check_fields(doc, COMPLETION_FIELDS)
+    check_model(doc, served)
+    return {"route": "completions", "prompt": _prompt(doc.get("prompt")), **_common(doc, cfg)}
+
+
+def validate_tokenize_request(doc: object, served: tuple[str, ...]) -> dict:
+    """POST /tokenize in vLLM's shape: a prompt, or chat messages (through the chat template)."""
+    if not isinstance(doc, dict):
+        raise bad("the body must be a JSON object")
+    check_fields(doc, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"})
+    check_model(doc, served)
+    if ("prompt" in doc) == ("messages" in doc):
+        raise bad("send either 'prompt' or 'messages'")
+    for flag in ("add_special_tokens", "add_generation_prompt"):
+        if not isinstance(doc.get(flag, True), bool):
+            raise bad(f"'{flag}' must be true or false")
+    if "messages" in doc:
+        return {"messages": check_messages(doc["messages"]), "add_generation_prompt": doc.get("add_generation_prompt", True)}
+    if not isinstance(doc["prompt"], str):
+        raise bad("'prompt' must be a string")
+    return {"prompt": doc["prompt"], "add_special_tokens": doc.get("add_special_tokens", True)}
+
+
+def validate_detokenize_request(doc: object, served: tuple[str, ...], vocab_size: int) -> list[int]:
+    if not isinstance(doc, dict):
+        raise bad("the body must be a JSON object")
+    check_fields(doc, {"model", "tokens"})
+    check_model(doc, served)
+    tokens = doc.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise bad("'tokens' must be a list of token ids")
+    if any(not 0 <= t < vocab_size for t in tokens):
+        raise bad(f"token ids must be in [0, {vocab_size})")
+    return tokens
+
+
+class Formatter:
+    """Response bodies and SSE events of one request, chat or completions, in OpenAI's shapes."""
+
+    def __init__(self, payload: dict, model: str, created: int, extra: dict):
+        self.chat = payload["route"] == "chat"
+        prefix = "chatcmpl" if self.chat else "cmpl"
+        self.base = {"id": f"{prefix}-{payload['request_id']:x}", "created": created, "model": model, **extra}
+        self.include_usage = payload.get("include_usage", False)
+
+    def whole(self, text: str, finish_reason: str, usage: dict | None) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+            return {**self.base, "object": "chat.completion", "choices": [choice], "usage": usage}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self.base, "object": "text_completion", "choices": [choice], "usage": usage}
+
+    def _event(self, choices: list, usage: dict | None = None) -> str:
+        doc = {**self.base, "object": "chat.completion.chunk" if self.chat else "text_completion", "choices": choices}
+        if usage is not None:
+            doc["usage"] = usage
+        return f"data: {json.dumps(doc)}\n\n"
+
+    def start(self) -> list[str]:
+        return [self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])] \
+            if self.chat else []
+
+    def delta(self, text: str) -> str:
+        if self.chat:
+            return self._event([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
+        return self._event([{"index": 0, "text": text, "logprobs": None, "finish_reason": None}])
+
+    def end(self, finish_reason: str, usage: dict) -> list[str]:
+        """The last chunk carries finish_reason and usage; with stream_options.include_usage, OpenAI's
+        extra usage-only chunk (empty choices) follows."""
+        choice = {"index": 0, "delta": {}, "finish_reason": finish_reason} if self.chat else \
+            {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}
+        events = [self._event([choice], usage)]
+        if self.include_usage:
+            events.append(self._event([], usage))
+        return events
+
+    @staticmethod
+    def error(status: int, message: str) -> str:
+        return f"data: {json.dumps(error_body(status, message))}\n\n"
