@@ -15,8 +15,10 @@ import sys
 from roofserve.config import (
     DEFAULT_VISION_MODEL,
     LLMConfig,
+    LLMDatasetConfig,
     LLMEngineBenchConfig,
     LLMLoadConfig,
+    LLMServeBenchConfig,
     VisionCeilingsConfig,
     VisionConfig,
     VisionLoadConfig,
@@ -152,6 +154,54 @@ def cmd_bench_llm(args: argparse.Namespace) -> int:
             "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "fixed_length_verified"])
     _save(args.out, "bench llm", {"url": args.url, "model": args.model, "label": args.label, **as_dict(load)}, rows)
     return 0
+
+
+def _requests(cfg):
+    from roofserve.load.datasets import load_sharegpt, synthetic
+
+    if getattr(cfg, "dataset", None):
+        return load_sharegpt(cfg.dataset, cfg.num_prompts, seed=cfg.seed)
+    return synthetic(cfg.num_prompts, cfg.input_len, cfg.output_len, cfg.len_dist, cfg.len_spread, cfg.seed)
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from roofserve.load.datasets import to_sharegpt
+
+    cfg = make_config(LLMDatasetConfig, config_from_args(args, LLMDatasetConfig))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(to_sharegpt(_requests(cfg)), indent=1))
+    print(f"dataset: {args.out} ({cfg.num_prompts} conversations, ShareGPT format)")
+    return 0
+
+
+def cmd_bench_llm_serve(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from roofserve.load.llm import bench_llm_serve, parse_goodput, result_rows, vllm_result
+
+    cfg = make_config(LLMServeBenchConfig, config_from_args(args, LLMServeBenchConfig))
+    slos = parse_goodput(cfg.goodput)
+    requests = _requests(cfg)
+    row, results = bench_llm_serve(args.url, requests, args.model, cfg.request_rate or float("inf"), cfg.burstiness,
+                                   cfg.max_concurrency or None, cfg.ignore_eos, cfg.warmup, slos,
+                                   args.api_key or os.environ.get("ROOFSERVE_API_KEY"), cfg.seed)
+    row["step"] = args.label
+    _table([row], ["completed", "failed", "duration", "request_throughput", "request_goodput", "output_throughput",
+                   "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "mean_e2el_ms"])
+    if cfg.result_format == "vllm":
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(vllm_result(row, results, args.model, requests), indent=1))
+        print(f"results: {args.out} (vllm bench serve's format)")
+    else:
+        concurrency = cfg.max_concurrency or len(requests)
+        rows = [row, *({"kind": "llm-request", "concurrency": concurrency, **r} for r in result_rows(results))]
+        _save(args.out, "bench llm-serve", {"url": args.url, "model": args.model, "label": args.label,
+                                            **as_dict(cfg)}, rows)
+    return 0 if row["completed"] else 1
 
 
 def cmd_bench_llm_engine(args: argparse.Namespace) -> int:
@@ -318,6 +368,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/llm-api.json")
     p.set_defaults(func=cmd_bench_llm)
 
+    p = bench.add_parser(
+        "llm-serve", help="vLLM's `bench serve` load: a dataset at a request rate, goodput, vLLM's result keys",
+        description="Send --num-prompts chat requests (synthetic prompts of exact token counts, or a ShareGPT "
+        "file with --dataset) to an OpenAI-compatible URL, arriving at --request-rate per second (Poisson, or "
+        "burstier with --burstiness below 1), at most --max-concurrency at a time. Prints and saves mean, "
+        "median, std and p50/p90/p99 of TTFT, TPOT, ITL and end-to-end latency under vLLM's key names, and "
+        "the goodput against --goodput targets. --result-format vllm writes the JSON of `vllm bench serve "
+        "--save-result`, so that rows from both tools sit side by side.",
+    )
+    p.add_argument("url", help="e.g. http://127.0.0.1:8001/v1/chat/completions")
+    add_config_args(p, LLMServeBenchConfig)
+    p.add_argument("--model", default="", help="model name to send (default: the server's own)")
+    p.add_argument("--api-key", default=None, help="the server's key (default: $ROOFSERVE_API_KEY)")
+    p.add_argument("--label", default="manual")
+    p.add_argument("--out", default="results/llm-serve.json")
+    p.set_defaults(func=cmd_bench_llm_serve)
+
     p = bench.add_parser("llm-engine", help="the serving engine in-process: prefill and decode tokens/s, no HTTP")
     p.add_argument("--config", metavar="TOML", help="config file with the server's settings")
     add_config_args(p, LLMConfig)
@@ -382,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/llm-sweep.json")
     p.add_argument("--report", default=None, metavar="DIR", help="also write the Markdown report into DIR")
     p.set_defaults(func=cmd_sweep_llm)
+
+    p = sub.add_parser("dataset", help="write synthetic chat requests as a ShareGPT-format JSON file",
+                       description="Prompts of exact token counts (message content) drawn from common words, "
+                       "lengths fixed or drawn from a uniform or normal distribution; readable by `roofserve bench "
+                       "llm-serve --dataset` and by vLLM's sharegpt dataset.")
+    add_config_args(p, LLMDatasetConfig)
+    p.add_argument("--out", default="results/dataset.json")
+    p.set_defaults(func=cmd_dataset)
 
     p = sub.add_parser("demo", help="serve the default classifier, classify examples, run the ladder, write a report")
     p.add_argument("--ladder", default="experiments/vision-cpu.toml")

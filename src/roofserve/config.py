@@ -303,6 +303,51 @@ class LLMLadderConfig(LLMLoadConfig):
 
 
 @dataclass
+class LLMDatasetConfig:
+    """Synthetic chat requests (load.datasets): `roofserve dataset`, and `bench llm-serve` without --dataset."""
+
+    num_prompts: int = _help("requests", default=100)
+    input_len: int = _help("mean prompt length in tokens (message content; the chat template adds a few)",
+                           default=128)
+    output_len: int = _help("mean output length in tokens (max_tokens)", default=DEFAULT_MAX_TOKENS)
+    len_dist: str = _help("how lengths vary: fixed, uniform or normal", default="fixed")
+    len_spread: float = _help("uniform: half-width, normal: standard deviation, as a fraction of the mean",
+                              default=0.25)
+    seed: int = _help("for the prompts' words, the lengths and the arrival times", default=0)
+
+    def validate(self) -> None:
+        _check_positive("num_prompts", self.num_prompts)
+        _check_positive("input_len", self.input_len)
+        _check_positive("output_len", self.output_len)
+        _check_choice("len_dist", self.len_dist, ("fixed", "uniform", "normal"))
+        if self.len_spread < 0:
+            raise UserError("len_spread must be >= 0")
+
+
+@dataclass
+class LLMServeBenchConfig(LLMDatasetConfig):
+    """`roofserve bench llm-serve`: vLLM's `bench serve` load against any OpenAI-compatible URL."""
+
+    dataset: str | None = _help("a ShareGPT-format JSON file (e.g. from `roofserve dataset`); without it, "
+                                "synthetic prompts", default=None)
+    request_rate: float = _help("requests per second (0: all at once)", default=0.0)
+    burstiness: float = _help("gamma shape of the arrival gaps: 1 is Poisson, below 1 burstier", default=1.0)
+    max_concurrency: int = _help("requests in flight at most (0: no bound)", default=0)
+    ignore_eos: bool = _help("ask for exactly max_tokens tokens (vLLM's extension)", default=True)
+    warmup: int = _help("requests sent first, one at a time, not recorded", default=1)
+    goodput: list[str] = _help("latency targets in ms, vLLM's syntax: ttft:200,tpot:50,e2el:2000",
+                               default_factory=list)
+    result_format: str = _help("roofserve (rows) or vllm (the JSON `vllm bench serve --save-result` writes)",
+                               default="roofserve")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.request_rate < 0 or self.burstiness <= 0 or self.max_concurrency < 0 or self.warmup < 0:
+            raise UserError("request_rate and max_concurrency must be >= 0, burstiness > 0, warmup >= 0")
+        _check_choice("result_format", self.result_format, ("roofserve", "vllm"))
+
+
+@dataclass
 class LLMEngineBenchConfig:
     """`roofserve bench llm-engine`: the serving engine in-process, no HTTP."""
 

@@ -29,6 +29,8 @@ ROW_SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "llm-api": {"concurrency": (int,), "requests": (int,), "ok": (int,), "errors": (int,),
                 "decode_tokens_per_s": OPT_NUM, "ttft_ms_p50": OPT_NUM, "tpot_ms_p50": OPT_NUM},
     "llm-request": {"concurrency": (int,), "ok": (bool,), "ttft_ms": OPT_NUM},
+    "llm-serve": {"num_prompts": (int,), "completed": (int,), "duration": NUM, "request_throughput": OPT_NUM,
+                  "mean_ttft_ms": OPT_NUM, "mean_tpot_ms": OPT_NUM},
     "llm-engine": {"prompt": (str,), "prompt_tokens": (int,), "ttft_ms": NUM, "decode_tokens_per_s": OPT_NUM},
     "soak": {"server": (str,), "requests": (int,), "passed": (bool,)},
     "soak-case": {"server": (str,), "case": (str,), "good": (bool,), "requests": (int,)},
@@ -38,7 +40,7 @@ ROW_SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
 }
 # command -> the suite its rows belong to
 SUITES = {"peak": "machine", "bench vision-model": "vision", "bench vision-api": "vision", "sweep vision": "vision",
-          "bench llm": "llm", "bench llm-engine": "llm", "sweep llm": "llm", "bench soak": "soak",
+          "bench llm": "llm", "bench llm-engine": "llm", "sweep llm": "llm", "bench soak": "soak", "bench llm-serve": "llm",
           "bench crowd": "soak"}
 
 

@@ -122,6 +122,27 @@ def test_an_alias_is_served_and_another_model_is_openais_404(url, client):
         client.completions.create(model="gpt-4o", prompt="x", max_tokens=2)
 
 
+def test_bench_llm_serve_sends_exact_lengths_at_a_rate_and_writes_vllms_keys(url, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "serve.json"
+    args = [sys.executable, "-m", "roofserve", "bench", "llm-serve", url + "/v1/chat/completions", "--num-prompts", "6",
+            "--input-len", "40", "--output-len", "6", "--request-rate", "20", "--max-concurrency", "2",
+            "--goodput", "ttft:60000,e2el:60000", "--result-format", "vllm", "--model", MODEL, "--out", str(out)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["completed"] == 6 and result["total_output_tokens"] == 36 and result["request_rate"] == 20
+    assert result["request_goodput"] == result["request_throughput"] > 0  # every request within generous targets
+    for key in ("mean_ttft_ms", "median_tpot_ms", "std_itl_ms", "p99_e2el_ms", "total_token_throughput"):
+        assert result[key] > 0, key
+    # 40 tokens of content each (synthetic words are one token apiece) plus the chat template's fixed part
+    probe = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": ""}]}).json()["count"]
+    assert result["input_lens"] == [40 + probe] * 6 and result["output_lens"] == [6] * 6
+
+
 def test_unsupported_fields_are_named_in_a_400_and_neutral_values_pass(url):
     refused = {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}], "logprobs": True,
                "response_format": {"type": "json_object"}, "presence_penalty": 0.5, "top_k": 5}

@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from roofserve.config import LLMLoadConfig
+from roofserve.errors import UserError
+from roofserve.load.datasets import ChatRequest
 from roofserve.load.http import Connection
 from roofserve.load.sse import SSEParser
 from roofserve.load.strategies import percentile
@@ -195,3 +197,122 @@ def bench_llm_levels(url: str, model: str, load: LLMLoadConfig, api_key: str | N
 
 def result_rows(results: list[StreamResult]) -> list[dict]:
     return [{k: v for k, v in asdict(r).items() if k != "itl_ms"} | {"tpot_ms": r.tpot_ms} for r in results]
+
+
+def parse_goodput(specs: list[str]) -> dict[str, float]:
+    """vLLM's --goodput syntax: ["ttft:200", "tpot:50", "e2el:2000"] (ms) -> {"ttft": 200.0, ...}."""
+    slos = {}
+    for spec in specs:
+        name, _, value = spec.partition(":")
+        if name not in GOODPUT_METRICS:
+            raise UserError(f"--goodput {spec!r}: the metric must be one of {', '.join(GOODPUT_METRICS)}")
+        try:
+            slos[name] = float(value)
+        except ValueError:
+            raise UserError(f"--goodput {spec!r}: expected METRIC:MILLISECONDS, e.g. ttft:200") from None
+    return slos
+
+
+GOODPUT_METRICS = ("ttft", "tpot", "e2el")
+
+
+def _meets(r: StreamResult, slos: dict[str, float]) -> bool:
+    values = {"ttft": r.ttft_ms, "tpot": r.tpot_ms or 0.0, "e2el": r.e2e_ms}
+    return r.ok and all(values[name] is not None and values[name] <= limit for name, limit in slos.items())
+
+
+def serve_stats(results: list[StreamResult], wall_s: float, slos: dict[str, float],
+                percentiles: tuple[int, ...] = (50, 90, 99)) -> dict:
+    """The numbers `vllm bench serve` prints, under its key names (ms; throughputs per second)."""
+    ok = [r for r in results if r.ok]
+    total_in = sum(r.prompt_tokens or 0 for r in ok)
+    total_out = sum(r.output_tokens or 0 for r in ok)
+    out = {"duration": round(wall_s, 3), "completed": len(ok), "failed": len(results) - len(ok),
+           "total_input_tokens": total_in, "total_output_tokens": total_out,
+           "request_throughput": round(len(ok) / wall_s, 3) if wall_s else None,
+           "request_goodput": round(sum(_meets(r, slos) for r in ok) / wall_s, 3) if slos and wall_s else None,
+           "output_throughput": round(total_out / wall_s, 2) if wall_s else None,
+           "total_token_throughput": round((total_in + total_out) / wall_s, 2) if wall_s else None}
+    series = {"ttft": [r.ttft_ms for r in ok], "tpot": [r.tpot_ms for r in ok if r.tpot_ms is not None],
+              "itl": [x for r in ok for x in r.itl_ms], "e2el": [r.e2e_ms for r in ok]}
+    for name, values in series.items():
+        out[f"mean_{name}_ms"] = round(statistics.fmean(values), 3) if values else None
+        out[f"median_{name}_ms"] = round(statistics.median(values), 3) if values else None
+        out[f"std_{name}_ms"] = round(statistics.pstdev(values), 3) if values else None
+        for q in percentiles:
+            out[f"p{q}_{name}_ms"] = round(percentile(values, q), 3) if values else None
+    return out
+
+
+def bench_llm_serve(url: str, requests: list[ChatRequest], model: str = "", rate: float = float("inf"),
+                    burstiness: float = 1.0, max_concurrency: int | None = None, ignore_eos: bool = True,
+                    warmup: int = 1, slos: dict[str, float] | None = None, api_key: str | None = None,
+                    seed: int = 0, progress: bool = True) -> tuple[dict, list[StreamResult]]:
+    """`vllm bench serve`'s load: the requests arrive at `rate` per second, the gaps drawn from a gamma
+    distribution of shape `burstiness` (1: Poisson; below 1 burstier; inf rate: all at once), with at most
+    `max_concurrency` in flight (the others wait, their clocks not yet started). A request's times run from
+    when it is sent. `warmup` requests go first, one at a time, unrecorded."""
+    import random
+
+    parts = urlsplit(url)
+    base, path = f"http://{parts.netloc}", parts.path or "/v1/chat/completions"
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    bodies = [json.dumps(make_body(model, r.prompt, r.max_tokens, ignore_eos)).encode() for r in requests]
+    rng = random.Random(seed)
+    gaps = [0.0 if rate == float("inf") else rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+            for _ in requests]
+
+    async def run() -> tuple[list[StreamResult], float]:
+        idle: list[Connection] = []
+        limit = asyncio.Semaphore(max_concurrency or len(requests))
+        bar = tqdm(total=len(requests), desc="llm serve", disable=None if progress else True, leave=False)
+        results: list[StreamResult | None] = [None] * len(requests)
+
+        async def one(i: int) -> None:
+            async with limit:
+                conn = idle.pop() if idle else Connection(base, timeout_s=600)
+                results[i] = await stream_one(conn, path, bodies[i], headers)
+                idle.append(conn)
+                bar.update()
+
+        for body in bodies[:warmup]:
+            conn = idle.pop() if idle else Connection(base, timeout_s=600)
+            await stream_one(conn, path, body, headers)
+            idle.append(conn)
+        start = time.perf_counter()
+        tasks = []
+        for i, gap in enumerate(gaps):
+            if gap:
+                await asyncio.sleep(gap)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - start
+        bar.close()
+        await asyncio.gather(*(c.close() for c in idle))
+        return results, wall
+
+    results, wall = asyncio.run(run())
+    row = {"kind": "llm-serve", "url": url, "num_prompts": len(requests),
+           "request_rate": None if rate == float("inf") else rate,  # None: all at once
+           "burstiness": burstiness, "max_concurrency": max_concurrency, "ignore_eos": ignore_eos,
+           "goodput_slos_ms": slos or {}, **serve_stats(results, wall, slos or {})}
+    return row, results
+
+
+def vllm_result(row: dict, results: list[StreamResult], model: str, requests: list[ChatRequest]) -> dict:
+    """The JSON `vllm bench serve --save-result` writes: its summary keys, and per request input and
+    output lengths, TTFT and ITLs in seconds, and errors."""
+    import datetime as dt
+
+    keep = {k: v for k, v in row.items() if k not in ("kind", "url", "ignore_eos", "goodput_slos_ms", "failed")}
+    return {"date": dt.datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": "openai-chat", "model_id": model,
+            "tokenizer_id": model, **keep, "request_rate": row["request_rate"] or "inf",
+            "input_lens": [r.prompt_tokens or 0 for r in results],
+            "output_lens": [r.output_tokens or 0 for r in results],
+            "ttfts": [(r.ttft_ms or 0.0) / 1e3 for r in results],
+            "itls": [[x / 1e3 for x in r.itl_ms] for r in results],
+            "generated_texts": [""] * len(results), "errors": [r.error or "" for r in results],
+            "roofserve": {"note": "written by roofserve bench llm-serve --result-format vllm",
+                          "max_tokens": [r.max_tokens for r in requests]}}
