@@ -34,6 +34,12 @@ class App:
         if scope["type"] != "http":
             return
         path = scope["path"]
+        if path == "/early":  # answers without reading the body, as a 413 from Content-Length does
+            body = b'{"error": "too big"}'
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
+            await send({"type": "http.response.body", "body": body})
+            return
         if path == "/hold":
             while not self.release.is_set():
                 await asyncio.sleep(0.02)
@@ -201,3 +207,19 @@ def test_a_client_that_stops_reading_a_stream_is_cut_and_the_app_sees_it_leave(s
     assert _closed(port)["slow_reader"] == before["slow_reader"] + 1
     sock.close()
     assert connections.REGISTRY.metrics_lines()[1].startswith("roofserve_connections_open")
+
+
+def test_an_answer_before_the_body_is_read_closes_the_connection_without_losing_the_answer(served):
+    _, url, port = served
+    with httpx.Client(timeout=10) as client:  # a keep-alive client must not reuse the connection
+        for _ in range(20):
+            response = client.post(url + "/early", content=b"x" * 3_000_000)
+            assert response.status_code == 413 and response.headers["connection"] == "close"
+    sock = _connect(port)
+    sock.sendall(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+    sock.settimeout(5)
+    answer = sock.recv(4096)
+    assert _status(answer) == 413
+    sock.sendall(b"x" * 5000)  # still sending: the server reads and drops it, then closes (no reset)
+    sock.shutdown(socket.SHUT_WR)
+    assert _read_until_closed(sock, 5) == b""

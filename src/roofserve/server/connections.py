@@ -111,6 +111,19 @@ def _raw_response(status: int, message: str) -> bytes:
     return head.encode() + body
 
 
+class _CycleTransport:
+    """The transport as one request's uvicorn cycle sees it: closing goes through the protocol."""
+
+    def __init__(self, protocol: GuardedHttpProtocol, cycle) -> None:
+        self._protocol, self._cycle, self._transport = protocol, cycle, protocol.transport
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._protocol.close_after_response(self._cycle)
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the phases, timers and bounds described in the module doc.
     uvicorn builds one per connection: `functools.partial(GuardedHttpProtocol, limits=...)`."""
@@ -256,6 +269,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.progress_at = self.loop.time()
         self._arm(self.limits.body_timeout_s, "body_timeout")
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is None or self._closed:
+            return
+        # An answer sent before the body is all in (413, 401, ...) says `connection: close`, and the close
+        # lingers: a client that reused the connection, or one still sending, must not lose the answer.
+        cycle.transport = _CycleTransport(self, cycle)
+        send = cycle.send
+
+        async def send_closing_if_body_unread(message) -> None:
+            if message["type"] == "http.response.start" and cycle.more_body:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        cycle.send = send_closing_if_body_unread
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
@@ -268,16 +295,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._reason = None
 
     def on_response_complete(self) -> None:
-        body_unread = self.phase == BODY  # answered before its body was in (e.g. 413): do not read the rest
         if self.phase == APP:
             self.phase = IDLE
             self.progress_at = self.loop.time()
         super().on_response_complete()
-        if body_unread and not self._closed:
-            self._closed = True
-            REGISTRY.forget(self)
-            self._reason = None
-            self._linger()
+
+    def close_after_response(self, cycle) -> None:
+        """uvicorn closes after a `connection: close` answer: at once, or lingering if the body is unread."""
+        if not cycle.more_body or self._closed:
+            self.transport.close()
+            return
+        self._closed = True
+        REGISTRY.forget(self)
+        self._reason = None
+        self._linger()
 
     def timeout_keep_alive_handler(self) -> None:
         if not self._closed:
