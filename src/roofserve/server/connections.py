@@ -167,13 +167,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         linger: the client may still be sending; see _linger."""
         if self._closed:
             return
-        self._closed = True
+        self._release()
         REGISTRY.closed[reason] += 1
-        REGISTRY.forget(self)
-        self._reason = None
-        for timer in (self._timer, self._write_timer):
-            if timer is not None:
-                timer.cancel()
         cycle = self.cycle
         if status is not None and not (cycle is not None and cycle.response_started and not cycle.response_complete):
             self.transport.write(_raw_response(status, message))
@@ -185,6 +180,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._linger()
         else:
             self.transport.close()
+
+    def _release(self) -> None:
+        """Leave the registry and stop the timers: a pending timer would hold this connection (and the
+        request body its cycle buffers) in memory until it fires."""
+        self._closed = True
+        REGISTRY.forget(self)
+        self._reason = None
+        for timer in (self._timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._write_timer = None
 
     def _linger(self) -> None:
         """Send FIN after the answer and discard what still comes, closing at the client's FIN or after
@@ -205,7 +211,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer_bytes)
         transport.set_write_buffer_limits(high=self.limits.send_buffer_bytes)
         if not REGISTRY.admit(self):
-            self._closed = True
+            self._closed = True  # never registered, no timer yet
             REGISTRY.closed["refused_at_limit"] += 1
             transport.write(_raw_response(503, "server at its connection limit; retry shortly"))
             self._linger()
@@ -213,12 +219,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._arm(self.limits.header_timeout_s, "header_timeout")  # a connection that never sends a request
 
     def connection_lost(self, exc) -> None:
-        if not self._closed:
-            self._closed = True
-            REGISTRY.forget(self)
-            for timer in (self._timer, self._write_timer):
-                if timer is not None:
-                    timer.cancel()
+        self._release()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -305,9 +306,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if not cycle.more_body or self._closed:
             self.transport.close()
             return
-        self._closed = True
-        REGISTRY.forget(self)
-        self._reason = None
+        self._release()
         self._linger()
 
     def timeout_keep_alive_handler(self) -> None:
