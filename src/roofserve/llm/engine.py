@@ -67,7 +67,8 @@ class Engine:
             self._step = compile_step(self)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
-        out = self.model(input_ids=ids, cache=cache, cache_position=positions, use_cache=True)
+        # logits_to_keep=1: the LM head (49152 x 576 for SmolLM2) runs on the last position only
+        out = self.model(input_ids=ids, cache=cache, cache_position=positions, use_cache=True, logits_to_keep=1)
         return out.logits, getattr(out, "cache", None) or out.past_key_values
 
     def _decode_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -152,8 +153,10 @@ def compile_step(engine: Engine):
         return torch.compile(engine._steps, mode="reduce-overhead", fullgraph=True, dynamic=False)
     inductor.freezing = True
     inductor.cpp_wrapper = True
-    if engine.attention == "auto":
-        engine.model.set_attn_implementation("eager")
+    if engine.attention == "auto":  # eager for the step (inductor fuses it); prompts see only the filled cache
+        from roofserve.llm.kernels import use_prompt_attention
+
+        use_prompt_attention(engine.model)
     options = {"guard_filter_fn": _skip_module_and_cache_guards}
     return torch.compile(engine._steps, fullgraph=True, dynamic=False, options=options)
 

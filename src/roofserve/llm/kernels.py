@@ -366,25 +366,49 @@ def use_gemv_kernel(model: torch.nn.Module, max_rows: int = 1) -> int:
     return swapped
 
 
+def prompt_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers' eager attention, but a batch-1 prompt over a static cache attends only to the
+    filled part: the cache is max_seq_len long (2048 keys) while a 64-token prompt fills 64, and eager
+    attention over all of them cost more than a third of the prompt's compute here."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    position = kwargs.get("cache_position")
+    if query.shape[0] == 1 and query.shape[2] > 1 and position is not None and position.numel() == query.shape[2]:
+        end = int(position[-1]) + 1  # the cache's filled length after this prompt (one host read per layer)
+        if end < key.shape[2]:
+            key, value = key[:, :, :end], value[:, :, :end]
+            if attention_mask is not None:
+                attention_mask = attention_mask[..., :end]
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
 def decode_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """A transformers attention function (registered as "roofserve"): one bf16 CPU query at batch size
     1 with a cache position (our engine's decode step) goes to the kernel; anything else (prompts,
-    batches, masks with padding) to transformers' eager attention."""
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
+    batches, masks with padding) to prompt_attention."""
     position = kwargs.get("cache_position")
     if (query.shape[0] == 1 and query.shape[2] == 1 and position is not None and position.numel() == 1
             and query.dtype == torch.bfloat16 and query.device.type == "cpu"):
         return torch.ops.roofserve.decode_attention(query, key, value, position, scaling), None
-    return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    return prompt_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
 
 def use_decode_attention(model: torch.nn.Module) -> None:
     """Make the model's attention layers call decode_attention."""
+    load_kernel()
+    _register("roofserve", decode_attention)
+    model.set_attn_implementation("roofserve")
+
+
+def use_prompt_attention(model: torch.nn.Module) -> None:
+    """Eager attention whose prompts attend only to the filled cache (what the compiled CPU step uses)."""
+    _register("roofserve-eager", prompt_attention)
+    model.set_attn_implementation("roofserve-eager")
+
+
+def _register(name: str, fn) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    load_kernel()
-    AttentionInterface.register("roofserve", decode_attention)
-    AttentionMaskInterface.register("roofserve", eager_mask)  # prompts go to eager attention: its mask
-    model.set_attn_implementation("roofserve")
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, eager_mask)  # the mask eager attention takes

@@ -123,7 +123,7 @@ def llm_cases(max_seq_len: int, max_payload_bytes: int) -> list[Case]:
         Case("stream, client leaves", True, _stream_and_leave),
         Case("chat with stop string", True, _post(chat, json={"messages": hello, "max_tokens": 8, "stop": ["."]})),
         Case("malformed json", False, _post(chat, content=b"{oops", headers={"Content-Type": "application/json"})),
-        Case("no messages", False, _post(chat, json={"model": "x"})),
+        Case("no messages", False, _post(chat, json={"max_tokens": 8})),
         Case("unknown role", False, _post(chat, json={"messages": [{"role": "wizard", "content": "hi"}]})),
         Case("max_tokens a string", False, _post(chat, json={"messages": hello, "max_tokens": "10"})),
         Case("temperature too high", False, _post(chat, json={"messages": hello, "temperature": 5})),
