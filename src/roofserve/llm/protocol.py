@@ -134,12 +134,18 @@ def _common(doc: dict, cfg: LLMConfig) -> dict:
     }
 
 
-def validate_chat_request(doc: object, cfg: LLMConfig, served: tuple[str, ...]) -> dict:
-    """POST /v1/chat/completions, checked and normalised; raises HTTPException(400/404) with what is wrong."""
+def _request(doc: object, supported: set[str], served: tuple[str, ...]) -> dict:
+    """A JSON object with only supported (or neutral) fields, for a model this server serves."""
     if not isinstance(doc, dict):
         raise bad("the body must be a JSON object")
-    check_fields(doc, CHAT_FIELDS)
+    check_fields(doc, supported)
     check_model(doc, served)
+    return doc
+
+
+def validate_chat_request(doc: object, cfg: LLMConfig, served: tuple[str, ...]) -> dict:
+    """POST /v1/chat/completions, checked and normalised; raises HTTPException(400/404) with what is wrong."""
+    doc = _request(doc, CHAT_FIELDS, served)
     return {"route": "chat", "messages": check_messages(doc.get("messages")), **_common(doc, cfg)}
 
 
@@ -158,19 +164,13 @@ def _prompt(prompt: object) -> str | list[int]:
 
 def validate_completion_request(doc: object, cfg: LLMConfig, served: tuple[str, ...]) -> dict:
     """POST /v1/completions, checked and normalised."""
-    if not isinstance(doc, dict):
-        raise bad("the body must be a JSON object")
-    check_fields(doc, COMPLETION_FIELDS)
-    check_model(doc, served)
+    doc = _request(doc, COMPLETION_FIELDS, served)
     return {"route": "completions", "prompt": _prompt(doc.get("prompt")), **_common(doc, cfg)}
 
 
 def validate_tokenize_request(doc: object, served: tuple[str, ...]) -> dict:
     """POST /tokenize in vLLM's shape: a prompt, or chat messages (through the chat template)."""
-    if not isinstance(doc, dict):
-        raise bad("the body must be a JSON object")
-    check_fields(doc, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"})
-    check_model(doc, served)
+    doc = _request(doc, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"}, served)
     if ("prompt" in doc) == ("messages" in doc):
         raise bad("send either 'prompt' or 'messages'")
     for flag in ("add_special_tokens", "add_generation_prompt"):
@@ -184,10 +184,7 @@ def validate_tokenize_request(doc: object, served: tuple[str, ...]) -> dict:
 
 
 def validate_detokenize_request(doc: object, served: tuple[str, ...], vocab_size: int) -> list[int]:
-    if not isinstance(doc, dict):
-        raise bad("the body must be a JSON object")
-    check_fields(doc, {"model", "tokens"})
-    check_model(doc, served)
+    doc = _request(doc, {"model", "tokens"}, served)
     tokens = doc.get("tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise bad("'tokens' must be a list of token ids")
