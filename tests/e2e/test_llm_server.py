@@ -1,6 +1,8 @@
 """The real LLM server as a subprocess, driven by the official openai client and by raw HTTP: every test
 runs against the one-at-a-time server and against the continuous batch (--max-batch-size 4), whose
-per-request behaviour (limits, stop strings, seeds, usage, disconnects, errors) must be the same."""
+per-request behaviour (limits, stop strings, seeds, usage, disconnects, errors) must be the same;
+tests marked ONCE check what only the HTTP process does (routes, validation, the tokenizer, the bench
+client) and run against the one-at-a-time server alone."""
 
 import httpx
 import openai
@@ -19,6 +21,9 @@ def url(request):
                          "--max-batch-size", str(request.param), "--send-buffer-bytes", "2048",
                          "--slow-reader-timeout-s", "2", "--served-model-name", f"{MODEL},smol"]) as url:
         yield url
+
+
+ONCE = pytest.mark.parametrize("url", [1], indirect=True, ids=["one-at-a-time"])
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +103,7 @@ def test_stream_options_include_usage_adds_openais_usage_chunk(client):
     assert chunks[-2].choices[0].finish_reason == "length"
 
 
+@ONCE
 def test_tokenize_and_detokenize_in_vllms_shapes(url, client, tokenizer):
     done = httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": "Hello there"}, timeout=60).json()
     assert done["tokens"] == tokenizer("Hello there")["input_ids"] and done["count"] == len(done["tokens"])
@@ -112,6 +118,7 @@ def test_tokenize_and_detokenize_in_vllms_shapes(url, client, tokenizer):
     assert httpx.get(url + "/version").json()["version"]
 
 
+@ONCE
 def test_an_alias_is_served_and_another_model_is_openais_404(url, client):
     assert client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=2).model == MODEL
     response = httpx.post(url + "/v1/chat/completions", json={"model": "gpt-4o", "messages": QUESTION})
@@ -122,6 +129,7 @@ def test_an_alias_is_served_and_another_model_is_openais_404(url, client):
         client.completions.create(model="gpt-4o", prompt="x", max_tokens=2)
 
 
+@ONCE
 def test_bench_llm_serve_sends_exact_lengths_at_a_rate_and_writes_vllms_keys(url, tmp_path):
     import json
     import subprocess
@@ -143,6 +151,7 @@ def test_bench_llm_serve_sends_exact_lengths_at_a_rate_and_writes_vllms_keys(url
     assert result["input_lens"] == [40 + probe] * 6 and result["output_lens"] == [6] * 6
 
 
+@ONCE
 def test_unsupported_fields_are_named_in_a_400_and_neutral_values_pass(url):
     refused = {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}], "logprobs": True,
                "response_format": {"type": "json_object"}, "presence_penalty": 0.5, "top_k": 5}
@@ -256,8 +265,18 @@ def test_metrics_count_tokens_and_time_to_first_token(url, client):
     assert metric(url, "roofserve_time_per_output_token_seconds_count") >= 1
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"])
-def test_fuzzed_requests_never_get_5xx(url, path):
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_fuzzed_generation_requests_never_get_5xx(url, path):
+    _fuzz(url, path)
+
+
+@ONCE
+@pytest.mark.parametrize("path", ["/tokenize", "/detokenize"])
+def test_fuzzed_tokenizer_requests_never_get_5xx(url, path):
+    _fuzz(url, path)
+
+
+def _fuzz(url: str, path: str) -> None:
     import json
 
     from hypothesis import HealthCheck, given, settings

@@ -21,7 +21,7 @@ SHORT_TIMEOUTS = "--header-timeout-s 2 --body-timeout-s 2"
 def test_soak_has_no_5xx_refuses_every_bad_request_and_keeps_memory_flat(tmp_path, server, server_args):
     out = tmp_path / "soak.json"
     run = subprocess.run([sys.executable, "-m", "roofserve", "bench", "soak", server, "--server-args", server_args,
-                          "--duration-s", "15", "--warmup-s", "5", "--concurrency", "3", "--stalled", "200",
+                          "--duration-s", "9", "--warmup-s", "3", "--concurrency", "3", "--stalled", "200",
                           "--out", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
