@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -23,11 +22,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from roofserve.config import LLMConfig
 from roofserve.llm.engine import Sampling
-from roofserve.llm.protocol import Formatter, bad, validate_chat_request, validate_completion_request
+from roofserve.llm.protocol import Formatter, parse_body, validate_chat_request, validate_completion_request
 from roofserve.llm.text import Coalescer, TextStream, coalesce
-from roofserve.server.lit import StepLoop
 from roofserve.server.app import worker_threads
-from roofserve.server.http import Rejection, error_response, parse_json
+from roofserve.server.http import Rejection, error_response
+from roofserve.server.lit import StepLoop
 
 log = logging.getLogger(__name__)
 _CANCEL_SLOTS = 64
@@ -67,10 +66,7 @@ class LLMAPI(ls.LitAPI):
     async def read_payload(self, request: Request, body: bytes) -> dict:
         if request.headers.get("content-type", "").split(";")[0].strip().lower() not in ("application/json", ""):
             raise HTTPException(415, "send the request as application/json")
-        try:
-            doc = parse_json(body)
-        except ValueError as e:
-            raise bad(str(e)) from None
+        doc = parse_body(body)
         if request.url.path == "/v1/completions":
             return validate_completion_request(doc, self.cfg, self.served)
         return validate_chat_request(doc, self.cfg, self.served)

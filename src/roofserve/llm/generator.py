@@ -7,6 +7,12 @@ from collections.abc import Callable, Iterator
 from roofserve.llm.text import stream_text
 
 
+def chat_template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Messages through the model's chat template, as ids (what generation and /tokenize both use)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 class Generator:
     """What a worker serves with: a tokenizer, a chat template, and `tokens()`."""
 
@@ -14,8 +20,7 @@ class Generator:
     stop_ids: set[int] = set()
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return chat_template_ids(self.tokenizer, messages)
 
     def text_ids(self, text: str) -> list[int]:
         """A raw prompt (/v1/completions) as ids: no chat template."""

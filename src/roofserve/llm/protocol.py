@@ -14,7 +14,7 @@ import secrets
 from fastapi import HTTPException
 
 from roofserve.config import LLMConfig
-from roofserve.server.http import APIError, error_body
+from roofserve.server.http import APIError, error_body, parse_json
 
 ROLES = ("system", "user", "assistant")
 # Fields that change nothing (informational), and fields we do not implement with the values that
@@ -32,6 +32,14 @@ COMPLETION_FIELDS = {"prompt", "model", "max_tokens", "temperature", "top_p", "s
 
 def bad(message: str) -> HTTPException:
     return HTTPException(400, message)
+
+
+def parse_body(body: bytes) -> object:
+    """The request body as JSON, or a 400 that says why not."""
+    try:
+        return parse_json(body)
+    except ValueError as e:
+        raise bad(str(e)) from None
 
 
 def check_fields(doc: dict, supported: set[str]) -> None:

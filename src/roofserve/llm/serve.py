@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import logging
-
 import asyncio
 import functools
+import logging
 
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 
 from roofserve.config import LLMConfig
+from roofserve.llm.generator import chat_template_ids
 from roofserve.llm.preflight import preflight
-from roofserve.llm.protocol import bad, validate_detokenize_request, validate_tokenize_request
+from roofserve.llm.protocol import parse_body, validate_detokenize_request, validate_tokenize_request
 from roofserve.server.app import make_server, run_server
-from roofserve.server.http import parse_json, read_body
 from roofserve.server.env import reexec_with, tuned_environ
+from roofserve.server.http import read_body
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,13 @@ def serve(cfg: LLMConfig) -> None:
     tokenizer = _Tokenizer(cfg.model)
 
     async def tokenize(request: Request) -> JSONResponse:
-        doc = _json(await read_body(request, cfg.max_payload_bytes))
+        doc = parse_body(await read_body(request, cfg.max_payload_bytes))
         spec = validate_tokenize_request(doc, api.served)
         ids = await tokenizer.run(_tokenize, spec)
         return JSONResponse({"count": len(ids), "max_model_len": cfg.max_seq_len, "tokens": ids})
 
     async def detokenize(request: Request) -> JSONResponse:
-        doc = _json(await read_body(request, cfg.max_payload_bytes))
+        doc = parse_body(await read_body(request, cfg.max_payload_bytes))
         vocab = await tokenizer.run(len)
         ids = validate_detokenize_request(doc, api.served, vocab)
         return JSONResponse({"prompt": await tokenizer.run(lambda t: t.decode(ids))})
@@ -68,18 +68,9 @@ def serve(cfg: LLMConfig) -> None:
     run_server(server, cfg)
 
 
-def _json(body: bytes) -> object:
-    try:
-        return parse_json(body)
-    except ValueError as e:
-        raise bad(str(e)) from None
-
-
 def _tokenize(tokenizer, spec: dict) -> list[int]:
     if "messages" in spec:
-        ids = tokenizer.apply_chat_template(spec["messages"], add_generation_prompt=spec["add_generation_prompt"],
-                                            tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return chat_template_ids(tokenizer, spec["messages"], spec["add_generation_prompt"])
     return list(tokenizer(spec["prompt"], add_special_tokens=spec["add_special_tokens"])["input_ids"])
 
 
