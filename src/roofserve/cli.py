@@ -47,6 +47,8 @@ def _save(out: str, command: str, config: dict, rows: list[dict]) -> None:
 
 
 def _table(rows: list[dict], columns: list[str]) -> None:
+    if not rows:
+        return
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in rows:
@@ -120,9 +122,13 @@ def cmd_bench_vision_model(args: argparse.Namespace) -> int:
     rows = [] if args.no_peak else [p.row() for p in measure_peaks(device)]
     rows += measure_ceilings(args.model, args.weights, device.type, ceilings, example_images(args.images), rows)
     _table([r for r in rows if r["kind"] == "vision-model"],
-           ["precision", "batch_size", "img_per_s", "achieved_tflops", "mfu", "compute_roof_img_per_s"])
+           ["runtime", "precision", "batch_size", "img_per_s", "achieved_tflops", "mfu", "compute_roof_img_per_s"])
+    _table([r for r in rows if r["kind"] == "vision-accuracy"],
+           ["runtime", "precision", "top1_agree", "animal_agree", "photos", "mean_abs_prob_diff", "passed"])
+    _table([r for r in rows if r["kind"] == "vision-decode"],
+           ["image", "format", "width", "height", "progressive", "bytes", "decode_ms"])
     _table([r for r in rows if r["kind"] == "vision-pipeline"],
-           ["precision", "batch_size", "lanes", "threads", "img_per_s", "decode_ms_per_image"])
+           ["runtime", "precision", "batch_size", "lanes", "threads", "img_per_s", "decode_ms_per_image"])
     config = {"model": args.model, "weights": args.weights, "device": device.type, **as_dict(ceilings)}
     _save(args.out, "bench vision-model", config, rows)
     return 0
@@ -475,9 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    from roofserve.server.env import LOG_FORMAT
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # a line per request
     try:
         if args.command in ("bench", "sweep", "demo", "peak"):

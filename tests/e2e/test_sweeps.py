@@ -19,7 +19,8 @@ def test_vision_sweep_of_two_steps_writes_rows_and_report(tmp_path):
     ladder = tmp_path / "ladder.toml"
     ladder.write_text(
         '[bench]\nconcurrency = [1, 4]\nrequests = 24\nwarmup = 2\npayload = "base64"\n'
-        '[model]\nprecisions = ["fp32"]\nbatch_sizes = [1, 4]\npipeline_batch_sizes = [4]\npipeline_precision = "fp32"\n'
+        '[model]\nruntimes = ["torch", "openvino"]\nprecisions = ["fp32"]\nbatch_sizes = [1, 4]\nrounds = 2\n'
+        'pipeline_batch_sizes = [4]\npipeline_runtime = "torch"\npipeline_precision = "fp32"\n'
         "min_time_s = 0.2\n"
         '[server]\nworkers_per_device = 1\nmax_batch_size = 1\nprecision = "fp32"\n'
         '[[step]]\nname = "one"\n[[step]]\nname = "two"\nserver = { max_batch_size = 4 }\npayload = "raw"\n'
@@ -33,9 +34,16 @@ def test_vision_sweep_of_two_steps_writes_rows_and_report(tmp_path):
     assert api[2]["config"]["max_batch_size"] == 4 and api[2]["payload"] == "raw"
     meta = json.loads(out.read_text())["meta"]
     assert meta["versions"]["torch"] and meta["machine"]["cores"]
+    model = [(r["runtime"], r["batch_size"], len(r["rounds_img_per_s"])) for r in rows if r["kind"] == "vision-model"]
+    assert model == [("torch", 1, 2), ("torch", 4, 2), ("openvino", 1, 2), ("openvino", 4, 2)]
+    guard = [(r["runtime"], r["precision"], r["passed"]) for r in rows if r["kind"] == "vision-accuracy"]
+    assert guard == [("torch", "fp32", True), ("openvino", "fp32", True)]
+    assert {r["lanes"] for r in rows if r["kind"] == "vision-pipeline"} == {1, 2}
+    assert len([r for r in rows if r["kind"] == "vision-decode"]) == 6
     report = (tmp_path / "report" / "report.md").read_text()
     best_two = max(r["req_per_s"] for r in api if r["step"] == "two")
     assert f"| two | {format_value(best_two)} |" in report  # as the report prints it, however fast the machine
+    assert "| openvino fp32 |" in report and "pass: top-1 20/20" in report
     for png in ("vision_throughput.png", "vision_latency.png", "vision_model.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
 

@@ -111,3 +111,32 @@ def test_lying_content_length_is_refused_before_reading(url):
         # the server answers from the header alone; the rest of the body is never sent
         answer = sock.recv(4096).decode()
     assert answer.startswith("HTTP/1.1 413")
+
+
+def test_int8_server_on_onnxruntime_answers_like_fp32(images):
+    """Another runtime behind the same API: int8 ONNX Runtime answers the reference photos, says what runs,
+    and its worker ran the accuracy guard at start."""
+    pytest.importorskip("onnxruntime")
+    from roofserve.load.process import start_server, stop_process_group
+
+    server = start_server(["vision", "--runtime", "onnxruntime", "--precision", "int8", "--workers-per-device", "1",
+                           "--max-batch-size", "4"])
+    try:
+        for name in EXPECTED:
+            ctype = "image/png" if name == "chelsea" else "image/jpeg"
+            _check(name, httpx.post(server.url + "/predict", content=images[name], headers={"Content-Type": ctype}))
+        config = httpx.get(server.url + "/info").json()["model"]["config"]
+        assert (config["runtime"], config["precision"]) == ("onnxruntime", "int8")
+        bad = httpx.post(server.url + "/predict", content=b"hello", headers={"Content-Type": "image/jpeg"})
+        assert bad.status_code == 400 and "not an image" in bad.text
+        assert "accuracy guard passed" in server.log_tail(20000)
+    finally:
+        stop_process_group(server.proc)
+
+
+def test_default_runtime_is_recorded(url):
+    """auto resolved in /info: results say which runtime and precision ran."""
+    from roofserve.vision.runtimes import RUNTIMES
+
+    config = httpx.get(url + "/info").json()["model"]["config"]
+    assert config["runtime"] in RUNTIMES and config["precision"] in ("fp32", "bf16")

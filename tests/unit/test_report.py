@@ -20,6 +20,12 @@ ROWS = [
     {"kind": "vision-model", "model": "m", "precision": "bf16", "batch_size": 32, "img_per_s": 300.0,
      "flops_per_image": 10**9,
      "compute_roof_img_per_s": 1000.0, "mfu": 0.3},
+    {"kind": "vision-model", "model": "m", "runtime": "openvino", "precision": "int8", "batch_size": 32,
+     "img_per_s": 450.0, "flops_per_image": 10**9, "compute_roof_img_per_s": 1000.0, "mfu": 0.45},
+    {"kind": "vision-accuracy", "runtime": "torch", "precision": "bf16", "photos": 23, "labelled_photos": 20,
+     "top1_agree": 20, "animal_agree": 23, "mean_abs_prob_diff": 2.5e-5, "passed": True},
+    {"kind": "vision-accuracy", "runtime": "openvino", "precision": "int8", "photos": 23, "labelled_photos": 20,
+     "top1_agree": 17, "animal_agree": 22, "mean_abs_prob_diff": 3e-3, "passed": False},
     {"kind": "vision-pipeline", "precision": "bf16", "batch_size": 8, "lanes": 2, "threads": 1, "img_per_s": 200.0,
      "decode_ms_per_image": 3.0},
     _api("base", 1, 1, 40.0, 50.0, "fp32"), _api("base", 1, 8, 50.0, 60.0, "fp32"),
@@ -33,7 +39,8 @@ def test_report_table_numbers_come_from_the_rows(tmp_path):
     assert "| best | 180.0 | 8 | 80.0 | 160.0 | 97.0 | - | 60% | 90% | 18% | CPU-bound at the pipeline ceiling" in report
     assert "| base | 50.0 | 8 |" in report
     assert "3.60x the first step, 90% of the in-process pipeline" in report
-    assert "| bf16 | 300.0 | 32 | 1000.0 | 0.3 |" in report
+    assert "| torch bf16 | 300.0 | 32 | 1000.0 | 0.3 | 1.00x | pass: top-1 20/20, animal 23/23" in report
+    assert "| openvino int8 | 450.0 | 32 | 1000.0 | 0.45 | 1.50x | **FAIL**: top-1 17/20, animal 22/23" in report
     for name in ("report.md", "vision_model.png", "vision_throughput.png", "vision_latency.png"):
         assert (tmp_path / "out" / name).stat().st_size > 500
 
@@ -53,6 +60,9 @@ def test_peaks_go_to_the_section_of_the_run_that_measured_them(tmp_path):
     assert "Bandwidth measured in the LLM run: read 77.7 GB/s" in llm and "TFLOP/s" not in llm
 
 
+API_ROW = next(r for r in ROWS if r["kind"] == "vision-api")
+
+
 def test_a_row_that_misses_a_field_of_its_kind_is_refused(tmp_path):
     import json
 
@@ -61,7 +71,7 @@ def test_a_row_that_misses_a_field_of_its_kind_is_refused(tmp_path):
     from roofserve.errors import UserError
 
     with pytest.raises(ValueError, match="vision-api row without 'req_per_s'"):
-        write_results(tmp_path / "r.json", META, [{k: v for k, v in ROWS[3].items() if k != "req_per_s"}])
+        write_results(tmp_path / "r.json", META, [{k: v for k, v in API_ROW.items() if k != "req_per_s"}])
     (tmp_path / "old.json").write_text(json.dumps({"meta": META, "rows": [{"kind": "mystery"}]}))
     with pytest.raises(UserError, match="unknown row kind 'mystery'"):
         build_report([str(tmp_path / "old.json")], str(tmp_path / "out"))

@@ -25,6 +25,7 @@ from roofserve.llm.engine import Sampling
 from roofserve.llm.protocol import Formatter, parse_body, validate_chat_request, validate_completion_request
 from roofserve.llm.text import Coalescer, TextStream, coalesce
 from roofserve.server.app import worker_threads
+from roofserve.server.env import worker_logging
 from roofserve.server.http import Rejection, error_response
 from roofserve.server.lit import StepLoop
 
@@ -151,6 +152,7 @@ class LLMAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         from roofserve.llm.runtime import build_generator
 
+        worker_logging()
         torch.set_num_threads(worker_threads(self.cfg))
         self.generator = build_generator(self.cfg, device)
         self.jobs: dict[str, _Job] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 
 import torch
 from tqdm import tqdm
@@ -27,41 +28,80 @@ def measure_ceilings(model: str, weights: str | None, device: str, ceilings: Vis
     return rows
 
 
+def runtime_pairs(ceilings: VisionCeilingsConfig, device: torch.device) -> list[tuple[str, str]]:
+    """The (runtime, precision) pairs to measure: each runtime in each precision it runs here. A runtime
+    that is not installed, or a pair it does not run, is skipped with a warning."""
+    from roofserve.errors import UserError
+    from roofserve.vision.runtimes import resolve
+
+    pairs = []
+    for runtime in ceilings.runtimes:
+        for precision in ceilings.precisions:
+            try:
+                pair = resolve(runtime, precision, device)
+            except UserError as e:
+                log.warning("skipping %s %s: %s", runtime, precision, e)
+                continue
+            if pair not in pairs:
+                pairs.append(pair)
+    return pairs
+
+
 def bench_model(model: str, weights: str | None, device: str, ceilings: VisionCeilingsConfig,
                 peak_rows: list[dict] | None = None) -> list[dict]:
-    """Model-only images/s per precision and batch size, with FLOPs, MFU and the compute roof."""
-    from roofserve.vision.model import build_classifier, resolve_precision
+    """Model-only images/s per runtime, precision and batch size, with FLOPs, MFU and the compute roof;
+    and the accuracy guard's row for each runtime and precision."""
+    from roofserve.measure.accuracy import check_accuracy, photo_batch, reference_probs
+    from roofserve.vision.model import build_classifier
+    from roofserve.vision.runtimes import build_runner
 
     dev = resolve_device(device)
-    precisions, batch_sizes, min_time_s = ceilings.precisions, ceilings.batch_sizes, ceilings.min_time_s
-    channels_last, compile = ceilings.channels_last, ceilings.compile
-    rows = []
-    for precision in dict.fromkeys(resolve_precision(p, dev) for p in precisions):
-        net, pre = build_classifier(model, weights, dev, precision, channels_last, compile=False)
-        example = torch.zeros(1, 3, pre.input_size, pre.input_size, dtype=torch.uint8, device=dev)
-        flops = roofline.count_flops(net, example)
-        runner = torch.compile(net, dynamic=False) if compile else net
-        peak = peak_lookup(peak_rows or [], "matmul", precision)
-        for batch in tqdm(batch_sizes, desc=f"model {precision}", leave=False, disable=None):
-            images = torch.randint(0, 256, (batch, 3, pre.input_size, pre.input_size), dtype=torch.uint8, device=dev)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-
-            def step():
-                with torch.inference_mode():
-                    runner(images)
-
-            rate = timed_rate(step, batch, min_time_s, device=dev)
+    batch_sizes, min_time_s, channels_last = ceilings.batch_sizes, ceilings.min_time_s, ceilings.channels_last
+    net, pre = build_classifier(model, weights, "cpu", "fp32", channels_last=False)
+    flops = roofline.count_flops(net, torch.zeros(1, 3, pre.input_size, pre.input_size, dtype=torch.uint8))
+    reference = None
+    if ceilings.accuracy:
+        photos, _ = photo_batch(pre)
+        reference = reference_probs(model, weights, photos)
+    del net
+    # every runner is built first, then measured in alternating rounds: this VM's speed drifts by tens of
+    # percent within minutes, and configs are compared only side by side
+    runners, rows = [], []
+    for runtime, precision in runtime_pairs(ceilings, dev):
+        compile = ceilings.compile and runtime == "torch"
+        runner = build_runner(model, weights, dev, runtime, precision, channels_last, compile)
+        runners.append((runner, compile))
+        if ceilings.accuracy:
+            rows.append({**check_accuracy(runner, model, weights, reference), "device": dev.type, "compile": compile})
+    rates: dict[tuple[int, int], list[float]] = {}
+    points = [(b, i) for b in batch_sizes for i in range(len(runners))]
+    with tqdm(total=ceilings.rounds * len(points), desc="model-only", leave=False, disable=None) as bar:
+        for _ in range(ceilings.rounds):
+            for batch, i in points:
+                images = torch.randint(0, 256, (batch, 3, pre.input_size, pre.input_size), dtype=torch.uint8, device=dev)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                rates.setdefault((batch, i), []).append(
+                    timed_rate(lambda: runners[i][0](images), batch, min_time_s / ceilings.rounds, device=dev))
+                bar.update()
+    for i, (runner, compile) in enumerate(runners):
+        # int8 is compared with the bf16 matmul peak (its own int8 peak is not measured)
+        peak = peak_lookup(peak_rows or [], "matmul", runner.precision if runner.precision != "int8" else "bf16")
+        for batch in batch_sizes:
+            rounds = rates[(batch, i)]
+            rate = statistics.median(rounds)
             rows.append(
                 {
                     "kind": "vision-model",
                     "model": model,
-                    "precision": precision,
+                    "runtime": runner.runtime,
+                    "precision": runner.precision,
                     "batch_size": batch,
                     "channels_last": channels_last,
                     "compile": compile,
                     "device": dev.type,
                     "img_per_s": round(rate, 2),
+                    "rounds_img_per_s": [round(r, 2) for r in rounds],
                     "flops_per_image": flops,
                     "achieved_tflops": round(rate * flops / 1e12, 4),
                     "peak_tflops": peak,
@@ -72,50 +112,86 @@ def bench_model(model: str, weights: str | None, device: str, ceilings: VisionCe
     return rows
 
 
+def measure_decode(images: list[tuple[str, bytes]], pre, min_time_s: float) -> list[dict]:
+    """Decode + resize + crop per image, with its format, size and (for JPEG) whether it is progressive:
+    progressive JPEGs and PNGs cost several times a baseline JPEG of the same size."""
+    import io
+
+    from PIL import Image
+
+    from roofserve.vision.preprocess import decode
+
+    rows = []
+    for name, data in images:
+        img = Image.open(io.BytesIO(data))
+        rate = timed_rate(lambda: decode(data, pre, 10**9), 1, min_time_s)
+        rows.append({"kind": "vision-decode", "image": name, "format": img.format, "width": img.size[0],
+                     "height": img.size[1], "bytes": len(data), "progressive": bool(img.info.get("progressive")),
+                     "decode_ms": round(1e3 / rate, 3)})
+    return rows
+
+
 def bench_pipeline(model: str, weights: str | None, device: str, ceilings: VisionCeilingsConfig,
                    images: list[tuple[str, bytes]], lanes: list[int] | None = None) -> list[dict]:
-    """Decode + preprocess + model in one process (no HTTP): the ceiling a server can approach.
+    """Decode + preprocess + model without HTTP: the ceiling a server can approach.
 
-    Measured two ways, like a server can run: one lane with all cores for torch, and one lane per
-    core (Python threads; PIL and torch release the GIL) with one torch thread each, so decoding
-    one batch overlaps the model on another, as two server workers do.
+    Measured as a server runs: one lane (a process) with all cores, and one lane per core with one
+    thread each, so that decoding one batch overlaps the model on another, as two server workers do.
+    Lanes are processes, not threads: a runtime's own thread pool and the GIL would otherwise couple
+    them in ways the server's worker processes are not.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
-    from roofserve.vision.model import build_classifier, resolve_precision
-    from roofserve.vision.preprocess import decode, to_batch
+    from roofserve.vision.runtimes import resolve
 
     dev = resolve_device(device)
-    precision = resolve_precision(ceilings.pipeline_precision, dev)
-    batch_sizes, channels_last, min_time_s = ceilings.pipeline_batch_sizes, ceilings.channels_last, ceilings.min_time_s
-    net, pre = build_classifier(model, weights, dev, precision, channels_last)
-    datas = [data for _, data in images]
-    decode_rate = timed_rate(lambda: [decode(d, pre, 10**9) for d in datas], len(datas), min_time_s)
+    runtime, precision = resolve(ceilings.pipeline_runtime, ceilings.pipeline_precision, dev)
     cores = os.cpu_count() or 1
-    lanes = lanes or sorted({1, cores})
-    threads_before = torch.get_num_threads()
     rows = []
-    try:
-        for lane_count in lanes:
-            torch.set_num_threads(max(1, cores // lane_count))
-            for batch in tqdm(batch_sizes, desc=f"pipeline x{lane_count}", leave=False, disable=None):
-                chunk = [datas[i % len(datas)] for i in range(batch)]
+    for lane_count in tqdm(lanes or sorted({1, cores}), desc="pipeline", leave=False, disable=None):
+        context = mp.get_context("spawn")
+        barrier = context.Manager().Barrier(lane_count)
+        threads = max(1, cores // lane_count)
+        job = (model, weights, dev.type, runtime, precision, ceilings.channels_last, threads, images,
+               ceilings.pipeline_batch_sizes, ceilings.min_time_s, barrier)
+        with ProcessPoolExecutor(lane_count, mp_context=context) as pool:
+            lane_rates = list(pool.map(_pipeline_lane, [job] * lane_count))
+        for i, batch in enumerate(ceilings.pipeline_batch_sizes):
+            rows.append({
+                "kind": "vision-pipeline", "model": model, "runtime": runtime, "precision": precision,
+                "batch_size": batch, "device": dev.type, "lanes": lane_count, "threads": threads,
+                "img_per_s": round(sum(rates[i] for rates, _ in lane_rates), 2),
+                "decode_ms_per_image": lane_rates[0][1],
+            })
+    pre = _preprocess_of(model, weights)
+    return measure_decode(images, pre, ceilings.min_time_s / len(images)) + rows
 
-                def step():
-                    x = to_batch([decode(d, pre, 10**9) for d in chunk]).to(dev)
-                    with torch.inference_mode():
-                        net(x).cpu()
 
-                def lane() -> float:
-                    return timed_rate(step, batch, min_time_s, device=dev)
+def _preprocess_of(model: str, weights: str | None):
+    from roofserve.vision.model import build_net
 
-                with ThreadPoolExecutor(lane_count) as pool:
-                    rate = sum(pool.map(lambda _: lane(), range(lane_count)))
-                rows.append({
-                    "kind": "vision-pipeline", "model": model, "precision": precision, "batch_size": batch,
-                    "device": dev.type, "lanes": lane_count, "threads": torch.get_num_threads(),
-                    "img_per_s": round(rate, 2), "decode_ms_per_image": round(1e3 / decode_rate, 3),
-                })
-    finally:
-        torch.set_num_threads(threads_before)
-    return rows
+    return build_net(model, weights)[1]
+
+
+def _pipeline_lane(job: tuple) -> tuple[list[float], float]:
+    """One lane in its own process: (img/s per batch size, decode ms per image), timed in step with the
+    other lanes (the barrier) so that they share the cores as server workers do."""
+    (model, weights, device, runtime, precision, channels_last, threads, images, batch_sizes, min_time_s,
+     barrier) = job
+    from roofserve.vision.preprocess import decode, to_batch
+    from roofserve.vision.runtimes import build_runner
+
+    torch.set_num_threads(threads)
+    runner = build_runner(model, weights, device, runtime, precision, channels_last, threads=threads)
+    datas = [data for _, data in images]
+    barrier.wait()
+    decode_rate = timed_rate(lambda: [decode(d, runner.pre, 10**9) for d in datas], len(datas), min_time_s)
+    rates = []
+    for batch in batch_sizes:
+        chunk = [datas[i % len(datas)] for i in range(batch)]
+        runner(to_batch([decode(d, runner.pre, 10**9) for d in chunk]))
+        barrier.wait()
+        rates.append(timed_rate(lambda: runner(to_batch([decode(d, runner.pre, 10**9) for d in chunk])), batch,
+                                min_time_s, device=torch.device(device)))
+    return rates, round(1e3 / decode_rate, 3)

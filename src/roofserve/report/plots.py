@@ -71,14 +71,22 @@ def latency_vs_throughput(steps: dict[str, list[dict]], path: Path) -> Path:
 
 
 def model_throughput(rows: list[dict], path: Path) -> Path:
-    """Model-only img/s against batch size per precision, with each precision's compute roof."""
+    """Model-only img/s against batch size per runtime and precision, with each precision's compute roof."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, precision in enumerate(sorted({r["precision"] for r in rows})):
-        mine = sorted((r["batch_size"], r["img_per_s"], r.get("compute_roof_img_per_s")) for r in rows if r["precision"] == precision)
-        ax.plot([m[0] for m in mine], [m[1] for m in mine], marker="o", color=f"C{i}", label=f"{precision} measured")
-        if mine[0][2]:
-            ax.axhline(mine[0][2], color=f"C{i}", linestyle="--", alpha=0.6, label=f"{precision} compute roof")
+
+    def key(r: dict) -> str:
+        return f"{r.get('runtime', 'torch')} {r['precision']}"
+
+    roofs = {}
+    for i, name in enumerate(sorted({key(r) for r in rows})):
+        mine = sorted((r["batch_size"], r["img_per_s"]) for r in rows if key(r) == name)
+        ax.plot([m[0] for m in mine], [m[1] for m in mine], marker="o", color=f"C{i % 10}", label=name)
+    for r in rows:  # int8 rows carry the bf16 roof (no int8 peak is measured): drawn once, as bf16's
+        if r.get("compute_roof_img_per_s") and r["precision"] != "int8":
+            roofs.setdefault(r["precision"], r["compute_roof_img_per_s"])
+    for j, (precision, roof) in enumerate(sorted(roofs.items())):
+        ax.axhline(roof, color="black", linestyle=(0, (4, 2 + 2 * j)), alpha=0.5, label=f"{precision} compute roof")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     return _finish(fig, ax, path, "Model-only throughput against the compute roof", "batch size", "images / s", False)

@@ -1,14 +1,26 @@
 """The process environment every roofserve server (and benchmark) runs with: the malloc, set
-before the interpreter starts by re-executing the command. No torch or LitServe imports here."""
+before the interpreter starts by re-executing the command, and the log format. No torch or LitServe
+imports here."""
 
 from __future__ import annotations
 
 import ctypes.util
+import logging
 import os
 import sys
 from pathlib import Path
 
 from roofserve.errors import UserError
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def worker_logging() -> None:
+    """Worker processes are spawned: they do not inherit the CLI's logging setup, so give them the same
+    (else their INFO lines, such as the accuracy guard's verdict, are lost)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+
 
 # glibc reads these at process start; the CLI re-executes itself with them set (see tuned_environ).
 _GLIBC_TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}

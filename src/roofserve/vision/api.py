@@ -14,6 +14,7 @@ from starlette.datastructures import UploadFile
 
 from roofserve.config import VisionConfig
 from roofserve.server.app import worker_threads
+from roofserve.server.env import worker_logging
 from roofserve.server.http import Rejection, parse_json
 from roofserve.vision.labels import describe
 from roofserve.vision.preprocess import BadImage, decode, to_batch
@@ -76,20 +77,37 @@ class VisionAPI(ls.LitAPI):
 
     # --- worker process -------------------------------------------------------------------
     def setup(self, device: str) -> None:
-        from roofserve.vision.model import build_classifier
+        from roofserve.vision.runtimes import build_runner
 
+        worker_logging()
         torch.set_num_threads(worker_threads(self.cfg))
-        self.device = torch.device(device)
-        self.model, self.pre = build_classifier(
-            self.cfg.model, self.cfg.weights, self.device, self.cfg.precision, self.cfg.channels_last, self.cfg.compile
-        )
-        self.buckets = batch_buckets(self.cfg.max_batch_size) if self.cfg.compile else None
+        cfg = self.cfg
         started = time.perf_counter()
-        for size in self.buckets or sorted({1, self.cfg.max_batch_size}):
+        self.runner = build_runner(cfg.model, cfg.weights, device, cfg.runtime, cfg.precision, cfg.channels_last,
+                                   cfg.compile, threads=worker_threads(cfg))
+        self.pre = self.runner.pre
+        # compiled torch graphs are traced per batch size: pad to a few buckets instead of one per size
+        compiled = self.runner.runtime == "torch" and (cfg.compile or self.runner.precision == "int8")
+        self.buckets = batch_buckets(cfg.max_batch_size) if compiled else None
+        for size in self.buckets or sorted({1, cfg.max_batch_size}):
             dummy = torch.zeros(size, self.pre.input_size, self.pre.input_size, 3, dtype=torch.uint8)
             for _ in range(2):
                 self._run(to_batch(list(dummy)))
-        log.info("worker ready on %s after %.1f s of warm-up", device, time.perf_counter() - started)
+        if self.runner.precision == "int8":
+            self._guard()
+        log.info("worker ready on %s (%s %s) after %.1f s of warm-up", device, self.runner.runtime,
+                 self.runner.precision, time.perf_counter() - started)
+
+    def _guard(self) -> None:
+        """int8 is calibrated on few photos: say at start whether it still gives fp32's answers."""
+        from roofserve.measure.accuracy import check_accuracy
+
+        row = check_accuracy(self.runner, self.cfg.model, self.cfg.weights)
+        verdict = "passed" if row["passed"] else "FAILED (do not serve this config without checking your data)"
+        (log.info if row["passed"] else log.warning)(
+            "accuracy guard %s: top-1 as fp32 on %d/%d photos, cat/dog/other on %d/%d, mean |dp| %.2g",
+            verdict, row["top1_agree"], row["labelled_photos"], row["animal_agree"], row["photos"],
+            row["mean_abs_prob_diff"])
 
     def decode_request(self, request: dict):
         payload = request
@@ -127,9 +145,7 @@ class VisionAPI(ls.LitAPI):
             size = next(b for b in self.buckets if b >= n)
             if size > n:
                 images = torch.cat([images, images[:1].expand(size - n, -1, -1, -1)])
-        with torch.inference_mode():
-            probs = self.model(images.to(self.device, non_blocking=True))
-        return probs[:n].cpu()
+        return self.runner(images)[:n]
 
 
 async def _multipart_file(request: Request, body: bytes) -> bytes:

@@ -174,5 +174,9 @@ def build_classifier(
     for p in model.parameters():
         p.requires_grad_(False)
     if compile:
+        if device.type == "cpu":
+            import torch._inductor.config as inductor
+
+            inductor.freezing = True  # weights as constants: conv weights prepacked for oneDNN once
         model = torch.compile(model, mode="max-autotune" if device.type == "cuda" else None, dynamic=False)
     return model, pre

@@ -33,9 +33,10 @@ def preflight(cfg: VisionConfig) -> str:
         if not Path(cfg.weights).is_file():
             raise UserError(f"weights file not found: {cfg.weights}")
     accelerator = resolve_accelerator(cfg)
-    from roofserve.vision.model import resolve_precision
+    from roofserve.vision.runtimes import resolve
 
-    cfg.precision = resolve_precision(cfg.precision, torch.device(accelerator))  # results record what ran
+    # results record what ran: auto resolved, and a missing runtime is one line here, not a worker traceback
+    cfg.runtime, cfg.precision = resolve(cfg.runtime, cfg.precision, torch.device(accelerator))
     return accelerator
 
 
@@ -45,5 +46,6 @@ def serve(cfg: VisionConfig) -> None:
     from roofserve.vision.api import VisionAPI
 
     server = make_server(VisionAPI(cfg), cfg, accelerator, cfg.model)
-    log.info("serving %s on http://%s:%d/predict (%s)", cfg.model, cfg.host, cfg.port, accelerator)
+    log.info("serving %s on http://%s:%d/predict (%s, %s %s)", cfg.model, cfg.host, cfg.port, accelerator,
+             cfg.runtime, cfg.precision)
     run_server(server, cfg)
