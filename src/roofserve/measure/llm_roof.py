@@ -68,3 +68,16 @@ def batch_roofs(cfg: LLMConfig, context_len: int, batch_sizes: list[int], bandwi
     crossover = (roofline.crossover_batch_size(weights, kv, linear, bandwidth_gb_s, peak_tflops)
                  if bandwidth_gb_s and peak_tflops else None)
     return {"per_batch": rows, "crossover_batch_size": crossover, "linear_params": linear}
+
+
+def prefill_roof(linear_params: int, weight_bytes: int, prompt_tokens: int, peak_tflops: float | None,
+                 bandwidth_gb_s: float | None) -> dict:
+    """The floor under a prompt's time to first token: its matmul FLOPs (2 x linear parameters x prompt
+    tokens) at the measured matmul peak, and reading the weights once at the measured bandwidth; a prefill
+    can be no faster than the larger of the two."""
+    compute = 2 * linear_params * prompt_tokens / (peak_tflops * 1e12) * 1e3 if peak_tflops else None
+    read = weight_bytes / (bandwidth_gb_s * 1e9) * 1e3 if bandwidth_gb_s else None
+    known = [x for x in (compute, read) if x is not None]
+    return {"prefill_compute_roof_ms": round(compute, 2) if compute is not None else None,
+            "prefill_weight_read_ms": round(read, 2) if read is not None else None,
+            "prefill_roof_ms": round(max(known), 2) if known else None}

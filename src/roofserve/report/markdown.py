@@ -167,6 +167,46 @@ def llm_verdict(mbu: float | None, kernel_share: float | None = None, kernel: st
     return f"overhead-bound: {mbu:.0%} of the roof; per-token compute, dispatch and Python dominate"
 
 
+TTFT_TARGET = (2.0, 10.0)  # issue #16: TTFT <= 2 x the prefill roof + 10 ms
+
+
+def ttft_section(api: list[dict], engine: list[dict]) -> list[str]:
+    """Time to first token per step and prompt, against the prefill roof: the prompt's matmul FLOPs at the
+    measured peak, or reading the weights once, whichever is longer."""
+    body = []
+    for r in api:
+        roof = r.get("prefill_roof_ms")
+        if roof is None:
+            continue
+        mine = [e for e in engine if e.get("step") == r.get("step") and e.get("prefill_roof_ms") is not None]
+        chat = next((e for e in mine if e.get("prompt") == "chat"), None)
+        ttft = r.get("ttft_ms_p50")
+        body.append([r.get("step"), "served chat", r.get("prompt_tokens"), ttft, r.get("prefill_compute_roof_ms"),
+                     r.get("prefill_weight_read_ms"), roof, f"{ttft / roof:.1f}x" if ttft else "-",
+                     _ttft_target(ttft, roof)])
+        for e in sorted(mine, key=lambda e: e is chat):
+            body.append([r.get("step"), f"in-process {e['prompt']}", e["prompt_tokens"], e["ttft_ms"],
+                         e.get("prefill_compute_roof_ms"), e.get("prefill_weight_read_ms"), e["prefill_roof_ms"],
+                         f"{e['ttft_ms'] / e['prefill_roof_ms']:.1f}x", _ttft_target(e["ttft_ms"], e["prefill_roof_ms"])])
+    if not body:
+        return []
+    factor, extra = TTFT_TARGET
+    return ["### Time to first token against the prefill roof", "",
+            "Prefill roof = the longer of the prompt's matmul FLOPs (2 x linear parameters x prompt tokens) at the "
+            "measured matmul peak of the step's precision, and reading the weights once at the measured bandwidth. "
+            f"Target: TTFT <= {factor:g} x roof + {extra:g} ms. Served TTFT also pays HTTP, the queue hop and the "
+            "first SSE event.", ""] + _table(
+        ["step", "prompt", "prompt tokens", "TTFT ms", "compute roof ms", "weight read ms", "prefill roof ms",
+         "TTFT / roof", f"<= {factor:g}x roof + {extra:g} ms"], body) + [""]
+
+
+def _ttft_target(ttft: float | None, roof: float | None) -> str:
+    if not ttft or not roof:
+        return "-"
+    factor, extra = TTFT_TARGET
+    return "yes" if ttft <= factor * roof + extra else "no"
+
+
 def concurrency_section(levels: dict[str, list[dict]], out: Path) -> list[str]:
     """Steps measured at several concurrency levels: aggregate tok/s per level against the roof of the
     batch size the level runs at (min(users, max_batch_size) sequences per step)."""
@@ -252,6 +292,7 @@ def llm_section(rows: list[dict], out: Path) -> list[str]:
         if unverified:
             lines += ["", f"Output length not confirmed by usage for: {', '.join(map(str, unverified))}."]
         lines += ["", f"![llm decode]({plots.llm_decode_bars(bars, out / 'llm_decode.png').name})", ""]
+        lines += ttft_section(api, engine)
         if multi:
             lines += concurrency_section(multi, out)
         why = [[r.get("step"), r.get("why", "")] for r in api if r.get("why")]

@@ -28,8 +28,8 @@ def sweep_llm(path: str, overrides: dict[str, Any] | None = None,
     ladder = load_ladder(path, LLMConfig, overrides)
     device = resolve_device(ladder.steps[0].config.device)
     peaks = [p.row() for p in measure_bandwidth_gb_s(device)]
-    # the compute roof of a batched step: its precision's matmul peak
-    for precision in sorted({s.config.precision for s in ladder.steps if s.config.max_batch_size > 1}):
+    # the compute roofs of prefill and of batched steps: each step's precision's matmul peak
+    for precision in sorted({s.config.precision for s in ladder.steps}):
         peaks.append(measure_matmul_tflops(DTYPES[precision], device).row())
     read = next(p["value"] for p in peaks if p["name"] == "read")
     log.info("measured read bandwidth: %.1f GB/s", read)
@@ -52,7 +52,7 @@ def run_step(step: Step, index: int, bandwidth_gb_s: float | None, progress: boo
              peaks: list[dict] | None = None) -> list[dict]:
     """Served rows (one per concurrency level) and in-process rows of one step, measured alternately."""
     from roofserve.measure.engine_process import EngineProcess
-    from roofserve.measure.llm_roof import batch_roofs, step_roof
+    from roofserve.measure.llm_roof import batch_roofs, prefill_roof, step_roof
     from roofserve.measure.peaks import peak_lookup
 
     cfg, b = step.config, step.bench
@@ -95,8 +95,14 @@ def run_step(step: Step, index: int, bandwidth_gb_s: float | None, progress: boo
         roof["kernel_gemv_gb_s"] = round(statistics.median(m["kernel_gemv_gb_s"] for m in bandwidths), 1)
     # Each level's own roof: min(level, max_batch_size) sequences share a step.
     sizes = {level: min(level, cfg.max_batch_size) for level in levels}
-    peak = peak_lookup(peaks or [], "matmul", cfg.precision) if cfg.max_batch_size > 1 else None
+    matmul_peak = peak_lookup(peaks or [], "matmul", cfg.precision)
+    peak = matmul_peak if cfg.max_batch_size > 1 else None
     batch = batch_roofs(cfg, prompt_tokens + b.max_tokens // 2, sorted(set(sizes.values())), bandwidth, peak)
+
+    def prefill(tokens: int) -> dict:
+        return {**prefill_roof(batch["linear_params"], roof["weight_bytes_per_token"], tokens, matmul_peak, bandwidth),
+                "prefill_matmul_tflops": matmul_peak}
+
     rows = []
     for level, acc in levels.items():
         served = acc["results"]
@@ -108,12 +114,12 @@ def run_step(step: Step, index: int, bandwidth_gb_s: float | None, progress: boo
                    "aggregate_bandwidth_roof_tokens_per_s": level_roof["bandwidth_roof_tokens_per_s"],
                    "aggregate_compute_roof_tokens_per_s": level_roof["compute_roof_tokens_per_s"],
                    "crossover_batch_size": batch["crossover_batch_size"]}
-        rows.append({**api_row, **tag, **roof, **batched})
+        rows.append({**api_row, **tag, **roof, **batched, **prefill(prompt_tokens)})
     if engine_chat:
         first = engine_chat[0]
         chat = {**first, "ttft_ms": statistics.median(r["ttft_ms"] for r in engine_chat),
                 "decode_tokens_per_s": round(statistics.median(r["decode_tokens_per_s"] for r in engine_chat), 2),
                 "rounds_decode_tokens_per_s": [r["decode_tokens_per_s"] for r in engine_chat]}
         chat["prefill_tokens_per_s"] = round(first["prompt_tokens"] / chat["ttft_ms"] * 1e3, 1)
-        rows += [{**r, **tag, **roof} for r in [*prompt_rows, chat]]
+        rows += [{**r, **tag, **roof, **prefill(r["prompt_tokens"])} for r in [*prompt_rows, chat]]
     return rows

@@ -257,9 +257,12 @@ def _ov_compiled(path: Path, precision: str, threads: int) -> Callable[[torch.Te
     import openvino as ov
 
     hint = {"fp32": "f32", "bf16": "bf16", "int8": "bf16" if cpu_runs_bf16() else "f32"}[precision]
+    # no pinning: OpenVINO pins its threads to cores by default, and two 1-thread server workers (separate
+    # processes that do not know of each other) then share one core while the other idles
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
                                                           "INFERENCE_NUM_THREADS": threads,
-                                                          "PERFORMANCE_HINT": "LATENCY"})
+                                                          "PERFORMANCE_HINT": "LATENCY",
+                                                          "ENABLE_CPU_PINNING": False})
     request = compiled.create_infer_request()
 
     def run(images: torch.Tensor) -> torch.Tensor:
