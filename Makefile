@@ -20,7 +20,7 @@ demo: setup
 	$(PY) -m roofserve demo
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 bench-vision: setup
 	$(PY) -m roofserve sweep vision experiments/vision-cpu.toml --out results/vision-sweep.json
