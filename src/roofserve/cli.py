@@ -14,6 +14,7 @@ import sys
 
 from roofserve.config import (
     DEFAULT_VISION_MODEL,
+    K8sConfig,
     LLMConfig,
     LLMDatasetConfig,
     LLMEngineBenchConfig,
@@ -66,6 +67,28 @@ def _report(paths: list[str], out: str | None) -> None:
         from roofserve.report.markdown import build_report
 
         print(f"report: {build_report(paths, out)}")
+
+
+def cmd_deploy_k8s(args: argparse.Namespace) -> int:
+    """The manifests for `roofserve serve WHAT` with these knobs: a config file's [server] and [k8s]
+    tables, then flags."""
+    from roofserve.engines.k8s import render, to_yaml
+
+    doc = load_toml(args.config) if args.config else {}
+    server_layer = doc.get("server", {k: v for k, v in doc.items() if k != "k8s"})
+    cls = VisionConfig if args.what == "vision" else LLMConfig
+    server = make_config(cls, server_layer, config_from_args(args, cls))
+    k8s = make_config(K8sConfig, doc.get("k8s"), config_from_args(args, K8sConfig))
+    text = to_yaml(render(args.what, server, k8s))
+    if args.out == "-":
+        print(text, end="")
+    else:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"manifests: {args.out} (kubectl apply -f {args.out})")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -343,6 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when a GPU is visible; default: auto)")
     p.add_argument("--out", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_peak)
+
+    deploy = sub.add_parser("deploy", help="render deployment manifests from a server config")
+    deploy = deploy.add_subparsers(dest="target", metavar="TARGET", required=True)
+    k8s = deploy.add_parser("k8s", help="Kubernetes: Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget")
+    k8s = k8s.add_subparsers(dest="what", metavar="MODEL", required=True)
+    for what, cls in (("vision", VisionConfig), ("llm", LLMConfig)):
+        p = k8s.add_parser(what, help=f"manifests for `roofserve serve {what}`",
+                           description=f"Render Kubernetes manifests that run `roofserve serve {what}` with the "
+                           "given server knobs (the same flags and [server] table as serve), plus the [k8s] "
+                           "table or flags below. The container's args are the config's own flags.")
+        p.add_argument("--config", metavar="TOML", help="config file with a [server] and a [k8s] table")
+        add_config_args(p, cls)
+        add_config_args(p, K8sConfig)
+        p.add_argument("--out", default="-", help="file to write, or - for stdout (default: %(default)s)")
+        p.set_defaults(func=cmd_deploy_k8s)
 
     bench = sub.add_parser("bench", help="run a benchmark").add_subparsers(dest="what", metavar="BENCH", required=True)
     p = bench.add_parser("vision-model", help="model-only img/s per batch size and precision, and the in-process pipeline")

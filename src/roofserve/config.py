@@ -141,6 +141,32 @@ class VisionConfig(ServerConfig):
             raise UserError("batch_timeout_s must be >= 0")
 
 
+@dataclass
+class K8sConfig:
+    """`roofserve deploy k8s` (engines/k8s.py): what the manifests add to the server's own config; a
+    config file's [k8s] table or these flags."""
+
+    name: str = _help("name of the Deployment, Service, HPA and PDB (default: roofserve-vision|llm)", default="")
+    namespace: str = _help("namespace (empty: the one kubectl uses)", default="")
+    image: str = _help("container image with roofserve installed (see the Dockerfile)", default="roofserve:latest")
+    replicas: int = _help("replicas before the autoscaler acts", default=2)
+    min_replicas: int = _help("autoscaler floor", default=2)
+    max_replicas: int = _help("autoscaler ceiling", default=10)
+    target_cpu_percent: int = _help("autoscaler target: mean CPU use of the pods' requests", default=70)
+    memory_gib: float = _help("memory request and limit per pod in GiB (0: 2 for vision, 4 for the LLM)", default=0.0)
+    api_key_secret: str = _help("a Secret whose key `api-key` becomes ROOFSERVE_API_KEY (never in the args)",
+                                default="")
+    startup_timeout_s: int = _help("how long a pod may warm up (load, compile) before it is restarted", default=600)
+
+    def validate(self) -> None:
+        if self.min_replicas < 1 or self.max_replicas < self.min_replicas:
+            raise UserError("need 1 <= min_replicas <= max_replicas")
+        if not 1 <= self.target_cpu_percent <= 100:
+            raise UserError("target_cpu_percent must be in 1..100")
+        if self.replicas < 1:
+            raise UserError("replicas must be >= 1")
+
+
 QUANTIZATIONS = ("none", "int8", "int4", "bnb4")
 ATTENTIONS = ("auto", "sdpa", "eager", "roofserve")
 BACKENDS = ("torch", "llamacpp", "llama-server")
@@ -407,6 +433,23 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
             parser.add_argument(_flag(f.name), type=base, default=None, help=help_text, metavar=f.name.upper())
+
+
+def config_flags(cfg: Any, skip: tuple[str, ...] = ("host", "port"), changed_only: bool = False) -> list[str]:
+    """The CLI flags that rebuild `cfg` (the inverse of add_config_args): a ladder step's server, a
+    Kubernetes container's args. Unset values and empty lists are left out, and with changed_only the
+    values that equal the defaults."""
+    defaults = dataclasses.asdict(type(cfg)()) if changed_only else {}
+    flags = []
+    for key, value in dataclasses.asdict(cfg).items():
+        if key in skip or value is None or value == [] or (key in defaults and defaults[key] == value):
+            continue
+        flag = _flag(key)
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            flags += [flag, _show(value)]
+    return flags
 
 
 def config_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:

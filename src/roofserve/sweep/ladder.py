@@ -15,7 +15,6 @@ from roofserve.config import (
     VisionCeilingsConfig,
     VisionConfig,
     VisionLoadConfig,
-    as_dict,
     load_toml,
     make_config,
 )
@@ -81,18 +80,3 @@ def _checked(where: str, build):
         return build()
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
-
-
-def server_flags(cfg: Any) -> list[str]:
-    flags = []
-    for key, value in as_dict(cfg, hide=()).items():
-        if key in ("host", "port") or value is None:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
-            flags += [flag, str(value)]
-    return flags
-
-

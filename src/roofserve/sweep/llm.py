@@ -8,11 +8,11 @@ import logging
 import statistics
 from typing import Any
 
-from roofserve.config import LLMConfig, as_dict
+from roofserve.config import LLMConfig, as_dict, config_flags
 from roofserve.errors import UserError
 from roofserve.load.llm import bench_llm_api, summarize
 from roofserve.load.process import running_server
-from roofserve.sweep.ladder import Ladder, Step, load_ladder, server_flags
+from roofserve.sweep.ladder import Ladder, Step, load_ladder
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def run_step(step: Step, index: int, bandwidth_gb_s: float | None, progress: boo
     engine_chat, bandwidths = [], []
     engine = EngineProcess(cfg) if in_process else None  # loads (and compiles) while the server does
     try:
-        with running_server(["llm", *server_flags(cfg)], ready_timeout_s=900) as url:
+        with running_server(["llm", *config_flags(cfg)], ready_timeout_s=900) as url:
             if engine:
                 engine.wait_ready()
             for i in range(rounds):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from roofserve.config import VisionConfig, as_dict
+from roofserve.config import VisionConfig, as_dict, config_flags
 from roofserve.load.process import running_server
 from roofserve.load.vision import bench_api
-from roofserve.sweep.ladder import Ladder, load_ladder, server_flags
+from roofserve.sweep.ladder import Ladder, load_ladder
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def run_steps(ladder: Ladder, images: list[tuple[str, bytes]], progress: bool = 
     rows = []
     for index, step in enumerate(ladder.steps, 1):
         log.info("step %d/%d: %s", index, len(ladder.steps), step.name)
-        with running_server(["vision", *server_flags(step.config)]) as url:
+        with running_server(["vision", *config_flags(step.config)]) as url:
             level_rows = bench_api(f"{url}/predict", images, step.bench, step.config.api_key, progress)
         for row in level_rows:
             # the server's own /info config records what ran (e.g. precision "auto" resolved)

@@ -1,0 +1,1 @@
+"""Where the same servers run on other engines, and the manifests that deploy them."""
