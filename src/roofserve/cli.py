@@ -286,6 +286,26 @@ def cmd_bench_crowd(args: argparse.Namespace) -> int:
     return 0 if rows[-1]["passed"] and exit_code == 0 else 1
 
 
+def cmd_bench_fleet(args: argparse.Namespace) -> int:
+    import shlex
+
+    from roofserve.examples import example_images
+    from roofserve.load.fleet import rolling_restart
+    from roofserve.load.vision import image_sender
+
+    if args.concurrency < 1:
+        raise UserError("--concurrency must be >= 1")
+    images = example_images(args.images)
+    row = rolling_restart(["vision", *shlex.split(args.server_args)], lambda: image_sender(images, "raw"),
+                          args.replicas, args.concurrency)
+    _table([row], ["replicas", "requests", "ok", "errors", "status_5xx", "req_per_s", "latency_p99_ms", "passed"])
+    _table(row["restarts"], ["replica", "exit_code", "drain_s", "back_in_balancer_s"])
+    if row["error_kinds"]:
+        print("errors:", row["error_kinds"])
+    _save(args.out, "bench fleet", {k: v for k, v in vars(args).items() if k != "func"}, [row])
+    return 0 if row["passed"] else 1
+
+
 def cmd_sweep_vision(args: argparse.Namespace) -> int:
     from roofserve.examples import example_images
     from roofserve.sweep.vision import sweep_vision
@@ -473,6 +493,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-args", default="", help='flags for `roofserve serve vision`, written with =')
     p.add_argument("--out", default="results/crowd-vision.json", help="JSON rows (default: %(default)s)")
     p.set_defaults(func=cmd_bench_crowd)
+
+    p = bench.add_parser(
+        "fleet", help="rolling restart of vision replicas behind haproxy under load: no request may fail",
+        description="Start --replicas vision servers on 127.0.0.1 behind haproxy (health checks on /health), "
+        "load them through it, and restart each in turn (SIGTERM, start again, wait until haproxy has it back). "
+        "Passes (exit 0) when every request got a 2xx. Needs haproxy (apt-get install haproxy).",
+    )
+    p.add_argument("--replicas", type=int, default=2, help="servers behind the balancer (default: 2)")
+    p.add_argument("--concurrency", type=int, default=8, help="clients through the balancer (default: 8)")
+    p.add_argument("--images", help="folder of images to send (default: the bundled examples)")
+    p.add_argument("--server-args", default="", help='flags for `roofserve serve vision`, written with =')
+    p.add_argument("--out", default="results/fleet-vision.json", help="JSON rows (default: %(default)s)")
+    p.set_defaults(func=cmd_bench_fleet)
 
     sweep = sub.add_parser("sweep", help="run a ladder of server configs").add_subparsers(dest="what", metavar="LADDER", required=True)
     p = sweep.add_parser("vision", help="start the vision server with each step's config, load it, stop it")

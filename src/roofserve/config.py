@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,12 @@ VISION_PRECISIONS = ("auto", *PRECISIONS, "int8")
 VISION_RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")  # vision/runtimes.py
 DEVICES = ("auto", "cpu", "cuda")
 ALLOCATORS = ("glibc-tuned", "glibc", "jemalloc", "tcmalloc")
+
+
+def cache_root() -> Path:
+    """Where roofserve keeps what it derives once per machine (ONNX exports, GGUF conversions):
+    $ROOFSERVE_CACHE, else ~/.cache/roofserve."""
+    return Path(os.environ.get("ROOFSERVE_CACHE") or Path.home() / ".cache" / "roofserve")
 
 
 def _help(text: str, **kw: Any) -> Any:

@@ -39,12 +39,14 @@ ROW_SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "soak-case": {"server": (str,), "case": (str,), "good": (bool,), "requests": (int,)},
     "crowd": {"round": (int,), "stalled": (int,), "concurrency": (int,), "requests": (int,), "ok": (int,),
               "latency_p99_ms": OPT_NUM},
+    "fleet": {"replicas": (int,), "requests": (int,), "ok": (int,), "errors": (int,), "status_5xx": (int,),
+              "restarts": (list,), "passed": (bool,)},
     "crowd-summary": {"stalled": (int,), "p99_ratio": OPT_NUM, "passed": (bool,)},
 }
 # command -> the suite its rows belong to
 SUITES = {"peak": "machine", "bench vision-model": "vision", "bench vision-api": "vision", "sweep vision": "vision",
           "bench llm": "llm", "bench llm-engine": "llm", "sweep llm": "llm", "bench soak": "soak", "bench llm-serve": "llm",
-          "bench crowd": "soak"}
+          "bench crowd": "soak", "bench fleet": "soak"}
 
 
 def check_row(row: dict) -> None:

@@ -66,9 +66,10 @@ def start_process(command: list[str], port: int, ready_path: str = "/health", re
     return server
 
 
-def start_server(args: list[str], ready_timeout_s: float = 300.0, env: dict | None = None) -> ServerProcess:
-    """`roofserve serve ARGS` on 127.0.0.1 and a free port, returned once /health is 200."""
-    port = free_port()
+def start_server(args: list[str], ready_timeout_s: float = 300.0, env: dict | None = None,
+                 port: int | None = None) -> ServerProcess:
+    """`roofserve serve ARGS` on 127.0.0.1 and `port` (default: a free one), returned once /health is 200."""
+    port = port or free_port()
     command = [sys.executable, "-m", "roofserve", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     return start_process(command, port, ready_timeout_s=ready_timeout_s, env=env)
 

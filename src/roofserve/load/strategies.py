@@ -81,8 +81,10 @@ async def closed_loop(
     duration_s: float,
     warmup_requests: int = 0,
     on_done: Callable[[], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[list[RequestResult], float]:
-    """`concurrency` clients, each sending its next request when the last one is answered."""
+    """`concurrency` clients, each sending its next request when the last one is answered, until the
+    request budget, the duration or should_stop() ends the run."""
     conns = [Connection(url) for _ in range(concurrency)]
     try:
         warm = iter(range(warmup_requests))
@@ -99,7 +101,7 @@ async def closed_loop(
 
         async def client(conn: Connection) -> None:
             for _ in budget:
-                if time.perf_counter() > deadline:
+                if time.perf_counter() > deadline or (should_stop and should_stop()):
                     return
                 results.append(await _timed(send, conn, t0))
                 if on_done:

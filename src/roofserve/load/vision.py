@@ -41,12 +41,9 @@ def prepare_requests(images: list[tuple[str, bytes]], payload: str) -> list[tupl
     return out
 
 
-def bench_api(url: str, images: list[tuple[str, bytes]], load: VisionLoadConfig, api_key: str | None = None,
-              progress: bool = True) -> list[dict]:
-    """One row per load level: req/s, latency percentiles, errors, CPU % and GPU %."""
-    payload, requests, duration_s = load.payload, load.requests, load.duration_s
-    base, _, path = url.partition("//")[2].partition("/")
-    base_url, path = f"http://{base}", "/" + path if path else "/predict"
+def image_sender(images: list[tuple[str, bytes]], payload: str, path: str = "/predict",
+                 api_key: str | None = None) -> strategies.Send:
+    """A Send that posts the images in turn, encoded once up front."""
     prepared = prepare_requests(images, payload)
     counter = iter(range(1 << 62))
 
@@ -56,6 +53,17 @@ def bench_api(url: str, images: list[tuple[str, bytes]], load: VisionLoadConfig,
             headers = {**headers, "X-API-Key": api_key}
         status, _ = await conn.request("POST", path, headers, body)
         return status
+
+    return send
+
+
+def bench_api(url: str, images: list[tuple[str, bytes]], load: VisionLoadConfig, api_key: str | None = None,
+              progress: bool = True) -> list[dict]:
+    """One row per load level: req/s, latency percentiles, errors, CPU % and GPU %."""
+    payload, requests, duration_s = load.payload, load.requests, load.duration_s
+    base, _, path = url.partition("//")[2].partition("/")
+    base_url, path = f"http://{base}", "/" + path if path else "/predict"
+    send = image_sender(images, payload, path, api_key)
 
     server_config = _server_config(base_url, api_key)
     levels = [("concurrency", c) for c in load.concurrency] + [("rate_per_s", r) for r in load.rate]

@@ -84,8 +84,9 @@ def resolve(runtime: str, precision: str, device: torch.device) -> tuple[str, st
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ROOFSERVE_CACHE") or Path.home() / ".cache" / "roofserve"
-    return Path(root) / "vision"
+    from roofserve.config import cache_root
+
+    return cache_root() / "vision"
 
 
 def artifact_key(model: str, weights: str | None, runtime: str, precision: str) -> str:
@@ -271,9 +272,9 @@ def _ov_compiled(path: Path, precision: str, threads: int) -> Callable[[torch.Te
     return run
 
 
-def _torch_int8(net: torch.nn.Module, pre: Preprocess) -> Callable[[torch.Tensor], torch.Tensor]:
-    """PT2E static int8 with the x86 inductor quantizer, compiled with frozen weights (CPU)."""
-    import torch._inductor.config as inductor
+def quantize_pt2e(net: torch.nn.Module, pre: Preprocess) -> torch.nn.Module:
+    """PT2E static int8 with the x86 inductor quantizer, calibrated on the bundled photos; runs eagerly
+    (slowly: quantize/dequantize around fp32 kernels) until inductor fuses it into int8 kernels."""
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -285,8 +286,15 @@ def _torch_int8(net: torch.nn.Module, pre: Preprocess) -> Callable[[torch.Tensor
     with torch.no_grad():
         for x in calibration_images(pre):
             prepared(x)
+    return convert_pt2e(prepared)
+
+
+def _torch_int8(net: torch.nn.Module, pre: Preprocess) -> Callable[[torch.Tensor], torch.Tensor]:
+    """quantize_pt2e compiled with frozen weights (CPU)."""
+    import torch._inductor.config as inductor
+
     inductor.freezing = True
-    compiled = torch.compile(convert_pt2e(prepared), dynamic=True)  # one graph for every batch size
+    compiled = torch.compile(quantize_pt2e(net, pre), dynamic=True)  # one graph for every batch size
 
     def run(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
