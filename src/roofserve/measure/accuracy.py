@@ -37,11 +37,9 @@ def guard_photos() -> list[tuple[str, bytes, int | None]]:
 
 
 def animal(probs: torch.Tensor) -> str:
-    from roofserve.vision.labels import CAT_CLASSES, DOG_CLASSES
+    from roofserve.vision.labels import animal_groups
 
-    dog = float(probs[DOG_CLASSES.start:DOG_CLASSES.stop].sum())
-    cat = float(probs[CAT_CLASSES.start:CAT_CLASSES.stop].sum())
-    groups = {"cat": cat, "dog": dog, "other": 1.0 - dog - cat}
+    groups = animal_groups(probs.float())
     return max(groups, key=groups.get)
 
 

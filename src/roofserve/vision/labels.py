@@ -27,15 +27,21 @@ def imagenet_names() -> tuple[str, ...]:
     return tuple(info.index_to_description(i).split(",")[0].strip() for i in range(1000))
 
 
+def animal_groups(probs: "torch.Tensor") -> dict[str, float]:
+    """P(cat), P(dog) and P(other) of one image's 1000 class probabilities."""
+    dog = float(probs[DOG_CLASSES.start : DOG_CLASSES.stop].sum())
+    cat = float(probs[CAT_CLASSES.start : CAT_CLASSES.stop].sum())
+    return {"cat": cat, "dog": dog, "other": max(0.0, 1.0 - dog - cat)}
+
+
 def describe(probs: "torch.Tensor", model_name: str, top_k: int = 5) -> dict:
     """The JSON answer for one image, given its 1000 class probabilities (a 1-D float tensor)."""
     import torch
 
     names = imagenet_names()
     probs = probs.float()
-    dog = float(probs[DOG_CLASSES.start : DOG_CLASSES.stop].sum())
-    cat = float(probs[CAT_CLASSES.start : CAT_CLASSES.stop].sum())
-    groups = {"cat": cat, "dog": dog, "other": max(0.0, 1.0 - dog - cat)}
+    groups = animal_groups(probs)
+    dog = groups["dog"]
     animal = max(groups, key=groups.get)
     breed_p, breed_i = torch.topk(probs[DOG_CLASSES.start : DOG_CLASSES.stop], 3)
     top_p, top_i = torch.topk(probs, top_k)

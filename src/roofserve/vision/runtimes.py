@@ -143,10 +143,9 @@ def export_onnx(classifier: torch.nn.Module, pre: Preprocess, path: Path) -> Non
 def calibration_images(pre: Preprocess) -> list[torch.Tensor]:
     """(1, 3, H, W) uint8 batches of the photos the data packages ship (foolbox's 20 ImageNet samples and
     scikit-image's photos): int8 calibration needs no download."""
-    from roofserve.measure.accuracy import guard_photos
-    from roofserve.vision.preprocess import decode, to_batch
+    from roofserve.measure.accuracy import photo_batch
 
-    return [to_batch([decode(data, pre, 10**9)]) for _, data, _ in guard_photos()]
+    return list(photo_batch(pre)[0].split(1))
 
 
 class Runner:
