@@ -103,6 +103,41 @@ def test_stream_options_include_usage_adds_openais_usage_chunk(client):
     assert chunks[-2].choices[0].finish_reason == "length"
 
 
+def test_chat_logprobs_score_each_token_and_the_greedy_one_is_the_top(client, tokenizer):
+    kw = {"model": MODEL, "messages": QUESTION, "temperature": 0, "max_tokens": 12, "logprobs": True, "top_logprobs": 5}
+    whole = client.chat.completions.create(**kw)
+    entries = whole.choices[0].logprobs.content
+    assert len(entries) == whole.usage.completion_tokens
+    assert "".join(e.token for e in entries) == whole.choices[0].message.content
+    for e in entries:
+        assert len(e.top_logprobs) == 5 and e.logprob <= 0
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+        assert e.top_logprobs[0].token == e.token and abs(e.top_logprobs[0].logprob - e.logprob) < 1e-6  # greedy
+        assert e.bytes == list(e.token.encode())
+    stream = list(client.chat.completions.create(**kw, stream=True))
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
+    plain = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=12)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == whole.choices[0].message.content
+    sampled = client.chat.completions.create(**{**kw, "temperature": 1.0, "seed": 3, "top_logprobs": 0})
+    assert all(e.top_logprobs == [] and e.logprob <= 0 for e in sampled.choices[0].logprobs.content)
+
+
+def test_completions_logprobs_in_the_legacy_shape(client):
+    prompt = "The capital of France is"
+    whole = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=6, logprobs=3)
+    lp = whole.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert "".join(lp.tokens) == whole.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 3 and abs(max(top.values()) - logprob) < 1e-6 and top[token] == max(top.values())
+    stream = list(client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=6, logprobs=3,
+                                            stream=True))
+    offsets = [o for c in stream if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == lp.text_offset
+
+
 @ONCE
 def test_tokenize_and_detokenize_in_vllms_shapes(url, client, tokenizer):
     done = httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": "Hello there"}, timeout=60).json()
@@ -153,12 +188,12 @@ def test_bench_llm_serve_sends_exact_lengths_at_a_rate_and_writes_vllms_keys(url
 
 @ONCE
 def test_unsupported_fields_are_named_in_a_400_and_neutral_values_pass(url):
-    refused = {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}], "logprobs": True,
+    refused = {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}], "logit_bias": {"5": 1},
                "response_format": {"type": "json_object"}, "presence_penalty": 0.5, "top_k": 5}
     response = httpx.post(url + "/v1/chat/completions", json=refused, timeout=60)
     assert response.status_code == 400
     assert response.json()["error"]["message"].startswith(
-        "unsupported fields: logprobs, presence_penalty, response_format, tools, top_k")
+        "unsupported fields: logit_bias, presence_penalty, response_format, tools, top_k")
     neutral = {"messages": QUESTION, "max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0.0, "n": 1,
                "logprobs": False, "tools": [], "user": "someone", "logit_bias": {}}
     assert httpx.post(url + "/v1/chat/completions", json=neutral, timeout=60).status_code == 200
@@ -179,6 +214,9 @@ BAD = {
     "stream not bool": {"messages": QUESTION, "stream": "yes"},
     "messages not a list": {"messages": "hello"},
     "stream_options without stream": {"messages": QUESTION, "stream_options": {"include_usage": True}},
+    "top_logprobs without logprobs": {"messages": QUESTION, "top_logprobs": 3},
+    "top_logprobs over 20": {"messages": QUESTION, "logprobs": True, "top_logprobs": 21},
+    "logprobs a number on chat": {"messages": QUESTION, "logprobs": 2},
 }
 BAD_COMPLETIONS = {
     "no prompt": {"model": MODEL},
@@ -188,6 +226,8 @@ BAD_COMPLETIONS = {
     "prompt a number": {"prompt": 5},
     "messages on completions": {"messages": QUESTION},
     "prompt over context": {"prompt": "word " * 400, "max_tokens": 8},
+    "logprobs over 20": {"prompt": "Hi", "logprobs": 21},
+    "logprobs true on completions": {"prompt": "Hi", "logprobs": True},
 }
 
 
@@ -288,7 +328,7 @@ def _fuzz(url: str, path: str) -> None:
     message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", 3]), "content": values})
     optional = {"max_tokens": values, "temperature": values, "top_p": values, "seed": values, "stop": values,
                 "stream": values, "n": values, "model": st.sampled_from([MODEL, "smol", "other", 3]),
-                "stream_options": values, "logprobs": values, "add_special_tokens": values}
+                "stream_options": values, "logprobs": values, "top_logprobs": values, "add_special_tokens": values}
     body = st.fixed_dictionaries({"messages": st.one_of(st.lists(message, max_size=2), values)}, optional=optional) \
         if path != "/v1/completions" else st.fixed_dictionaries({"prompt": st.one_of(values, st.lists(
             st.integers(-2, 60000), max_size=4))}, optional=optional)

@@ -164,3 +164,25 @@ def test_bf16_with_kernels_and_compile_follows_torch_bf16(prompts):
         for i, s in enumerate(rows):  # advance both by the plain engine's greedy choice
             s.generated, s.token = s.generated + 1, int(want[i].argmax())
             fast.running[s.id].generated, fast.running[s.id].token = s.generated, s.token
+
+
+def test_logprobs_are_the_models_own_teacher_forced_and_agree_across_engines(loaded, prompts):
+    """Sampling.observe sees the logits each token came from: both engines report, for every token,
+    the log-probability a plain forward over prompt + the tokens before it gives (fp32)."""
+    from roofserve.llm.engine import scorer
+
+    prompt = prompts[1]
+    one, batched = [], []
+    tokens = list(Engine(loaded.model, 256).generate(prompt, Sampling(6, 1.0, seed=5, observe=scorer(3, one))))
+    engine = BatchEngine(loaded.model, max_batch_size=2, max_seq_len=256, prefill_chunk=16)
+    sampling = Sampling(6, 1.0, seed=5, observe=scorer(3, batched))
+    out = _run(engine, {0: [(0, prompts[0], Sampling(6, 0.0)), (1, prompt, sampling)]})
+    assert out[1] == tokens and [t for t, _, _ in one] == tokens == [t for t, _, _ in batched]
+    with torch.inference_mode():
+        logits = loaded.model(torch.tensor([prompt + tokens])).logits[0].float()
+    expected = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)  # the position before each token
+    for i, token in enumerate(tokens):
+        for record in (one[i], batched[i]):
+            assert record[1] == pytest.approx(float(expected[i, token]), abs=1e-3)
+            top = torch.topk(expected[i], 3)
+            assert [t for t, _ in record[2]] == top.indices.tolist()

@@ -2,7 +2,7 @@
 
 from roofserve.llm.text import coalesce, stream_text
 
-VOCAB = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "\n", 6: "##", 7: "EN", 8: "D"}
+VOCAB = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "\n", 6: "##", 7: "EN", 8: "D", 9: "?"}
 
 
 def decode(ids):
@@ -72,3 +72,28 @@ def test_coalesce_sends_the_first_token_alone_then_groups_and_flushes_before_the
     assert deltas == ["Hel", "lo world\n", "##"]
     assert grouped[-1] == items[-1]  # the end item, with usage, unchanged
     assert list(coalesce(items, 1)) == items
+
+
+def scored(tokens):
+    """What engine.scorer appends: (token, logprob, top pairs); logprob -i/10 tells the tokens apart."""
+    return [(t, -i / 10, [(t, -i / 10), (9, -5.0)]) for i, t in enumerate(tokens)]
+
+
+def test_logprob_entries_travel_with_the_text_of_their_tokens_through_the_coalescer():
+    tokens = [1, 2, 6, 3, 4]
+    items = list(coalesce(stream_text(tokens, decode, ["##END"], 100, 0, scored(tokens)), 2))
+    deltas = [i for i in items if i["t"] == "delta"]
+    assert "".join(d["text"] for d in deltas) == "Hello## world"
+    entries = [e for d in deltas for e in d["logprobs"]]
+    assert [(e["token"], e["logprob"]) for e in entries] == [("Hel", 0), ("lo", -0.1), ("##", -0.2), (" wor", -0.3), ("ld", -0.4)]
+    assert entries[0]["top_logprobs"] == [{"token": "Hel", "logprob": 0, "bytes": list(b"Hel")},
+                                          {"token": "?", "logprob": -5.0, "bytes": list(b"?")}]
+    assert entries[2]["bytes"] == list(b"##")
+
+
+def test_logprobs_of_tokens_cut_by_a_stop_string_still_arrive():
+    tokens = [1, 2, 6, 7, 8]
+    items = list(stream_text(tokens, decode, ["##END"], 100, 0, scored(tokens)))
+    assert "".join(i["text"] for i in items if i["t"] == "delta") == "Hello"
+    assert len([e for i in items if i["t"] == "delta" for e in i["logprobs"]]) == 5  # one per generated token
+    assert items[-1]["usage"]["completion_tokens"] == 5

@@ -21,7 +21,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from roofserve.config import LLMConfig
-from roofserve.llm.engine import Sampling
+from roofserve.llm.engine import Sampling, scorer
 from roofserve.llm.protocol import Formatter, parse_body, validate_chat_request, validate_completion_request
 from roofserve.llm.text import Coalescer, TextStream, coalesce
 from roofserve.server.app import worker_threads
@@ -101,7 +101,7 @@ class LLMAPI(ls.LitAPI):
         metrics.prompt_tokens += first.get("prompt_tokens", 0)
 
         if not payload["stream"]:
-            parts, end = [], {}
+            parts, end, scored = [], {}, []
             try:
                 async for item, _status in items:
                     if isinstance(item, Rejection):
@@ -110,12 +110,13 @@ class LLMAPI(ls.LitAPI):
                         if not parts:
                             metrics.ttft.observe(time.perf_counter() - started)
                         parts.append(item["text"])
+                        scored += item.get("logprobs", ())
                     elif item["t"] == "end":
                         end = item
                         metrics.tokens_generated += item["usage"]["completion_tokens"]
             finally:
                 close()
-            return JSONResponse(out.whole("".join(parts), end.get("finish_reason", "stop"), end.get("usage")))
+            return JSONResponse(out.whole("".join(parts), end.get("finish_reason", "stop"), end.get("usage"), scored))
 
         async def events():
             finished, first_token = False, None
@@ -131,7 +132,7 @@ class LLMAPI(ls.LitAPI):
                         if first_token is None:
                             metrics.ttft.observe(now - started)
                             first_token = now
-                        yield out.delta(item["text"])
+                        yield out.delta(item["text"], item.get("logprobs"))
                     elif item["t"] == "end":
                         tokens = item["usage"]["completion_tokens"]
                         metrics.tokens_generated += tokens
@@ -198,7 +199,7 @@ class LLMAPI(ls.LitAPI):
             return rid in self.cancelled or time.time() > deadline
 
         items = gen.chat(ids, max_tokens, request["temperature"], request["top_p"], request["seed"],
-                         request["stop"], request["ignore_eos"], should_stop)
+                         request["stop"], request["ignore_eos"], should_stop, request["logprobs"])
         for item in coalesce(items, self.cfg.stream_interval):
             if item["t"] == "end":
                 if rid in self.cancelled:
@@ -214,10 +215,14 @@ class LLMAPI(ls.LitAPI):
         if rejection:
             return [rejection, None]
         gen = self.generator
-        sampling = Sampling(max_tokens, request["temperature"], request["top_p"], request["seed"])
+        scores, observe = None, None
+        if request["logprobs"] is not None:
+            scores = []
+            observe = scorer(request["logprobs"], scores)
+        sampling = Sampling(max_tokens, request["temperature"], request["top_p"], request["seed"], observe)
         gen.batch.add(uid, ids, sampling, set() if request["ignore_eos"] else gen.stop_ids)
         self.jobs[uid] = _Job(request["request_id"], request.get("deadline", float("inf")),
-                              TextStream(gen.decode, request["stop"], max_tokens, len(ids)),
+                              TextStream(gen.decode, request["stop"], max_tokens, len(ids), scores),
                               Coalescer(self.cfg.stream_interval))
         return [{"t": "start", "prompt_tokens": len(ids)}]
 

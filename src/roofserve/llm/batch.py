@@ -216,7 +216,8 @@ class BatchEngine:
         logits = self.slots.prefill(chunk, seq.filled, seq.slot)
         seq.filled = end
         if end == len(seq.prompt):
-            self._emit(seq, sample(logits.cpu() if seq.generator else logits, seq.sampling, seq.generator), events)
+            self._emit(seq, sample(logits.cpu() if seq.generator else logits, seq.sampling, seq.generator), events,
+                       logits)
 
     def _decode_rows(self, rows: list[Sequence], events: list) -> None:
         n = len(rows)
@@ -232,13 +233,15 @@ class BatchEngine:
                 token = best[i]
             else:
                 token = sample(logits[i].cpu() if seq.generator else logits[i], seq.sampling, seq.generator)
-            self._emit(seq, token, events)
+            self._emit(seq, token, events, logits[i])
 
-    def _emit(self, seq: Sequence, token: int, events: list) -> None:
+    def _emit(self, seq: Sequence, token: int, events: list, logits: torch.Tensor) -> None:
         if token in seq.stop_ids:
             events.append((seq.id, None))
             self.cancel(seq.id)
             return
+        if seq.sampling.observe:
+            seq.sampling.observe(logits, token)
         seq.token = token
         seq.generated += 1
         events.append((seq.id, token))

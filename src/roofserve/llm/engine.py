@@ -24,6 +24,21 @@ class Sampling:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
+    # Called with (logits, token) for every token handed out (logprobs); None: nothing is computed.
+    observe: Callable[[torch.Tensor, int], None] | None = None
+
+
+def scorer(top: int, into: list) -> Callable[[torch.Tensor, int], None]:
+    """An observe hook that appends (token, logprob, [(id, logprob), ...top]) to `into`: the model's
+    own log-probabilities (before temperature and top_p, as vLLM and OpenAI report them)."""
+
+    def observe(logits: torch.Tensor, token: int) -> None:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        best = torch.topk(logprobs, top) if top else None
+        pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+        into.append((token, float(logprobs[token]), pairs))
+
+    return observe
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
@@ -105,11 +120,14 @@ class Engine:
             from transformers import DynamicCache
 
             logits, cache = self._forward(ids, positions, DynamicCache(config=self.model.config))
-        token = sample(logits[0, -1].cpu() if generator else logits[0, -1], sampling, generator)
+        logits = logits[0, -1]
+        token = sample(logits.cpu() if generator else logits, sampling, generator)
         position = len(prompt_ids)
         for i in range(sampling.max_new_tokens):
             if token in stop_ids:
                 return
+            if sampling.observe:
+                sampling.observe(logits, token)
             yield token
             if i + 1 == sampling.max_new_tokens or (should_stop and should_stop()):
                 return

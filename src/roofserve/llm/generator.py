@@ -35,9 +35,19 @@ class Generator:
 
     def tokens(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, ignore_eos: bool = False,
-               should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
+               should_stop: Callable[[], bool] | None = None, observe=None) -> Iterator[int]:
+        """Generated ids; `observe(logits, token)` (engine.Sampling.observe) is called before each is yielded."""
         raise NotImplementedError
 
-    def chat(self, ids, max_tokens, temperature, top_p, seed, stop, ignore_eos, should_stop) -> Iterator[dict]:
-        tokens = self.tokens(ids, max_tokens, temperature, top_p, seed, ignore_eos, should_stop)
-        yield from stream_text(tokens, self.decode, stop, max_tokens, len(ids))
+    def chat(self, ids, max_tokens, temperature, top_p, seed, stop, ignore_eos, should_stop,
+             logprobs: int | None = None) -> Iterator[dict]:
+        """Text items; with `logprobs` (the number of top alternatives, 0-20) each delta carries the
+        logprob entries of its tokens."""
+        scores, observe = None, None
+        if logprobs is not None:
+            from roofserve.llm.engine import scorer
+
+            scores = []
+            observe = scorer(logprobs, scores)
+        tokens = self.tokens(ids, max_tokens, temperature, top_p, seed, ignore_eos, should_stop, observe)
+        yield from stream_text(tokens, self.decode, stop, max_tokens, len(ids), scores)

@@ -43,7 +43,9 @@ class LlamaCppGenerator(Generator):
 
     def tokens(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, ignore_eos: bool = False,
-               should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
+               should_stop: Callable[[], bool] | None = None, observe=None) -> Iterator[int]:
+        if observe is not None:  # the protocol refuses logprobs for this backend before a request gets here
+            raise ValueError("the llamacpp backend does not report logprobs")
         if seed is not None:
             self.llm.set_seed(seed)
         self.llm.reset()  # no prefix reuse between requests: every prompt is prefilled, as in our engine

@@ -21,13 +21,14 @@ ROLES = ("system", "user", "assistant")
 # mean "off": anything else in them is a 400.
 IGNORED = {"user", "metadata", "store", "service_tier"}
 NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
-           "logprobs": (False, 0), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",),
+           "tools": ([],), "tool_choice": ("none",),
            "parallel_tool_calls": (False, True), "response_format": ({"type": "text"},),
            "echo": (False,), "suffix": ("",), "best_of": (1,), "n": (1,)}
 CHAT_FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-               "stream", "stream_options", "ignore_eos"}
+               "stream", "stream_options", "ignore_eos", "logprobs", "top_logprobs"}
 COMPLETION_FIELDS = {"prompt", "model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
-                     "stream_options", "ignore_eos"}
+                     "stream_options", "ignore_eos", "logprobs"}
+MAX_TOP_LOGPROBS = 20
 
 
 def bad(message: str) -> HTTPException:
@@ -142,6 +143,32 @@ def _common(doc: dict, cfg: LLMConfig) -> dict:
     }
 
 
+def _top_count(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise bad(f"'{key}' must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+    return value
+
+
+def _logprobs(doc: dict, chat: bool, cfg: LLMConfig) -> int | None:
+    """How many top alternatives each token's logprob entry lists, or None for no logprobs. Chat:
+    `logprobs: true` with `top_logprobs` 0-20; completions: `logprobs` 0-20 (OpenAI's legacy shape)."""
+    if chat:
+        wanted, top = doc.get("logprobs"), doc.get("top_logprobs")
+        if wanted is not None and not isinstance(wanted, bool):
+            raise bad("'logprobs' must be true or false")
+        count = None if top is None else _top_count(top, "top_logprobs")
+        if not wanted:
+            if count:
+                raise bad("'top_logprobs' needs 'logprobs': true")
+            return None
+        count = count or 0
+    else:
+        count = None if doc.get("logprobs") is None else _top_count(doc["logprobs"], "logprobs")
+    if count is not None and cfg.backend == "llamacpp":
+        raise bad("'logprobs' is not available with the llamacpp backend")
+    return count
+
+
 def _request(doc: object, supported: set[str], served: tuple[str, ...]) -> dict:
     """A JSON object with only supported (or neutral) fields, for a model this server serves."""
     if not isinstance(doc, dict):
@@ -154,7 +181,8 @@ def _request(doc: object, supported: set[str], served: tuple[str, ...]) -> dict:
 def validate_chat_request(doc: object, cfg: LLMConfig, served: tuple[str, ...]) -> dict:
     """POST /v1/chat/completions, checked and normalised; raises HTTPException(400/404) with what is wrong."""
     doc = _request(doc, CHAT_FIELDS, served)
-    return {"route": "chat", "messages": check_messages(doc.get("messages")), **_common(doc, cfg)}
+    return {"route": "chat", "messages": check_messages(doc.get("messages")), **_common(doc, cfg),
+            "logprobs": _logprobs(doc, True, cfg)}
 
 
 def _prompt(prompt: object) -> str | list[int]:
@@ -173,7 +201,8 @@ def _prompt(prompt: object) -> str | list[int]:
 def validate_completion_request(doc: object, cfg: LLMConfig, served: tuple[str, ...]) -> dict:
     """POST /v1/completions, checked and normalised."""
     doc = _request(doc, COMPLETION_FIELDS, served)
-    return {"route": "completions", "prompt": _prompt(doc.get("prompt")), **_common(doc, cfg)}
+    return {"route": "completions", "prompt": _prompt(doc.get("prompt")), **_common(doc, cfg),
+            "logprobs": _logprobs(doc, False, cfg)}
 
 
 def validate_tokenize_request(doc: object, served: tuple[str, ...]) -> dict:
@@ -209,12 +238,31 @@ class Formatter:
         prefix = "chatcmpl" if self.chat else "cmpl"
         self.base = {"id": f"{prefix}-{payload['request_id']:x}", "created": created, "model": model, **extra}
         self.include_usage = payload.get("include_usage", False)
+        self.scored = payload.get("logprobs") is not None
+        self.offset = 0  # completions: characters of output before the next token (text_offset)
 
-    def whole(self, text: str, finish_reason: str, usage: dict | None) -> dict:
+    def _logprobs(self, entries: list[dict] | None) -> dict | None:
+        """A choice's `logprobs`: chat's {"content": [entries]}, or completions' legacy parallel lists."""
+        if not self.scored:
+            return None
+        entries = entries or []
+        if self.chat:
+            return {"content": entries}
+        offsets = []
+        for entry in entries:
+            offsets.append(self.offset)
+            self.offset += len(entry["token"])
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": offsets}
+
+    def whole(self, text: str, finish_reason: str, usage: dict | None, entries: list[dict] | None = None) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+            if self.scored:
+                choice["logprobs"] = self._logprobs(entries)
             return {**self.base, "object": "chat.completion", "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": self._logprobs(entries), "finish_reason": finish_reason}
         return {**self.base, "object": "text_completion", "choices": [choice], "usage": usage}
 
     def _event(self, choices: list, usage: dict | None = None) -> str:
@@ -227,10 +275,13 @@ class Formatter:
         return [self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])] \
             if self.chat else []
 
-    def delta(self, text: str) -> str:
+    def delta(self, text: str, entries: list[dict] | None = None) -> str:
         if self.chat:
-            return self._event([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
-        return self._event([{"index": 0, "text": text, "logprobs": None, "finish_reason": None}])
+            choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
+            if self.scored:
+                choice["logprobs"] = self._logprobs(entries)
+            return self._event([choice])
+        return self._event([{"index": 0, "text": text, "logprobs": self._logprobs(entries), "finish_reason": None}])
 
     def end(self, finish_reason: str, usage: dict) -> list[str]:
         """The last chunk carries finish_reason and usage; with stream_options.include_usage, OpenAI's

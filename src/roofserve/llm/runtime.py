@@ -120,11 +120,12 @@ class TorchGenerator(Generator):
         eos = eos if isinstance(eos, list) else [eos]
         self.stop_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
 
-    def tokens(self, ids, max_tokens, temperature=0.0, top_p=1.0, seed=None, ignore_eos=False, should_stop=None):
+    def tokens(self, ids, max_tokens, temperature=0.0, top_p=1.0, seed=None, ignore_eos=False, should_stop=None,
+               observe=None):
         from roofserve.llm.engine import Sampling
 
         stop_ids = set() if ignore_eos else self.stop_ids
-        sampling = Sampling(max_tokens, temperature, top_p, seed)
+        sampling = Sampling(max_tokens, temperature, top_p, seed, observe)
         if self.batch is not None:
             return self._alone_in_batch(ids, sampling, stop_ids, should_stop)
         return self.engine.generate(ids, sampling, stop_ids, should_stop)

@@ -18,17 +18,36 @@ class TextStream:
     should push no more tokens.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: list[str], max_tokens: int, prompt_tokens: int):
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str], max_tokens: int, prompt_tokens: int,
+                 scores: list | None = None):
         self.decode, self.stop, self.max_tokens, self.prompt_tokens = decode, stop, max_tokens, prompt_tokens
         self.ids: list[int] = []
         self.text = ""  # everything decoded so far
         self.sent = 0  # characters of `text` already yielded
         self.prefix, self.read = 0, 0  # ids[prefix:read] is the context for decoding what follows `read`
         self.stopped = False
+        # logprobs: the engine appends (token, logprob, top pairs) to `scores` before each token reaches
+        # `push`; each delta carries the entries of the tokens pushed since the last one.
+        self.scores, self.pending = scores, []
+
+    def _entry(self, token: int, logprob: float) -> dict:
+        text = self.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def _deltas(self, text: str) -> list[dict]:
+        if self.scores is None:
+            return [{"t": "delta", "text": text}]
+        item = {"t": "delta", "text": text, "logprobs": self.pending}
+        self.pending = []
+        return [item]
 
     def push(self, token: int) -> list[dict]:
         ids, decode, stop = self.ids, self.decode, self.stop
         ids.append(token)
+        if self.scores is not None:
+            scored, logprob, top = self.scores[len(ids) - 1]
+            assert scored == token, "logprobs out of step with the tokens"
+            self.pending.append({**self._entry(token, logprob), "top_logprobs": [self._entry(t, lp) for t, lp in top]})
         before = decode(ids[self.prefix:self.read])
         after = decode(ids[self.prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
@@ -38,11 +57,11 @@ class TextStream:
         hit = min((i for i in (text.find(s, max(0, sent - len(s))) for s in stop) if i >= 0), default=-1)
         if hit >= 0:
             self.stopped, self.sent = True, len(text)
-            return [{"t": "delta", "text": text[sent:hit]}] if hit > sent else []
+            return self._deltas(text[sent:hit]) if hit > sent else []
         safe = len(text) - _held_back(text, stop)
         if safe > sent:
             self.sent = safe
-            return [{"t": "delta", "text": text[sent:safe]}]
+            return self._deltas(text[sent:safe])
         return []
 
     def close(self) -> list[dict]:
@@ -51,10 +70,12 @@ class TextStream:
             if self.read < len(self.ids):  # bytes of an unfinished character at the very end
                 self.text += self.decode(self.ids[self.prefix:])[len(self.decode(self.ids[self.prefix:self.read])):]
             if len(self.text) > self.sent:
-                out.append({"t": "delta", "text": self.text[self.sent:]})
+                out += self._deltas(self.text[self.sent:])
                 self.sent = len(self.text)
             if len(self.ids) >= self.max_tokens:
                 finish = "length"
+        if self.pending:  # tokens whose text was held back and then cut by a stop string
+            out += self._deltas("")
         n = len(self.ids)
         usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
         out.append({"t": "end", "finish_reason": finish, "usage": usage})
@@ -62,10 +83,11 @@ class TextStream:
 
 
 def stream_text(
-    tokens: Iterable[int], decode: Callable[[list[int]], str], stop: list[str], max_tokens: int, prompt_tokens: int
+    tokens: Iterable[int], decode: Callable[[list[int]], str], stop: list[str], max_tokens: int, prompt_tokens: int,
+    scores: list | None = None,
 ) -> Iterator[dict]:
     """TextStream over an iterator of tokens: the deltas, then the end item."""
-    stream = TextStream(decode, stop, max_tokens, prompt_tokens)
+    stream = TextStream(decode, stop, max_tokens, prompt_tokens, scores)
     for token in tokens:
         yield from stream.push(token)
         if stream.stopped:
@@ -84,20 +106,25 @@ class Coalescer:
     def push(self, item: dict) -> list[dict]:
         out = []
         if item["t"] == "delta" and not self.first:
-            self.held.append(item["text"])
+            self.held.append(item)
             if len(self.held) < self.every:
                 return out
-            item, self.held = {"t": "delta", "text": "".join(self.held)}, []
+            item = self._joined()
         elif self.held:
-            out.append({"t": "delta", "text": "".join(self.held)})
-            self.held = []
+            out.append(self._joined())
         self.first = self.first and item["t"] != "delta"
         out.append(item)
         return out
 
-    def flush(self) -> list[dict]:
+    def _joined(self) -> dict:
         held, self.held = self.held, []
-        return [{"t": "delta", "text": "".join(held)}] if held else []
+        item = {"t": "delta", "text": "".join(d["text"] for d in held)}
+        if "logprobs" in held[0]:
+            item["logprobs"] = [entry for d in held for entry in d["logprobs"]]
+        return item
+
+    def flush(self) -> list[dict]:
+        return [self._joined()] if self.held else []
 
 
 def coalesce(items: Iterable[dict], every: int) -> Iterator[dict]:
