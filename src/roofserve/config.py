@@ -23,6 +23,7 @@ DEFAULT_MAX_TOKENS = 128  # output length of LLM benchmarks
 PRECISIONS = ("fp32", "fp16", "bf16")
 VISION_PRECISIONS = ("auto", *PRECISIONS, "int8")
 VISION_RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")  # vision/runtimes.py
+ENGINES = ("litserve", "ray")  # where a vision server runs: LitServe (server/), Ray Serve (engines/rayserve.py)
 DEVICES = ("auto", "cpu", "cuda")
 ALLOCATORS = ("glibc-tuned", "glibc", "jemalloc", "tcmalloc")
 
@@ -137,9 +138,25 @@ class VisionConfig(ServerConfig):
     batch_timeout_s: float = _help("how long a worker waits to fill a batch", default=0.005)
     fast_decode: bool = _help("JPEG draft mode: decode big JPEGs at reduced scale before resizing", default=True)
     max_image_pixels: int = _help("images with more pixels are rejected with 413 (decompression bombs)", default=40_000_000)
+    # engines/rayserve.py
+    engine: str = _help("litserve (one machine) or ray (Ray Serve replicas behind Ray's proxy; pip install "
+                        "'roofserve[ray]')", default="litserve")
+    ray_replicas: int = _help("--engine ray: replicas (the autoscaler's floor with --ray-max-replicas)", default=1)
+    ray_max_replicas: int = _help("--engine ray: autoscale up to this many replicas (0: fixed at --ray-replicas)",
+                                  default=0)
+    ray_target_ongoing_requests: float = _help("--engine ray: requests per replica the autoscaler aims at",
+                                               default=2.0)
+    ray_address: str = _help("--engine ray: join this Ray cluster (e.g. 10.0.0.5:6379); empty: start a local one",
+                             default="")
 
     def validate(self) -> None:
         super().validate()
+        _check_choice("engine", self.engine, ENGINES)
+        _check_positive("ray_replicas", self.ray_replicas)
+        if self.ray_max_replicas and self.ray_max_replicas < self.ray_replicas:
+            raise UserError("ray_max_replicas must be 0 (fixed) or >= ray_replicas")
+        if self.ray_target_ongoing_requests <= 0:
+            raise UserError("ray_target_ongoing_requests must be > 0")
         _check_choice("runtime", self.runtime, VISION_RUNTIMES)
         _check_choice("precision", self.precision, VISION_PRECISIONS)
         _check_positive("max_batch_size", self.max_batch_size)

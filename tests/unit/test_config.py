@@ -99,6 +99,9 @@ def test_user_mistakes_are_one_line_errors_not_tracebacks():
         (["serve", "vision", "--precision", "fp16", "--device", "cpu"], "fp16 is slow or unsupported on CPU"),
         (["report", "/nope"], "no result file or folder"),
         (["serve", "vision", "--api-key-file", "/nope"], "api_key_file not found"),
+        (["serve", "vision", "--engine", "spark"], "engine must be one of litserve, ray"),
+        (["serve", "vision", "--engine", "ray", "--ray-replicas", "3", "--ray-max-replicas", "2"],
+         "ray_max_replicas must be 0 (fixed) or >= ray_replicas"),
     ]
 
     def run(args):

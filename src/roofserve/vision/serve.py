@@ -43,6 +43,10 @@ def preflight(cfg: VisionConfig) -> str:
 def serve(cfg: VisionConfig) -> None:
     reexec_with(tuned_environ(cfg.allocator))
     accelerator = preflight(cfg)
+    if cfg.engine == "ray":
+        from roofserve.engines.rayserve import serve_vision
+
+        return serve_vision(cfg, accelerator)
     from roofserve.vision.api import VisionAPI
 
     server = make_server(VisionAPI(cfg), cfg, accelerator, cfg.model)

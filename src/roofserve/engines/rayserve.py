@@ -1,0 +1,153 @@
+"""The vision server on Ray Serve (`roofserve serve vision --engine ray`): the same API class (setup,
+read_payload, decode_request, predict, limits, error body) as Ray Serve replicas behind Ray's HTTP
+proxy, with the same routes, for traffic that outgrows one machine.
+
+- Batching: `@serve.batch` with the config's max_batch_size and batch_timeout_s; decode and predict run
+  in a thread of the replica, so its event loop keeps taking requests (and filling the next batch).
+- Replicas: `ray_replicas` fixed, or autoscaled between `ray_replicas` and `ray_max_replicas` on Ray's
+  ongoing requests per replica (`ray_target_ongoing_requests`). Each replica reserves its threads as Ray CPUs.
+- Admission: Ray's `max_queued_requests` (its 503 beyond); the deadline is ours (504), as on LitServe.
+- Cluster: no `ray_address` starts a local Ray instance (temp dir of its own, removed at exit); with one
+  it joins that cluster. SIGTERM drains (replicas get `grace_s`) and stops what it started: the whole
+  local instance, or on a joined cluster only its application (Serve's proxy and controller stay there).
+- Not here: our /metrics (Ray exports its own Prometheus metrics), the connection guards of
+  server.connections (Ray's proxy is uvicorn without them), and the LLM (LitServe only, for now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+
+from roofserve.config import VisionConfig
+from roofserve.errors import UserError
+
+log = logging.getLogger(__name__)
+APP = "roofserve"
+
+
+def _serve():
+    try:
+        from ray import serve
+    except ImportError:
+        raise UserError("--engine ray needs Ray Serve: pip install 'roofserve[ray]'") from None
+    return serve
+
+
+def replica_threads(cfg: VisionConfig) -> int:
+    """torch threads (and Ray CPUs) per replica: the configured number, or the cores over the replicas."""
+    return cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.ray_replicas)
+
+
+def deployment_options(cfg: VisionConfig) -> dict:
+    """Ray Serve deployment options from the server's config (what `serve.deployment(...)` takes)."""
+    options = {
+        "ray_actor_options": {"num_cpus": replica_threads(cfg)},
+        # @serve.batch fills batches only up to the requests a replica holds at once
+        "max_ongoing_requests": max(2 * cfg.max_batch_size, 8),
+        "max_queued_requests": cfg.max_queued_requests,
+        "graceful_shutdown_timeout_s": cfg.grace_s,
+        "health_check_period_s": 2,
+        "logging_config": {"enable_access_log": False},  # a log line per request costs the replica CPU
+    }
+    if cfg.ray_max_replicas > cfg.ray_replicas:
+        options["autoscaling_config"] = {"min_replicas": cfg.ray_replicas, "max_replicas": cfg.ray_max_replicas,
+                                         "target_ongoing_requests": cfg.ray_target_ongoing_requests}
+    else:
+        options["num_replicas"] = cfg.ray_replicas
+    return options
+
+
+class VisionReplica:
+    """One Ray Serve replica: a VisionAPI set up as a LitServe worker would be, answering HTTP itself."""
+
+    def __init__(self, cfg: VisionConfig, device: str):
+        from roofserve.vision.api import VisionAPI
+
+        cfg.threads_per_worker = replica_threads(cfg)
+        self.cfg, self.api = cfg, VisionAPI(cfg)
+        self.api.setup(device)
+
+    async def batched(self, payloads: list[dict]) -> list:  # wrapped in serve.batch by _app()
+        return await asyncio.get_running_loop().run_in_executor(None, self._work, payloads)
+
+    def _work(self, payloads: list[dict]) -> list:
+        return self.api.predict([self.api.decode_request(p) for p in payloads])
+
+    async def __call__(self, request):
+        from fastapi import HTTPException
+        from fastapi.responses import JSONResponse
+
+        from roofserve.server.http import Rejection, error_response, read_body
+
+        path, method = request.url.path, request.method
+        if path == "/health":
+            return JSONResponse({"status": "ok", "engine": "ray", "replica_pid": os.getpid()})
+        if path != "/predict":
+            return error_response(404, f"no route {path}: POST /predict, GET /health")
+        if method != "POST":
+            return error_response(405, "use POST /predict")
+        try:
+            body = await read_body(request, self.cfg.max_payload_bytes)
+            payload = await self.api.read_payload(request, body)
+        except HTTPException as e:
+            return error_response(e.status_code, str(e.detail))
+        try:
+            output = await asyncio.wait_for(self.batched(payload), self.cfg.timeout_s)
+        except TimeoutError:
+            return error_response(504, f"no answer within the deadline of {self.cfg.timeout_s:g} s")
+        if isinstance(output, Rejection):
+            return error_response(output.status, output.message)
+        return JSONResponse(output)
+
+
+def _app(cfg: VisionConfig, device: str):
+    serve = _serve()
+    replica = type("VisionReplica", (VisionReplica,), {
+        "batched": serve.batch(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_timeout_s)(
+            VisionReplica.batched)})
+    return serve.deployment(name="vision", **deployment_options(cfg))(replica).bind(cfg, device)
+
+
+def serve_vision(cfg: VisionConfig, device: str) -> None:
+    """Run until SIGTERM or Ctrl-C: a local Ray instance (or cfg.ray_address), Ray's proxy on cfg.host:cfg.port."""
+    if cfg.resolved_api_key():
+        raise UserError("--engine ray does not check API keys yet: put an authenticating proxy in front, "
+                        "or serve with the LitServe engine")
+    serve = _serve()
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    temp_dir = None
+    if cfg.ray_address:
+        ray.init(address=cfg.ray_address, logging_level=logging.WARNING)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance: nothing to authenticate
+        temp_dir = tempfile.mkdtemp(prefix="roofserve-ray-")
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir, logging_level=logging.WARNING,
+                 _node_ip_address="127.0.0.1" if cfg.host in ("127.0.0.1", "localhost") else None)
+    stopping = []  # a plain flag: a handler must not take a lock the interrupted main thread may hold
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.timeout_s + 5},
+                    logging_config={"enable_access_log": False})
+        serve.run(_app(cfg, device), name=APP, route_prefix="/", blocking=False)
+        log.info("serving %s on http://%s:%d/predict (Ray Serve, %d replica(s) x %d thread(s), %s %s)", cfg.model,
+                 cfg.host, cfg.port, cfg.ray_replicas, replica_threads(cfg), cfg.runtime, cfg.precision)
+        while not stopping:
+            time.sleep(0.2)
+        log.info("draining (up to %g s)", cfg.grace_s)
+    finally:
+        try:
+            # our own instance: stop Serve; a shared cluster: remove only our application (its proxy stays)
+            serve.delete(APP) if cfg.ray_address else serve.shutdown()
+        finally:
+            ray.shutdown()
+            if temp_dir:
+                shutil.rmtree(temp_dir, ignore_errors=True)
