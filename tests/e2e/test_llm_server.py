@@ -138,6 +138,20 @@ def test_completions_logprobs_in_the_legacy_shape(client):
     assert offsets == lp.text_offset
 
 
+def test_continuous_usage_stats_puts_usage_so_far_in_every_chunk(url):
+    """vLLM's stream_options extension, which GuideLLM sends on every request."""
+    import json
+
+    body = {"model": MODEL, "messages": QUESTION, "temperature": 0, "max_tokens": 10, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    used = [c["usage"]["completion_tokens"] for c in chunks]
+    assert all("usage" in c for c in chunks) and used == sorted(used) and used[-1] == 10
+    prompt_tokens = {c["usage"]["prompt_tokens"] for c in chunks}
+    assert len(prompt_tokens) == 1 and prompt_tokens.pop() > 0
+
+
 @ONCE
 def test_tokenize_and_detokenize_in_vllms_shapes(url, client, tokenizer):
     done = httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": "Hello there"}, timeout=60).json()

@@ -97,3 +97,10 @@ def test_logprobs_of_tokens_cut_by_a_stop_string_still_arrive():
     assert "".join(i["text"] for i in items if i["t"] == "delta") == "Hello"
     assert len([e for i in items if i["t"] == "delta" for e in i["logprobs"]]) == 5  # one per generated token
     assert items[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_each_delta_counts_its_tokens_and_the_coalescer_adds_them_up():
+    items = list(coalesce(stream_text([1, 2, 6, 3, 4, 5], decode, ["##END"], 100, 0), 2))
+    deltas = [i for i in items if i["t"] == "delta"]
+    assert [d["tokens"] for d in deltas][0] == 1  # the first delta goes alone (time to first token)
+    assert sum(d["tokens"] for d in deltas) == 6 == items[-1]["usage"]["completion_tokens"]

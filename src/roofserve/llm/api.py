@@ -98,7 +98,8 @@ class LLMAPI(ls.LitAPI):
                       started: float, metrics) -> object:
         extra = {"roofserve": {"random_weights": True, "note": "random weights: this text is meaningless"}} if self.random_weights else {}
         out = Formatter(payload, self.served[0], int(time.time()), extra)
-        metrics.prompt_tokens += first.get("prompt_tokens", 0)
+        out.prompt_tokens = first.get("prompt_tokens", 0)
+        metrics.prompt_tokens += out.prompt_tokens
 
         if not payload["stream"]:
             parts, end, scored = [], {}, []
@@ -132,7 +133,7 @@ class LLMAPI(ls.LitAPI):
                         if first_token is None:
                             metrics.ttft.observe(now - started)
                             first_token = now
-                        yield out.delta(item["text"], item.get("logprobs"))
+                        yield out.delta(item["text"], item.get("logprobs"), item.get("tokens", 0))
                     elif item["t"] == "end":
                         tokens = item["usage"]["completion_tokens"]
                         metrics.tokens_generated += tokens

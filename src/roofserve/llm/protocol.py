@@ -124,9 +124,10 @@ def _common(doc: dict, cfg: LLMConfig) -> dict:
     if options is not None:
         if not stream:
             raise bad("'stream_options' is only allowed with stream: true")
-        if not isinstance(options, dict) or set(options) - {"include_usage"} or \
-                not isinstance(options.get("include_usage", False), bool):
-            raise bad("'stream_options' supports only {\"include_usage\": true|false}")
+        if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"} or \
+                not all(isinstance(v, bool) for v in options.values()):
+            raise bad("'stream_options' supports only {\"include_usage\": true|false, "
+                      "\"continuous_usage_stats\": true|false}")
     ignore_eos = doc.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise bad("'ignore_eos' must be true or false")
@@ -138,6 +139,8 @@ def _common(doc: dict, cfg: LLMConfig) -> dict:
         "stop": stop or [],
         "stream": stream,
         "include_usage": bool(options and options.get("include_usage")),
+        # vLLM's extension (GuideLLM sends it): usage so far in every chunk
+        "continuous_usage": bool(options and options.get("continuous_usage_stats")),
         "ignore_eos": ignore_eos,
         "request_id": secrets.randbits(62) + 1,
     }
@@ -238,6 +241,8 @@ class Formatter:
         prefix = "chatcmpl" if self.chat else "cmpl"
         self.base = {"id": f"{prefix}-{payload['request_id']:x}", "created": created, "model": model, **extra}
         self.include_usage = payload.get("include_usage", False)
+        self.continuous_usage = payload.get("continuous_usage", False)
+        self.prompt_tokens, self.completion_tokens = 0, 0  # for continuous usage
         self.scored = payload.get("logprobs") is not None
         self.offset = 0  # completions: characters of output before the next token (text_offset)
 
@@ -267,6 +272,9 @@ class Formatter:
 
     def _event(self, choices: list, usage: dict | None = None) -> str:
         doc = {**self.base, "object": "chat.completion.chunk" if self.chat else "text_completion", "choices": choices}
+        if usage is None and self.continuous_usage:
+            usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                     "total_tokens": self.prompt_tokens + self.completion_tokens}
         if usage is not None:
             doc["usage"] = usage
         return f"data: {json.dumps(doc)}\n\n"
@@ -275,7 +283,8 @@ class Formatter:
         return [self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])] \
             if self.chat else []
 
-    def delta(self, text: str, entries: list[dict] | None = None) -> str:
+    def delta(self, text: str, entries: list[dict] | None = None, tokens: int = 0) -> str:
+        self.completion_tokens += tokens
         if self.chat:
             choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
             if self.scored:

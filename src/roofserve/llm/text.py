@@ -29,16 +29,18 @@ class TextStream:
         # logprobs: the engine appends (token, logprob, top pairs) to `scores` before each token reaches
         # `push`; each delta carries the entries of the tokens pushed since the last one.
         self.scores, self.pending = scores, []
+        self.counted = 0  # tokens already reported in a delta's "tokens"
 
     def _entry(self, token: int, logprob: float) -> dict:
         text = self.decode([token])
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     def _deltas(self, text: str) -> list[dict]:
-        if self.scores is None:
-            return [{"t": "delta", "text": text}]
-        item = {"t": "delta", "text": text, "logprobs": self.pending}
-        self.pending = []
+        """One delta item: its text, the tokens pushed since the last one, and their logprob entries."""
+        item = {"t": "delta", "text": text, "tokens": len(self.ids) - self.counted}
+        self.counted = len(self.ids)
+        if self.scores is not None:
+            item["logprobs"], self.pending = self.pending, []
         return [item]
 
     def push(self, token: int) -> list[dict]:
@@ -74,7 +76,7 @@ class TextStream:
                 self.sent = len(self.text)
             if len(self.ids) >= self.max_tokens:
                 finish = "length"
-        if self.pending:  # tokens whose text was held back and then cut by a stop string
+        if self.pending:  # logprobs of tokens whose text was held back and then cut by a stop string
             out += self._deltas("")
         n = len(self.ids)
         usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
@@ -118,7 +120,7 @@ class Coalescer:
 
     def _joined(self) -> dict:
         held, self.held = self.held, []
-        item = {"t": "delta", "text": "".join(d["text"] for d in held)}
+        item = {"t": "delta", "text": "".join(d["text"] for d in held), "tokens": sum(d.get("tokens", 0) for d in held)}
         if "logprobs" in held[0]:
             item["logprobs"] = [entry for d in held for entry in d["logprobs"]]
         return item
