@@ -6,7 +6,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from roofserve.results import read_results
-from roofserve.report import plots
+from roofserve.report import capacity, plots
 
 PIPELINE_SHARE_TARGET = 0.85
 
@@ -141,6 +141,14 @@ def vision_section(rows: list[dict], out: Path) -> list[str]:
             ceilings["pipeline"] = pipeline
         lines += ["", f"![throughput]({plots.throughput_vs_concurrency(steps, ceilings, out / 'vision_throughput.png').name})",
                   "", f"![latency]({plots.latency_vs_throughput(steps, out / 'vision_latency.png').name})", ""]
+        cores = next((r.get("machine_cores") for r in rows if r.get("machine_cores")), None)
+        if cores:
+            intro, body, checks = capacity.section(steps, cores)
+            lines += ["### Capacity on paper", "", intro, ""]
+            lines += _table(["step", "req/s", "at level", "req/s per core", "cores", "machines", "per hour"], body)
+            if checks:
+                lines += ["", "Model check (same config, more replicas, same machine): " + "; ".join(checks) + "."]
+            lines.append("")
         why = [[name, srows[0].get("why", "")] for name, srows in steps.items() if srows[0].get("why")]
         if why:
             lines += ["### What each step changes", ""] + _table(["step", "change"], why) + [""]

@@ -1,0 +1,22 @@
+"""Capacity on paper: cores for a load from measured req/s per busy core, and the model's own check."""
+
+from roofserve.report.capacity import at_target, plan, section
+
+
+def row(step, rps, p99, cpu, replicas, level=8):
+    return {"step": step, "req_per_s": rps, "latency_p99_ms": p99, "errors": 0, "cpu_percent": cpu, "concurrency": level,
+            "config": {"engine": "ray", "ray_replicas": replicas, "threads_per_worker": 2 // replicas, "port": replicas}}
+
+
+def test_the_best_level_within_the_latency_target_sets_the_cores():
+    rows = [row("a", 40, 300, 50, 1, 8), row("a", 60, 900, 100, 1, 32)]
+    assert at_target(rows)["req_per_s"] == 40  # 60 req/s broke the 500 ms p99 target
+    p = plan(at_target(rows), machine_cores=2, load=1000, price=0.1)
+    assert p["per_core"] == 40 and p["cores"] == 25 and p["machines"] == 13 and abs(p["usd_per_hour"] - 2.5) < 1e-9
+
+
+def test_the_check_predicts_more_replicas_from_fewer_and_a_step_without_a_level_in_target_says_so():
+    steps = {"one": [row("one", 40, 300, 50, 1)], "two": [row("two", 90, 300, 100, 2)], "slow": [row("slow", 9, 2000, 50, 1)]}
+    intro, body, checks = section(steps, machine_cores=2)
+    assert "10,000 req/s" in intro and body[2][-1].startswith("no level")
+    assert checks == ["two: predicted from one 80.0 req/s, measured 90.0 (+12%)"]
