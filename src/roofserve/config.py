@@ -148,10 +148,14 @@ class VisionConfig(ServerConfig):
                                                default=2.0)
     ray_address: str = _help("--engine ray: join this Ray cluster (e.g. 10.0.0.5:6379); empty: start a local one",
                              default="")
+    ray_proxy_location: str = _help("--engine ray: EveryNode (a proxy on each node, Ray's default) or HeadOnly (one "
+                                    "proxy; needed when several nodes share one machine and port)",
+                                    default="EveryNode")
 
     def validate(self) -> None:
         super().validate()
         _check_choice("engine", self.engine, ENGINES)
+        _check_choice("ray_proxy_location", self.ray_proxy_location, ("EveryNode", "HeadOnly"))
         _check_positive("ray_replicas", self.ray_replicas)
         if self.ray_max_replicas and self.ray_max_replicas < self.ray_replicas:
             raise UserError("ray_max_replicas must be 0 (fixed) or >= ray_replicas")
@@ -195,6 +199,9 @@ QUANTIZATIONS = ("none", "int8", "int4", "bnb4")
 ATTENTIONS = ("auto", "sdpa", "eager", "roofserve")
 BACKENDS = ("torch", "llamacpp", "llama-server")
 GEMVS = ("torch", "roofserve")
+# --max-batch-size auto on the torch backend: experiments/llm-users-cpu.toml put batch 16 within 3% of one at
+# a time at one user and 4x it at 8 users; 8 halves the buckets to compile and the KV cache of 16
+AUTO_LLM_BATCH = 8
 
 
 @dataclass
@@ -231,7 +238,8 @@ class LLMConfig(ServerConfig):
     group_size: int = _help("int4 group size (must divide the hidden size; 64 fits SmolLM2)", default=64)
     max_batch_size: int = _help("sequences that decode together (vLLM's --max-num-seqs, llama.cpp's --parallel): "
                                 "requests join the running batch between steps and leave when done; 1 serves one "
-                                "request at a time", default=1)
+                                "request at a time; 0: auto = 8 on the torch backend (at one user within 3 percent of "
+                                "one at a time, measured), 1 for llamacpp and bnb4", default=0)
     prefill_chunk: int = _help("prompt tokens prefilled per step while others decode (with --max-batch-size > 1): "
                                "a newcomer delays the running sequences by one chunk per step", default=256)
     stream_interval: int = _help("tokens per streamed message (vLLM's --stream-interval): 1 sends each token as it "
@@ -253,6 +261,8 @@ class LLMConfig(ServerConfig):
         _check_choice("gemv", self.gemv, GEMVS)
         if self.quantize == "bnb4" and self.compile:
             raise UserError("bnb4 runs eager, as the reference deployment did: drop --compile")
+        if self.max_batch_size == 0:  # auto, resolved here so that results record what ran
+            self.max_batch_size = 1 if self.backend == "llamacpp" or self.quantize == "bnb4" else AUTO_LLM_BATCH
         for name in ("group_size", "stream_interval", "max_seq_len", "max_tokens_cap", "default_max_tokens",
                      "max_batch_size", "prefill_chunk"):
             _check_positive(name, getattr(self, name))
