@@ -106,3 +106,109 @@ def test_sigterm_stops_every_ray_process_it_started(server):
     while ray_processes() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not ray_processes(), "Ray processes outlived the server"
+
+
+class RayNode:
+    """`ray start --block` as a child in its own process group: killing the group kills the node."""
+
+    def __init__(self, temp_dir: str, head_port: int, head: bool):
+        import subprocess
+        import sys
+
+        ray = str(Path(sys.executable).parent / "ray")
+        args = [ray, "start", "--block", "--num-cpus", "1", "--disable-usage-stats", "--temp-dir", temp_dir,
+                "--node-ip-address", "127.0.0.1"]
+        args += ["--head", "--port", str(head_port), "--include-dashboard", "false"] if head else \
+            ["--address", f"127.0.0.1:{head_port}"]
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+               # one proxy (HeadOnly) must still send work to the other node's replica
+               "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
+        self.proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+def health(url: str, tries: int) -> list[dict]:
+    out = []
+    for _ in range(tries):
+        response = httpx.get(url + "/health", timeout=10)
+        if response.status_code == 200:
+            out.append(response.json())
+    return out
+
+
+def test_two_node_cluster_survives_a_dead_worker_node(images, tmp_path):
+    """A head and a worker node (one CPU each) on 127.0.0.1, the server joins them with --ray-address: a
+    replica lands on each node; killing the worker node under load loses no request past its deadline,
+    and a new worker node gets the replica back."""
+    import tempfile
+
+    from roofserve.load.process import free_port
+
+    temp_dir = tempfile.mkdtemp(prefix="rs-raytest-", dir="/tmp")  # short: Ray's socket paths live here
+    port = free_port()
+    nodes = [RayNode(temp_dir, port, head=True)]
+    server = None
+    try:
+        time.sleep(4)
+        nodes.append(RayNode(temp_dir, port, head=False))
+        time.sleep(4)
+        args = ["vision", "--engine", "ray", "--ray-address", f"127.0.0.1:{port}", "--ray-replicas", "2",
+                "--ray-proxy-location", "HeadOnly", "--threads-per-worker", "1", "--max-batch-size", "4",
+                "--timeout-s", str(DEADLINE_S)]
+        server = start_server(args, ready_timeout_s=240)
+        url = server.url
+        assert len({h["node_id"] for h in health(url, 40)}) == 2, "one replica on each node"
+        photo = {"content": images["dalmatian"], "headers": {"Content-Type": "image/jpeg"}}
+
+        def one() -> tuple[int, float]:
+            started = time.monotonic()
+            try:
+                status = httpx.post(url + "/predict", timeout=DEADLINE_S + 10, **photo).status_code
+            except httpx.HTTPError:
+                status = -1
+            return status, time.monotonic() - started
+
+        with cf.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(one) for _ in range(30)]
+            time.sleep(1.0)
+            nodes[1].kill()
+            futures += [pool.submit(one) for _ in range(60)]
+            results = [f.result() for f in futures]
+        statuses = [s for s, _ in results]
+        print("statuses after the node died:", {s: statuses.count(s) for s in set(statuses)},
+              "slowest %.2f s" % max(t for _, t in results))
+        assert max(t for _, t in results) < DEADLINE_S + 5, "a request hung past its deadline"
+        assert set(statuses) <= {200, 500, 503} and statuses.count(200) >= len(results) - 8, statuses
+        nodes.append(RayNode(temp_dir, port, head=False))  # capacity comes back: so does the replica
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len({h["node_id"] for h in health(url, 10)}) < 2:
+            time.sleep(2)
+        assert len({h["node_id"] for h in health(url, 40)}) == 2, "the replica was not placed on the new node"
+    finally:
+        if server is not None:
+            stop_process_group(server.proc)
+        for node in reversed(nodes):
+            node.kill()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(b"rs-raytest-" in c for c in _cmdlines()):
+            time.sleep(0.5)
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not any(b"rs-raytest-" in c for c in _cmdlines()), "a Ray node outlived the test"
+
+
+def _cmdlines() -> list[bytes]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out.append((entry / "cmdline").read_bytes())
+            except OSError:
+                pass
+    return out

@@ -87,7 +87,10 @@ class VisionReplica:
 
         path, method = request.url.path, request.method
         if path == "/health":
-            return JSONResponse({"status": "ok", "engine": "ray", "replica_pid": os.getpid()})
+            import ray
+
+            return JSONResponse({"status": "ok", "engine": "ray", "replica_pid": os.getpid(),
+                                 "node_id": ray.get_runtime_context().get_node_id()})
         if path != "/predict":
             return error_response(404, f"no route {path}: POST /predict, GET /health")
         if method != "POST":
@@ -136,7 +139,7 @@ def serve_vision(cfg: VisionConfig, device: str) -> None:
         signal.signal(sig, lambda *_: stopping.append(True))
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.timeout_s + 5},
-                    logging_config={"enable_access_log": False})
+                    proxy_location=cfg.ray_proxy_location, logging_config={"enable_access_log": False})
         serve.run(_app(cfg, device), name=APP, route_prefix="/", blocking=False)
         log.info("serving %s on http://%s:%d/predict (Ray Serve, %d replica(s) x %d thread(s), %s %s)", cfg.model,
                  cfg.host, cfg.port, cfg.ray_replicas, replica_threads(cfg), cfg.runtime, cfg.precision)
