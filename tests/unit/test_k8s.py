@@ -75,3 +75,31 @@ def test_cli_writes_manifests_and_refuses_bad_knobs_in_one_line(tmp_path):
     assert "min_replicas <= max_replicas" in done.stderr.strip().splitlines()[-1]
     with pytest.raises(UserError, match="GPU"):
         render("vision", make_config(VisionConfig, {"device": "cuda"}), K8sConfig())
+
+
+def test_the_ray_engine_renders_a_rayservice_whose_application_is_our_builder_with_the_same_config():
+    """KubeRay's CRD schema is not in kubernetes-validate: the pod templates inside are validated as core
+    PodTemplates, and the Serve application's builder is built (not run) from the embedded config."""
+    pytest.importorskip("ray.serve")
+    import importlib
+
+    server = make_config(VisionConfig, {"engine": "ray", "ray_replicas": 2, "ray_max_replicas": 6,
+                                        "threads_per_worker": 2, "max_batch_size": 8, "grace_s": 30})
+    [service] = render("vision", server, make_config(K8sConfig, {"image": "me/roofserve:1"}))
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    cluster = service["spec"]["rayClusterConfig"]
+    [workers] = cluster["workerGroupSpecs"]
+    assert (workers["replicas"], workers["minReplicas"], workers["maxReplicas"]) == (2, 2, 6)
+    assert workers["rayStartParams"]["num-cpus"] == "2" and cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the head runs no replica
+    for name, group in (("head", cluster["headGroupSpec"]), ("worker", workers)):
+        _validate([{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": group["template"]}])
+    app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    module, attr = app["import_path"].split(":")
+    built = getattr(importlib.import_module(module), attr)(app["args"])
+    from ray.serve import Application
+
+    assert isinstance(built, Application)
+    config = app["args"]["config"]
+    assert config["max_batch_size"] == 8 and config["ray_replicas"] == 2 and "engine" not in config
+    assert {**vars(make_config(VisionConfig, config)), "engine": "ray"} == vars(server)  # the same knobs

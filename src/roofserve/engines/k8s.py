@@ -5,7 +5,7 @@ follow the workers and threads.
 
 Deployment (startup, readiness and liveness probes; a preStop pause so that the Service stops sending
 before SIGTERM makes the server refuse connections), Service, HorizontalPodAutoscaler (CPU) and
-PodDisruptionBudget.
+PodDisruptionBudget. With `engine = "ray"`: a KubeRay RayService (Ray cluster + the Serve application).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ HTTP_CORES = 1
 
 
 def render(what: str, server: ServerConfig, k8s: K8sConfig) -> list[dict]:
-    """The manifests for `roofserve serve WHAT` with `server`'s knobs, as dicts (one per object)."""
+    """The manifests for `roofserve serve WHAT` with `server`'s knobs, as dicts (one per object): a
+    Deployment and its Service, HPA and PDB, or with `engine = "ray"` a KubeRay RayService."""
     if server.device == "cuda":
         raise UserError("deploy k8s renders CPU pods; add the GPU resource (nvidia.com/gpu) to the output by hand")
     if not server.threads_per_worker:
@@ -31,8 +32,62 @@ def render(what: str, server: ServerConfig, k8s: K8sConfig) -> list[dict]:
     name = k8s.name or f"roofserve-{what}"
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "roofserve"}
     meta = {"name": name, "labels": labels, **({"namespace": k8s.namespace} if k8s.namespace else {})}
+    if getattr(server, "engine", "litserve") == "ray":
+        return [_rayservice(server, k8s, meta)]
     return [_deployment(what, server, k8s, meta, labels), _service(server, meta, labels), _hpa(k8s, meta),
             _pdb(meta, labels)]
+
+
+RAY_VERSION = "2.60.0"  # the ray extra's pin: the image's Ray and the cluster's must match
+
+
+def _rayservice(server: ServerConfig, k8s: K8sConfig, meta: dict) -> dict:
+    """A KubeRay RayService: a head pod that runs no replicas (Serve's controller and proxy), and one
+    worker pod per replica whose Ray CPUs are the replica's threads; the Serve application is our
+    builder (engines.rayserve.build_app) with the config's own fields, so the knobs cannot drift."""
+    import yaml
+
+    config = {f: getattr(server, f) for f in _changed(server)
+              if f not in ("host", "port", "api_key", "api_key_file", "engine", "ray_address")}
+    serve_config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": server.port},
+        "applications": [{"name": "roofserve", "route_prefix": "/", "import_path": "roofserve.engines.rayserve:build_app",
+                          "args": {"config": config}}],
+    }
+    threads = server.threads_per_worker
+    memory = f"{k8s.memory_gib or 2:g}Gi"
+
+    def pod(name: str, cpu: int, ports: list[dict]) -> dict:
+        container = {"name": name, "image": k8s.image, "ports": ports,
+                     "resources": {"requests": {"cpu": str(cpu), "memory": memory}, "limits": {"memory": memory}},
+                     # `ray stop` takes the node out of the cluster before the pod goes (KubeRay samples do the same)
+                     "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}}}
+        return {"spec": {"terminationGracePeriodSeconds": math.ceil(server.grace_s) + 10, "containers": [container]}}
+
+    most = max(server.ray_max_replicas, server.ray_replicas)
+    spec = {
+        "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False),
+        "rayClusterConfig": {
+            "rayVersion": RAY_VERSION,
+            "enableInTreeAutoscaling": most > server.ray_replicas,
+            "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                              "template": pod("ray-head", HTTP_CORES, [
+                                  {"name": "gcs", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
+                                  {"name": "serve", "containerPort": server.port}])},
+            "workerGroupSpecs": [{"groupName": "replicas", "replicas": server.ray_replicas,
+                                  "minReplicas": server.ray_replicas, "maxReplicas": most,
+                                  "rayStartParams": {"num-cpus": str(threads)},
+                                  "template": pod("ray-worker", threads, [])}],
+        },
+    }
+    return {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": meta, "spec": spec}
+
+
+def _changed(server: ServerConfig) -> list[str]:
+    """The config's fields that differ from their defaults (what the container args would carry)."""
+    defaults = type(server)()
+    return [f.name for f in dataclasses.fields(server) if getattr(server, f.name) != getattr(defaults, f.name)]
 
 
 def cores(server: ServerConfig) -> int:
@@ -107,6 +162,11 @@ def to_yaml(objects: list[dict]) -> str:
     class Plain(yaml.SafeDumper):
         def ignore_aliases(self, data) -> bool:  # no &id001 anchors: each object reads on its own
             return True
+
+    def text(dumper, data: str):  # multi-line strings (a RayService's serveConfigV2) as literal blocks
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|" if "\n" in data else None)
+
+    Plain.add_representer(str, text)
 
     return "---\n".join(yaml.dump(o, Dumper=Plain, sort_keys=False) for o in objects)
 

@@ -117,6 +117,16 @@ def _app(cfg: VisionConfig, device: str):
     return serve.deployment(name="vision", **deployment_options(cfg))(replica).bind(cfg, device)
 
 
+def build_app(args: dict):
+    """Ray Serve's application builder (`import_path: roofserve.engines.rayserve:build_app`), for a
+    RayService or `serve run`: `args["config"]` holds VisionConfig fields; checked as `serve vision` is."""
+    from roofserve.config import make_config
+    from roofserve.vision.serve import preflight
+
+    cfg = make_config(VisionConfig, args.get("config") or {})
+    return _app(cfg, preflight(cfg))
+
+
 def serve_vision(cfg: VisionConfig, device: str) -> None:
     """Run until SIGTERM or Ctrl-C: a local Ray instance (or cfg.ray_address), Ray's proxy on cfg.host:cfg.port."""
     if cfg.resolved_api_key():
