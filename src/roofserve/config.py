@@ -77,9 +77,30 @@ class ServerConfig:
     max_headers: int = _help("request headers at most; more gets 431", default=100)
     send_buffer_bytes: int = _help("kernel and user-space send buffer per connection: what is held for a client "
                                    "that does not read", default=256 * 1024)
+    # engines/rayserve.py
+    engine: str = _help("litserve (one machine) or ray (Ray Serve replicas behind Ray's proxy; pip install "
+                        "'roofserve[ray]')", default="litserve")
+    ray_replicas: int = _help("--engine ray: replicas (the autoscaler's floor with --ray-max-replicas)", default=1)
+    ray_max_replicas: int = _help("--engine ray: autoscale up to this many replicas (0: fixed at --ray-replicas)",
+                                  default=0)
+    ray_target_ongoing_requests: float = _help("--engine ray: requests per replica the autoscaler aims at",
+                                               default=2.0)
+    ray_address: str = _help("--engine ray: join this Ray cluster (e.g. 10.0.0.5:6379); empty: start a local one",
+                             default="")
+    ray_proxy_location: str = _help("--engine ray: EveryNode (a proxy on each node, Ray's default) or HeadOnly (one "
+                                    "proxy; needed when several nodes share one machine and port)",
+                                    default="EveryNode")
+
 
     def validate(self) -> None:
         _check_choice("device", self.device, DEVICES)
+        _check_choice("engine", self.engine, ENGINES)
+        _check_choice("ray_proxy_location", self.ray_proxy_location, ("EveryNode", "HeadOnly"))
+        _check_positive("ray_replicas", self.ray_replicas)
+        if self.ray_max_replicas and self.ray_max_replicas < self.ray_replicas:
+            raise UserError("ray_max_replicas must be 0 (fixed) or >= ray_replicas")
+        if self.ray_target_ongoing_requests <= 0:
+            raise UserError("ray_target_ongoing_requests must be > 0")
         _check_choice("allocator", self.allocator, ALLOCATORS)
         _check_positive("workers_per_device", self.workers_per_device)
         _check_positive("max_payload_bytes", self.max_payload_bytes)
@@ -138,29 +159,8 @@ class VisionConfig(ServerConfig):
     batch_timeout_s: float = _help("how long a worker waits to fill a batch", default=0.005)
     fast_decode: bool = _help("JPEG draft mode: decode big JPEGs at reduced scale before resizing", default=True)
     max_image_pixels: int = _help("images with more pixels are rejected with 413 (decompression bombs)", default=40_000_000)
-    # engines/rayserve.py
-    engine: str = _help("litserve (one machine) or ray (Ray Serve replicas behind Ray's proxy; pip install "
-                        "'roofserve[ray]')", default="litserve")
-    ray_replicas: int = _help("--engine ray: replicas (the autoscaler's floor with --ray-max-replicas)", default=1)
-    ray_max_replicas: int = _help("--engine ray: autoscale up to this many replicas (0: fixed at --ray-replicas)",
-                                  default=0)
-    ray_target_ongoing_requests: float = _help("--engine ray: requests per replica the autoscaler aims at",
-                                               default=2.0)
-    ray_address: str = _help("--engine ray: join this Ray cluster (e.g. 10.0.0.5:6379); empty: start a local one",
-                             default="")
-    ray_proxy_location: str = _help("--engine ray: EveryNode (a proxy on each node, Ray's default) or HeadOnly (one "
-                                    "proxy; needed when several nodes share one machine and port)",
-                                    default="EveryNode")
-
     def validate(self) -> None:
         super().validate()
-        _check_choice("engine", self.engine, ENGINES)
-        _check_choice("ray_proxy_location", self.ray_proxy_location, ("EveryNode", "HeadOnly"))
-        _check_positive("ray_replicas", self.ray_replicas)
-        if self.ray_max_replicas and self.ray_max_replicas < self.ray_replicas:
-            raise UserError("ray_max_replicas must be 0 (fixed) or >= ray_replicas")
-        if self.ray_target_ongoing_requests <= 0:
-            raise UserError("ray_target_ongoing_requests must be > 0")
         _check_choice("runtime", self.runtime, VISION_RUNTIMES)
         _check_choice("precision", self.precision, VISION_PRECISIONS)
         _check_positive("max_batch_size", self.max_batch_size)

@@ -85,7 +85,7 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(server, images):
         results = [f.result() for f in futures]
     statuses = [s for s, _ in results]
     print("statuses after the kill:", {s: statuses.count(s) for s in set(statuses)},
-          "slowest %.2f s" % max(t for _, t in results))
+          f"slowest {max(t for _, t in results):.2f} s")
     assert max(t for _, t in results) < DEADLINE_S + 5, "a request hung past its deadline"
     assert statuses.count(200) >= len(results) - 8, statuses
     assert set(statuses) <= {200, 500, 503}, statuses  # a failure is an answer, never a dropped connection
@@ -181,7 +181,7 @@ def test_two_node_cluster_survives_a_dead_worker_node(images, tmp_path):
             results = [f.result() for f in futures]
         statuses = [s for s, _ in results]
         print("statuses after the node died:", {s: statuses.count(s) for s in set(statuses)},
-              "slowest %.2f s" % max(t for _, t in results))
+              f"slowest {max(t for _, t in results):.2f} s")
         assert max(t for _, t in results) < DEADLINE_S + 5, "a request hung past its deadline"
         assert set(statuses) <= {200, 500, 503} and statuses.count(200) >= len(results) - 8, statuses
         nodes.append(RayNode(temp_dir, port, head=False))  # capacity comes back: so does the replica
@@ -212,3 +212,33 @@ def _cmdlines() -> list[bytes]:
             except OSError:
                 pass
     return out
+
+
+def test_the_chat_api_on_ray_answers_as_on_litserve():
+    """`serve llm --engine ray`: the same routes, validation, streaming and error body, through Ray's proxy."""
+    import openai
+
+    from tests.conftest import running_server
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    with running_server(["llm", "--engine", "ray", "--max-seq-len", "256", "--default-max-tokens", "16"],
+                        ready_timeout_s=240) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
+        whole = client.chat.completions.create(model="smollm2-135m-instruct", messages=question, temperature=0,
+                                               max_tokens=16)
+        assert "Paris" in whole.choices[0].message.content and whole.usage.completion_tokens <= 16
+        chunks = list(client.chat.completions.create(messages=question, model="", temperature=0, max_tokens=16,
+                                                     stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+        text = client.completions.create(model="", prompt="The capital of France is", max_tokens=4, temperature=0)
+        assert text.usage.completion_tokens == 4 or text.choices[0].finish_reason == "stop"
+        for body, words in (({"messages": []}, "non-empty list"), ({"messages": question, "tools": [1]}, "tools"),
+                            ({"messages": question, "model": "gpt-9"}, "does not exist")):
+            response = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+            assert response.status_code in (400, 404) and words in response.json()["error"]["message"], response.text
+        assert httpx.get(url + "/nope").status_code == 404
+    deadline = time.monotonic() + 20
+    while ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ray_processes(), "Ray processes outlived the server"

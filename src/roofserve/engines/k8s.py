@@ -32,7 +32,10 @@ def render(what: str, server: ServerConfig, k8s: K8sConfig) -> list[dict]:
     name = k8s.name or f"roofserve-{what}"
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "roofserve"}
     meta = {"name": name, "labels": labels, **({"namespace": k8s.namespace} if k8s.namespace else {})}
-    if getattr(server, "engine", "litserve") == "ray":
+    if server.engine == "ray":
+        if what != "vision":
+            raise UserError("deploy k8s --engine ray renders the vision server only for now; the LLM on Ray runs "
+                            "with `serve llm --engine ray` against a cluster (--ray-address)")
         return [_rayservice(server, k8s, meta)]
     return [_deployment(what, server, k8s, meta, labels), _service(server, meta, labels), _hpa(k8s, meta),
             _pdb(meta, labels)]

@@ -1,6 +1,6 @@
-"""The vision server on Ray Serve (`roofserve serve vision --engine ray`): the same API class (setup,
-read_payload, decode_request, predict, limits, error body) as Ray Serve replicas behind Ray's HTTP
-proxy, with the same routes, for traffic that outgrows one machine.
+"""The servers on Ray Serve (`roofserve serve vision|llm --engine ray`): the same API classes (setup,
+read_payload, decode_request, predict, respond, limits, error body) as Ray Serve replicas behind Ray's
+HTTP proxy, with the same routes, for traffic that outgrows one machine.
 
 - Batching: `@serve.batch` with the config's max_batch_size and batch_timeout_s; decode and predict run
   in a thread of the replica, so its event loop keeps taking requests (and filling the next batch).
@@ -10,8 +10,10 @@ proxy, with the same routes, for traffic that outgrows one machine.
 - Cluster: no `ray_address` starts a local Ray instance (temp dir of its own, removed at exit); with one
   it joins that cluster. SIGTERM drains (replicas get `grace_s`) and stops what it started: the whole
   local instance, or on a joined cluster only its application (Serve's proxy and controller stay there).
-- Not here: our /metrics (Ray exports its own Prometheus metrics), the connection guards of
-  server.connections (Ray's proxy is uvicorn without them), and the LLM (LitServe only, for now).
+- LLM: one generation at a time per replica (LLMAPI.predict on a thread, streamed back through
+  LLMAPI.respond); continuous batching stays LitServe's (server.lit.StepLoop).
+- Not here: our /metrics (Ray exports its own Prometheus metrics), /tokenize and /detokenize, and the
+  connection guards of server.connections (Ray's proxy is uvicorn without them).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import signal
 import tempfile
 import time
 
-from roofserve.config import VisionConfig
+from roofserve.config import LLMConfig, VisionConfig
 from roofserve.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -39,17 +41,17 @@ def _serve():
     return serve
 
 
-def replica_threads(cfg: VisionConfig) -> int:
+def replica_threads(cfg: VisionConfig | LLMConfig) -> int:
     """torch threads (and Ray CPUs) per replica: the configured number, or the cores over the replicas."""
     return cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.ray_replicas)
 
 
-def deployment_options(cfg: VisionConfig) -> dict:
+def deployment_options(cfg: VisionConfig | LLMConfig) -> dict:
     """Ray Serve deployment options from the server's config (what `serve.deployment(...)` takes)."""
     options = {
         "ray_actor_options": {"num_cpus": replica_threads(cfg)},
         # @serve.batch fills batches only up to the requests a replica holds at once
-        "max_ongoing_requests": max(2 * cfg.max_batch_size, 8),
+        "max_ongoing_requests": max(2 * getattr(cfg, "max_batch_size", 1), 8),
         "max_queued_requests": cfg.max_queued_requests,
         "graceful_shutdown_timeout_s": cfg.grace_s,
         "health_check_period_s": 2,
@@ -87,10 +89,7 @@ class VisionReplica:
 
         path, method = request.url.path, request.method
         if path == "/health":
-            import ray
-
-            return JSONResponse({"status": "ok", "engine": "ray", "replica_pid": os.getpid(),
-                                 "node_id": ray.get_runtime_context().get_node_id()})
+            return _health()
         if path != "/predict":
             return error_response(404, f"no route {path}: POST /predict, GET /health")
         if method != "POST":
@@ -109,7 +108,96 @@ class VisionReplica:
         return JSONResponse(output)
 
 
-def _app(cfg: VisionConfig, device: str):
+def _health():
+    import ray
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"status": "ok", "engine": "ray", "replica_pid": os.getpid(),
+                         "node_id": ray.get_runtime_context().get_node_id()})
+
+
+_DONE = object()
+
+
+class LLMReplica:
+    """One Ray Serve replica of the chat server: an LLMAPI set up as a LitServe worker would be, one
+    generation at a time (continuous batching is LitServe's StepLoop), with the same routes, validation,
+    limits, streaming and error body. A client that leaves stops its generation."""
+
+    def __init__(self, cfg: LLMConfig, device: str, model_id: str, random_weights: bool):
+        from roofserve.llm.api import LLMAPI
+        from roofserve.server.metrics import Metrics
+
+        cfg.threads_per_worker = replica_threads(cfg)
+        cfg.max_batch_size = 1
+        self.cfg, self.api = cfg, LLMAPI(cfg, model_id, random_weights)
+        self.api.setup(device)
+        self.metrics = Metrics(())  # respond() records TTFT and tokens; Ray exports its own metrics
+        self.generating = asyncio.Lock()
+        self.cards = [{"id": name, "object": "model", "created": 0, "owned_by": "roofserve", "root": model_id,
+                       "max_model_len": cfg.max_seq_len, "backend": cfg.backend, "engine": "ray"}
+                      for name in self.api.served]
+
+    async def __call__(self, request):
+        from fastapi import HTTPException
+        from fastapi.responses import JSONResponse
+
+        from roofserve.server.http import Rejection, error_response, read_body
+
+        path, method = request.url.path, request.method
+        if path == "/health":
+            return _health()
+        if path == "/v1/models":
+            return JSONResponse({"object": "list", "data": self.cards})
+        if path not in ("/v1/chat/completions", "/v1/completions"):
+            return error_response(404, f"no route {path}: POST /v1/chat/completions or /v1/completions, "
+                                       "GET /v1/models, /health")
+        if method != "POST":
+            return error_response(405, f"use POST {path}")
+        started = time.perf_counter()
+        try:
+            body = await read_body(request, self.cfg.max_payload_bytes)
+            payload = await self.api.read_payload(request, body)
+        except HTTPException as e:
+            return error_response(e.status_code, str(e.detail))
+        payload["deadline"] = time.time() + self.cfg.timeout_s  # checked between tokens, as on LitServe
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def generate() -> None:  # on a thread: the worker side of LitServe's loop
+            try:
+                for item in self.api.predict(payload):
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        try:
+            await asyncio.wait_for(self.generating.acquire(), self.cfg.timeout_s)
+        except TimeoutError:
+            return error_response(504, f"no answer within the deadline of {self.cfg.timeout_s:g} s")
+        done = loop.run_in_executor(None, generate)
+        done.add_done_callback(lambda _: self.generating.release())
+        first = await queue.get()
+        if isinstance(first, Rejection):
+            return error_response(first.status, first.message)
+        if first is _DONE:
+            return error_response(500, "the replica failed on this request")
+
+        async def items():
+            while (item := await queue.get()) is not _DONE:
+                yield item, None
+
+        return await self.api.respond(payload, first, items(), lambda: None, started, self.metrics)
+
+
+def _app(cfg, device: str, model_id: str | None = None, random_weights: bool = False):
+    serve = _serve()
+    if isinstance(cfg, LLMConfig):
+        options = {**deployment_options(cfg), "max_ongoing_requests": 4}  # one generates, the others wait
+        return serve.deployment(name="llm", **options)(LLMReplica).bind(cfg, device, model_id, random_weights)
+    return _vision_app(cfg, device)
+
+
+def _vision_app(cfg: VisionConfig, device: str):
     serve = _serve()
     replica = type("VisionReplica", (VisionReplica,), {
         "batched": serve.batch(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_timeout_s)(
@@ -124,10 +212,11 @@ def build_app(args: dict):
     from roofserve.vision.serve import preflight
 
     cfg = make_config(VisionConfig, args.get("config") or {})
-    return _app(cfg, preflight(cfg))
+    return _vision_app(cfg, preflight(cfg))
 
 
-def serve_vision(cfg: VisionConfig, device: str) -> None:
+def serve_on_ray(cfg: VisionConfig | LLMConfig, device: str, model_id: str | None = None,
+                 random_weights: bool = False) -> None:
     """Run until SIGTERM or Ctrl-C: a local Ray instance (or cfg.ray_address), Ray's proxy on cfg.host:cfg.port."""
     if cfg.resolved_api_key():
         raise UserError("--engine ray does not check API keys yet: put an authenticating proxy in front, "
@@ -150,9 +239,9 @@ def serve_vision(cfg: VisionConfig, device: str) -> None:
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.timeout_s + 5},
                     proxy_location=cfg.ray_proxy_location, logging_config={"enable_access_log": False})
-        serve.run(_app(cfg, device), name=APP, route_prefix="/", blocking=False)
-        log.info("serving %s on http://%s:%d/predict (Ray Serve, %d replica(s) x %d thread(s), %s %s)", cfg.model,
-                 cfg.host, cfg.port, cfg.ray_replicas, replica_threads(cfg), cfg.runtime, cfg.precision)
+        serve.run(_app(cfg, device, model_id, random_weights), name=APP, route_prefix="/", blocking=False)
+        log.info("serving %s on http://%s:%d (Ray Serve, %d replica(s) x %d thread(s), %s)", cfg.model,
+                 cfg.host, cfg.port, cfg.ray_replicas, replica_threads(cfg), cfg.precision)
         while not stopping:
             time.sleep(0.2)
         log.info("draining (up to %g s)", cfg.grace_s)

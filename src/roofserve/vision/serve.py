@@ -44,9 +44,9 @@ def serve(cfg: VisionConfig) -> None:
     reexec_with(tuned_environ(cfg.allocator))
     accelerator = preflight(cfg)
     if cfg.engine == "ray":
-        from roofserve.engines.rayserve import serve_vision
+        from roofserve.engines.rayserve import serve_on_ray
 
-        return serve_vision(cfg, accelerator)
+        return serve_on_ray(cfg, accelerator)
     from roofserve.vision.api import VisionAPI
 
     server = make_server(VisionAPI(cfg), cfg, accelerator, cfg.model)
