@@ -23,7 +23,7 @@ DEFAULT_MAX_TOKENS = 128  # output length of LLM benchmarks
 PRECISIONS = ("fp32", "fp16", "bf16")
 VISION_PRECISIONS = ("auto", *PRECISIONS, "int8")
 VISION_RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")  # vision/runtimes.py
-ENGINES = ("litserve", "ray")  # where a vision server runs: LitServe (server/), Ray Serve (engines/rayserve.py)
+ENGINES = ("litserve", "ray")  # where a server runs: LitServe (server/), Ray Serve (engines/rayserve.py)
 DEVICES = ("auto", "cpu", "cuda")
 ALLOCATORS = ("glibc-tuned", "glibc", "jemalloc", "tcmalloc")
 

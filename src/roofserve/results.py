@@ -84,7 +84,7 @@ def write_results(path: str | Path, meta: dict, rows: list[dict]) -> Path:
 
 def read_results(paths: list[str | Path]) -> tuple[list[dict], list[dict]]:
     """(metas, rows) of the given files; folders are searched for *.json. Each row gets its file's
-    `source` (the command), `suite` and `machine_cores`."""
+    `source` (the command) and `suite`."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -103,8 +103,7 @@ def read_results(paths: list[str | Path]) -> tuple[list[dict], list[dict]]:
             suite = meta.get("suite") or SUITES[meta["command"]]  # files from before `suite` was written
             for row in doc["rows"]:
                 check_row(row)
-                rows.append({**row, "source": meta["command"], "suite": suite,
-                             "machine_cores": (meta.get("machine") or {}).get("cores")})
+                rows.append({**row, "source": meta["command"], "suite": suite})
             metas.append(meta)
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{f} is not a roofserve result file") from None

@@ -60,6 +60,7 @@ def test_photos_and_bad_input_answer_as_on_litserve(server, images):
     truncated = httpx.post(url + "/predict", content=images["dalmatian"][:3000], headers={"Content-Type": "image/jpeg"})
     assert truncated.status_code == 400 and "truncated" in truncated.json()["error"]["message"]
     assert httpx.get(url + "/nope").status_code == 404
+    assert httpx.get(url + "/info").json()["model"]["config"]["ray_replicas"] == 2  # what the bench clients read
     assert len(replica_pids(url)) == 2, "two replicas answer behind the proxy"
 
 

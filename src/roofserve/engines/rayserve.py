@@ -90,6 +90,8 @@ class VisionReplica:
         path, method = request.url.path, request.method
         if path == "/health":
             return _health()
+        if path == "/info":
+            return _info(self.cfg)
         if path != "/predict":
             return error_response(404, f"no route {path}: POST /predict, GET /health")
         if method != "POST":
@@ -114,6 +116,15 @@ def _health():
 
     return JSONResponse({"status": "ok", "engine": "ray", "replica_pid": os.getpid(),
                          "node_id": ray.get_runtime_context().get_node_id()})
+
+
+def _info(cfg):
+    """LitServe's /info shape (the bench clients read the config the server runs with from it)."""
+    from fastapi.responses import JSONResponse
+
+    from roofserve.config import as_dict
+
+    return JSONResponse({"model": {"model": cfg.model, "config": as_dict(cfg)}})
 
 
 _DONE = object()
@@ -147,6 +158,8 @@ class LLMReplica:
         path, method = request.url.path, request.method
         if path == "/health":
             return _health()
+        if path == "/info":
+            return _info(self.cfg)
         if path == "/v1/models":
             return JSONResponse({"object": "list", "data": self.cards})
         if path not in ("/v1/chat/completions", "/v1/completions"):
@@ -209,7 +222,7 @@ def build_app(args: dict):
     """Ray Serve's application builder (`import_path: roofserve.engines.rayserve:build_app`), for a
     RayService or `serve run`: `args["config"]` holds VisionConfig fields; checked as `serve vision` is."""
     from roofserve.config import make_config
-    from roofserve.vision.serve import preflight
+    from roofserve.vision.preflight import preflight
 
     cfg = make_config(VisionConfig, args.get("config") or {})
     return _vision_app(cfg, preflight(cfg))

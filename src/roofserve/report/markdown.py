@@ -65,7 +65,8 @@ def guard_cell(row: dict | None) -> str:
             f"{row['photos']}, mean abs dp {row['mean_abs_prob_diff']:.1e}")
 
 
-def vision_section(rows: list[dict], out: Path) -> list[str]:
+def vision_section(rows: list[dict], out: Path, cores: int | None = None) -> list[str]:
+    """Peaks, ceilings, the ladder and, given the machine's cores, the capacity plan."""
     peaks = [r for r in rows if r["kind"] == "peak" and r["suite"] in ("vision", "machine")]
     model = [r for r in rows if r["kind"] == "vision-model"]
     pipe = [r for r in rows if r["kind"] == "vision-pipeline"]
@@ -141,7 +142,6 @@ def vision_section(rows: list[dict], out: Path) -> list[str]:
             ceilings["pipeline"] = pipeline
         lines += ["", f"![throughput]({plots.throughput_vs_concurrency(steps, ceilings, out / 'vision_throughput.png').name})",
                   "", f"![latency]({plots.latency_vs_throughput(steps, out / 'vision_latency.png').name})", ""]
-        cores = next((r.get("machine_cores") for r in rows if r.get("machine_cores")), None)
         if cores:
             intro, body, checks = capacity.section(steps, cores)
             lines += ["### Capacity on paper", "", intro, ""]
@@ -320,7 +320,7 @@ def build_report(paths: list[str], out_dir: str) -> Path:
              "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".  ",
              "Made from: " + ", ".join(f"`roofserve {m['command']}` ({m['created']})" for m in metas) + ".", ""]
     if any(r["kind"].startswith("vision") for r in rows):
-        lines += vision_section(rows, out)
+        lines += vision_section(rows, out, machine.get("cores"))
     if any(r["kind"].startswith("llm") for r in rows):
         lines += llm_section(rows, out)
     skipped = [item for m in metas for item in m.get("config", {}).get("skipped", [])]
