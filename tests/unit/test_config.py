@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from roofserve.cli import build_parser
@@ -128,11 +130,9 @@ def test_the_api_key_comes_from_the_flag_a_file_or_the_environment(tmp_path, mon
         make_config(VisionConfig, {"api_key_file": str(key_file)}).resolved_api_key()
 
 
-@pytest.mark.parametrize("name", ["vision-cpu", "vision-gpu", "llm-cpu", "llm-gpu"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[2] / "experiments").glob("*.toml")))
 def test_shipped_ladders_load_and_every_step_is_a_valid_config(name):
     """A typo in a shipped ladder would otherwise surface minutes into a sweep, at its step."""
-    from pathlib import Path
-
     from roofserve.config import LLMConfig
     from roofserve.sweep.ladder import load_ladder
 
