@@ -65,8 +65,49 @@ def deployment_options(cfg: VisionConfig | LLMConfig) -> dict:
     return options
 
 
-class VisionReplica:
-    """One Ray Serve replica: a VisionAPI set up as a LitServe worker would be, answering HTTP itself."""
+class _Replica:
+    """What both replicas share: GET /health (its process and node) and /info (LitServe's shape: the
+    bench clients read the server's config from it), their own GET routes, and for a POST route the
+    body (bounded) and the API's read_payload, with the same error body; `answer` does the rest."""
+
+    post_routes: tuple[str, ...] = ()
+
+    def get_routes(self) -> dict:
+        return {}
+
+    async def __call__(self, request):
+        import ray
+        from fastapi import HTTPException
+        from fastapi.responses import JSONResponse
+
+        from roofserve.config import as_dict
+        from roofserve.server.http import error_response, read_body
+
+        path, method = request.url.path, request.method
+        if path == "/health":
+            return JSONResponse({"status": "ok", "engine": "ray", "replica_pid": os.getpid(),
+                                 "node_id": ray.get_runtime_context().get_node_id()})
+        if path == "/info":
+            return JSONResponse({"model": {"model": self.cfg.model, "config": as_dict(self.cfg)}})
+        if path in self.get_routes():
+            return JSONResponse(self.get_routes()[path])
+        if path not in self.post_routes:
+            return error_response(404, f"no route {path}: POST {' or '.join(self.post_routes)}, GET /health")
+        if method != "POST":
+            return error_response(405, f"use POST {path}")
+        started = time.perf_counter()
+        try:
+            body = await read_body(request, self.cfg.max_payload_bytes)
+            payload = await self.api.read_payload(request, body)
+        except HTTPException as e:
+            return error_response(e.status_code, str(e.detail))
+        return await self.answer(payload, started)
+
+
+class VisionReplica(_Replica):
+    """One Ray Serve replica of the classifier: a VisionAPI set up as a LitServe worker would be."""
+
+    post_routes = ("/predict",)
 
     def __init__(self, cfg: VisionConfig, device: str):
         from roofserve.vision.api import VisionAPI
@@ -81,26 +122,11 @@ class VisionReplica:
     def _work(self, payloads: list[dict]) -> list:
         return self.api.predict([self.api.decode_request(p) for p in payloads])
 
-    async def __call__(self, request):
-        from fastapi import HTTPException
+    async def answer(self, payload: dict, started: float):
         from fastapi.responses import JSONResponse
 
-        from roofserve.server.http import Rejection, error_response, read_body
+        from roofserve.server.http import Rejection, error_response
 
-        path, method = request.url.path, request.method
-        if path == "/health":
-            return _health()
-        if path == "/info":
-            return _info(self.cfg)
-        if path != "/predict":
-            return error_response(404, f"no route {path}: POST /predict, GET /health")
-        if method != "POST":
-            return error_response(405, "use POST /predict")
-        try:
-            body = await read_body(request, self.cfg.max_payload_bytes)
-            payload = await self.api.read_payload(request, body)
-        except HTTPException as e:
-            return error_response(e.status_code, str(e.detail))
         try:
             output = await asyncio.wait_for(self.batched(payload), self.cfg.timeout_s)
         except TimeoutError:
@@ -110,30 +136,15 @@ class VisionReplica:
         return JSONResponse(output)
 
 
-def _health():
-    import ray
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse({"status": "ok", "engine": "ray", "replica_pid": os.getpid(),
-                         "node_id": ray.get_runtime_context().get_node_id()})
-
-
-def _info(cfg):
-    """LitServe's /info shape (the bench clients read the config the server runs with from it)."""
-    from fastapi.responses import JSONResponse
-
-    from roofserve.config import as_dict
-
-    return JSONResponse({"model": {"model": cfg.model, "config": as_dict(cfg)}})
-
-
 _DONE = object()
 
 
-class LLMReplica:
+class LLMReplica(_Replica):
     """One Ray Serve replica of the chat server: an LLMAPI set up as a LitServe worker would be, one
     generation at a time (continuous batching is LitServe's StepLoop), with the same routes, validation,
     limits, streaming and error body. A client that leaves stops its generation."""
+
+    post_routes = ("/v1/chat/completions", "/v1/completions")
 
     def __init__(self, cfg: LLMConfig, device: str, model_id: str, random_weights: bool):
         from roofserve.llm.api import LLMAPI
@@ -149,30 +160,12 @@ class LLMReplica:
                        "max_model_len": cfg.max_seq_len, "backend": cfg.backend, "engine": "ray"}
                       for name in self.api.served]
 
-    async def __call__(self, request):
-        from fastapi import HTTPException
-        from fastapi.responses import JSONResponse
+    def get_routes(self) -> dict:
+        return {"/v1/models": {"object": "list", "data": self.cards}}
 
-        from roofserve.server.http import Rejection, error_response, read_body
+    async def answer(self, payload: dict, started: float):
+        from roofserve.server.http import Rejection, error_response
 
-        path, method = request.url.path, request.method
-        if path == "/health":
-            return _health()
-        if path == "/info":
-            return _info(self.cfg)
-        if path == "/v1/models":
-            return JSONResponse({"object": "list", "data": self.cards})
-        if path not in ("/v1/chat/completions", "/v1/completions"):
-            return error_response(404, f"no route {path}: POST /v1/chat/completions or /v1/completions, "
-                                       "GET /v1/models, /health")
-        if method != "POST":
-            return error_response(405, f"use POST {path}")
-        started = time.perf_counter()
-        try:
-            body = await read_body(request, self.cfg.max_payload_bytes)
-            payload = await self.api.read_payload(request, body)
-        except HTTPException as e:
-            return error_response(e.status_code, str(e.detail))
         payload["deadline"] = time.time() + self.cfg.timeout_s  # checked between tokens, as on LitServe
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
