@@ -91,7 +91,6 @@ class ServerConfig:
                                     "proxy; needed when several nodes share one machine and port)",
                                     default="EveryNode")
 
-
     def validate(self) -> None:
         _check_choice("device", self.device, DEVICES)
         _check_choice("engine", self.engine, ENGINES)
@@ -159,6 +158,7 @@ class VisionConfig(ServerConfig):
     batch_timeout_s: float = _help("how long a worker waits to fill a batch", default=0.005)
     fast_decode: bool = _help("JPEG draft mode: decode big JPEGs at reduced scale before resizing", default=True)
     max_image_pixels: int = _help("images with more pixels are rejected with 413 (decompression bombs)", default=40_000_000)
+
     def validate(self) -> None:
         super().validate()
         _check_choice("runtime", self.runtime, VISION_RUNTIMES)
@@ -473,10 +473,11 @@ def config_flags(cfg: Any, skip: tuple[str, ...] = ("host", "port"), changed_onl
     """The CLI flags that rebuild `cfg` (the inverse of add_config_args): a ladder step's server, a
     Kubernetes container's args. Unset values and empty lists are left out, and with changed_only the
     values that equal the defaults."""
-    defaults = dataclasses.asdict(type(cfg)()) if changed_only else {}
+    values = changed_fields(cfg, skip) if changed_only else \
+        {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
     flags = []
-    for key, value in dataclasses.asdict(cfg).items():
-        if key in skip or value is None or value == [] or (key in defaults and defaults[key] == value):
+    for key, value in values.items():
+        if value is None or value == []:
             continue
         flag = _flag(key)
         if isinstance(value, bool):
@@ -484,6 +485,12 @@ def config_flags(cfg: Any, skip: tuple[str, ...] = ("host", "port"), changed_onl
         else:
             flags += [flag, _show(value)]
     return flags
+
+
+def changed_fields(cfg: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of `cfg` whose values differ from its class's defaults, `skip` left out."""
+    defaults = dataclasses.asdict(type(cfg)())
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip and v != defaults[k]}
 
 
 def config_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:

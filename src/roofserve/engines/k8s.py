@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from roofserve.config import K8sConfig, LLMConfig, ServerConfig, config_flags
+from roofserve.config import K8sConfig, LLMConfig, ServerConfig, changed_fields, config_flags
 from roofserve.errors import UserError
 
 PRESTOP_S = 5  # endpoints take a few seconds to drop a terminating pod; keep serving meanwhile
@@ -50,8 +50,7 @@ def _rayservice(server: ServerConfig, k8s: K8sConfig, meta: dict) -> dict:
     builder (engines.rayserve.build_app) with the config's own fields, so the knobs cannot drift."""
     import yaml
 
-    config = {f: getattr(server, f) for f in _changed(server)
-              if f not in ("host", "port", "api_key", "api_key_file", "engine", "ray_address")}
+    config = changed_fields(server, skip=("host", "port", "api_key", "api_key_file", "engine", "ray_address"))
     serve_config = {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": server.port},
@@ -85,12 +84,6 @@ def _rayservice(server: ServerConfig, k8s: K8sConfig, meta: dict) -> dict:
         },
     }
     return {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": meta, "spec": spec}
-
-
-def _changed(server: ServerConfig) -> list[str]:
-    """The config's fields that differ from their defaults (what the container args would carry)."""
-    defaults = type(server)()
-    return [f.name for f in dataclasses.fields(server) if getattr(server, f.name) != getattr(defaults, f.name)]
 
 
 def cores(server: ServerConfig) -> int:

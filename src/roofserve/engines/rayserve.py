@@ -51,7 +51,7 @@ def deployment_options(cfg: VisionConfig | LLMConfig) -> dict:
     options = {
         "ray_actor_options": {"num_cpus": replica_threads(cfg)},
         # @serve.batch fills batches only up to the requests a replica holds at once
-        "max_ongoing_requests": max(2 * getattr(cfg, "max_batch_size", 1), 8),
+        "max_ongoing_requests": max(2 * cfg.max_batch_size, 8),
         "max_queued_requests": cfg.max_queued_requests,
         "graceful_shutdown_timeout_s": cfg.grace_s,
         "health_check_period_s": 2,

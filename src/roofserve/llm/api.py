@@ -21,7 +21,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from roofserve.config import LLMConfig
-from roofserve.llm.engine import Sampling, scorer
+from roofserve.llm.engine import Sampling, logprob_hook
 from roofserve.llm.protocol import Formatter, parse_body, validate_chat_request, validate_completion_request
 from roofserve.llm.text import Coalescer, TextStream, coalesce
 from roofserve.server.app import worker_threads
@@ -216,10 +216,7 @@ class LLMAPI(ls.LitAPI):
         if rejection:
             return [rejection, None]
         gen = self.generator
-        scores, observe = None, None
-        if request["logprobs"] is not None:
-            scores = []
-            observe = scorer(request["logprobs"], scores)
+        scores, observe = logprob_hook(request["logprobs"])
         sampling = Sampling(max_tokens, request["temperature"], request["top_p"], request["seed"], observe)
         gen.batch.add(uid, ids, sampling, set() if request["ignore_eos"] else gen.stop_ids)
         self.jobs[uid] = _Job(request["request_id"], request.get("deadline", float("inf")),

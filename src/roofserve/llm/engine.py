@@ -28,6 +28,15 @@ class Sampling:
     observe: Callable[[torch.Tensor, int], None] | None = None
 
 
+def logprob_hook(top: int | None) -> tuple[list | None, Callable[[torch.Tensor, int], None] | None]:
+    """(scores, observe) for a request's logprobs (`top` alternatives, or None: neither): the engine calls
+    observe, which fills scores for llm.text.TextStream to read."""
+    if top is None:
+        return None, None
+    scores = []
+    return scores, scorer(top, scores)
+
+
 def scorer(top: int, into: list) -> Callable[[torch.Tensor, int], None]:
     """An observe hook that appends (token, logprob, [(id, logprob), ...top]) to `into`: the model's
     own log-probabilities (before temperature and top_p, as vLLM and OpenAI report them)."""

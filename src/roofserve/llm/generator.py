@@ -43,11 +43,8 @@ class Generator:
              logprobs: int | None = None) -> Iterator[dict]:
         """Text items; with `logprobs` (the number of top alternatives, 0-20) each delta carries the
         logprob entries of its tokens."""
-        scores, observe = None, None
-        if logprobs is not None:
-            from roofserve.llm.engine import scorer
+        from roofserve.llm.engine import logprob_hook
 
-            scores = []
-            observe = scorer(logprobs, scores)
+        scores, observe = logprob_hook(logprobs)
         tokens = self.tokens(ids, max_tokens, temperature, top_p, seed, ignore_eos, should_stop, observe)
         yield from stream_text(tokens, self.decode, stop, max_tokens, len(ids), scores)
