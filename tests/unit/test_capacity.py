@@ -1,6 +1,6 @@
 """Capacity on paper: cores for a load from measured req/s per busy core, and the model's own check."""
 
-from roofserve.report.capacity import at_target, plan, section
+from roofserve.report.capacity import at_target, chat_section, plan, section, users_at_target
 
 
 def row(step, rps, p99, cpu, replicas, level=8):
@@ -20,3 +20,18 @@ def test_the_check_predicts_more_replicas_from_fewer_and_a_step_without_a_level_
     intro, body, checks = section(steps, machine_cores=2)
     assert "10,000 req/s" in intro and body[2][-1].startswith("no level")
     assert checks == ["two: predicted from one 80.0 req/s, measured 90.0 (+12%)"]
+
+
+def level(users, tpot, ttft_p99, ok=None, tok_s=50.0):
+    return {"concurrency": users, "tpot_ms_p50": tpot, "ttft_ms_p99": ttft_p99, "errors": 0,
+            "ok": users * 2 if ok is None else ok, "requests": users * 2, "output_tokens_per_s": tok_s}
+
+
+def test_chat_users_per_server_are_the_most_users_within_both_latency_targets():
+    rows = [level(1, 25, 150), level(4, 40, 400), level(8, 60, 2500), level(16, 140, 900)]
+    assert users_at_target(rows)["concurrency"] == 4  # 8 broke the TTFT target, 16 the TPOT target
+    assert users_at_target([level(4, 40, 400, ok=7)]) is None, "a level with failed requests does not count"
+    intro, body = chat_section({"batch": rows, "slow": [level(1, 150, 100)]}, machine_cores=2, users=1000, price=0.1)
+    assert "1,000 concurrent chat users" in intro
+    assert body[0] == ["batch", 4, 50.0, 250, 500, "$50"]
+    assert body[1][-1].startswith("no level")

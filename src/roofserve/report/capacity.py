@@ -1,5 +1,6 @@
 """Capacity on paper: from a served step's measured throughput at a latency target, the cores (and
 machines, and dollars) a given load needs, and a check of that linear model against the measurements.
+For the chat server the load is concurrent users (`chat_section`).
 
 The model: a config serves r req/s at its best level whose p99 is within the target, using c cores
 (its CPU % of the machine's cores); it scales by adding replicas, so a load L needs L / (r / c) cores.
@@ -71,3 +72,40 @@ def _same_but_replicas(a: dict, b: dict) -> bool:
     ignore = {"port", "ray_replicas", "workers_per_device", "threads_per_worker"}
     ca, cb = a.get("config") or {}, b.get("config") or {}
     return {k: v for k, v in ca.items() if k not in ignore} == {k: v for k, v in cb.items() if k not in ignore}
+
+
+CHAT_USERS = 1_000
+TPOT_TARGET_MS = 100.0  # 10 tokens/s for every user: faster than people read
+TTFT_P99_TARGET_MS = 2_000.0
+
+
+def users_at_target(rows: list[dict], tpot_ms: float = TPOT_TARGET_MS, ttft_p99_ms: float = TTFT_P99_TARGET_MS):
+    """The concurrency level with the most users whose median TPOT and p99 TTFT are within the targets
+    and whose requests all succeeded."""
+    within = [r for r in rows if r.get("tpot_ms_p50") and r["tpot_ms_p50"] <= tpot_ms
+              and r.get("ttft_ms_p99") is not None and r["ttft_ms_p99"] <= ttft_p99_ms and r.get("errors", 0) == 0
+              and r.get("ok", 0) == r.get("requests", 0)]
+    return max(within, key=lambda r: r["concurrency"], default=None)
+
+
+def chat_section(levels: dict[str, list[dict]], machine_cores: int, users: int = CHAT_USERS,
+                 price: float = USD_PER_CORE_HOUR) -> tuple[str, list[list]]:
+    """Replicas (one server per machine like this one), cores and dollars for `users` concurrent chat
+    users: each step's most users per server within the latency targets, scaled linearly."""
+    body = []
+    for name, rows in levels.items():
+        best = users_at_target(rows)
+        if best is None:
+            missed = f"no level within TPOT p50 <= {TPOT_TARGET_MS:g} ms and TTFT p99 <= {TTFT_P99_TARGET_MS:g} ms"
+            body.append([name, "-", "-", "-", "-", missed])
+            continue
+        servers = math.ceil(users / best["concurrency"])
+        cores = servers * machine_cores
+        body.append([name, best["concurrency"], best.get("output_tokens_per_s"), servers, cores,
+                     f"${cores * price:,.0f}"])
+    intro = (f"Servers for **{users:,} concurrent chat users** (each streaming, as in the levels above), scaling "
+             f"each step's most users per server with median TPOT <= {TPOT_TARGET_MS:g} ms and p99 TTFT <= "
+             f"{TTFT_P99_TARGET_MS:g} ms linearly; one server per machine of this one's {machine_cores} cores; "
+             f"dollars at an assumed ${price} per core-hour (`report/capacity.py`). A step with no such level "
+             "cannot meet the targets at any load here.")
+    return intro, body

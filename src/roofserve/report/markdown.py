@@ -215,7 +215,7 @@ def _ttft_target(ttft: float | None, roof: float | None) -> str:
     return "yes" if ttft <= factor * roof + extra else "no"
 
 
-def concurrency_section(levels: dict[str, list[dict]], out: Path) -> list[str]:
+def concurrency_section(levels: dict[str, list[dict]], out: Path, cores: int | None = None) -> list[str]:
     """Steps measured at several concurrency levels: aggregate tok/s per level against the roof of the
     batch size the level runs at (min(users, max_batch_size) sequences per step)."""
     lines = ["### Many users at once", "",
@@ -243,10 +243,15 @@ def concurrency_section(levels: dict[str, list[dict]], out: Path) -> list[str]:
         lines += ["", "Crossover: the compute roof binds from a batch of " + ", ".join(map(str, sorted(crossovers)))
                   + " sequences per step on (below it a step is bound by reading the weights)."]
     lines += ["", f"![llm concurrency]({plots.llm_concurrency(levels, out / 'llm_concurrency.png').name})", ""]
+    if cores:
+        intro, body = capacity.chat_section(levels, cores)
+        lines += ["### Capacity on paper: chat users", "", intro, ""]
+        lines += _table(["step", "users per server", "aggregate tok/s there", "servers", "cores", "per hour"], body)
+        lines.append("")
     return lines
 
 
-def llm_section(rows: list[dict], out: Path) -> list[str]:
+def llm_section(rows: list[dict], out: Path, cores: int | None = None) -> list[str]:
     all_levels = sorted([r for r in rows if r["kind"] == "llm-api"], key=lambda r: r.get("step_index", 0))
     levels: dict[str, list[dict]] = OrderedDict()
     for r in all_levels:
@@ -302,7 +307,7 @@ def llm_section(rows: list[dict], out: Path) -> list[str]:
         lines += ["", f"![llm decode]({plots.llm_decode_bars(bars, out / 'llm_decode.png').name})", ""]
         lines += ttft_section(api, engine)
         if multi:
-            lines += concurrency_section(multi, out)
+            lines += concurrency_section(multi, out, cores)
         why = [[r.get("step"), r.get("why", "")] for r in api if r.get("why")]
         if why:
             lines += ["### What each step changes", ""] + _table(["step", "change"], why) + [""]
@@ -322,7 +327,7 @@ def build_report(paths: list[str], out_dir: str) -> Path:
     if any(r["kind"].startswith("vision") for r in rows):
         lines += vision_section(rows, out, machine.get("cores"))
     if any(r["kind"].startswith("llm") for r in rows):
-        lines += llm_section(rows, out)
+        lines += llm_section(rows, out, machine.get("cores"))
     skipped = [item for m in metas for item in m.get("config", {}).get("skipped", [])]
     if skipped:
         lines += ["Skipped on this machine: " + "; ".join(f"{i['step']} ({i['why']})" for i in skipped) + ".", ""]
