@@ -166,6 +166,39 @@ def test_bf16_with_kernels_and_compile_follows_torch_bf16(prompts):
             fast.running[s.id].generated, fast.running[s.id].token = s.generated, s.token
 
 
+def test_compiled_prefill_is_one_graph_for_every_chunk_length_start_and_slot():
+    """--compile-prefill: after warm-up, one graph (dynamic shapes) prefills chunks of any length, start
+    and slot with the eager prefill's logits and cache entries, and the engine's greedy tokens are the
+    eager engine's; nothing compiles again while serving (a recompile would stall every user for
+    minutes). A small random Llama, fp32, so that compiling takes seconds."""
+    from torch._dynamo.utils import counters
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    eager = BatchEngine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16)
+    compiled = BatchEngine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16, compile_prefill=True)
+    compiled.warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        for length, start, slot in [(5, 0, 0), (20, 0, 1), (7, 16, 3), (30, 40, 2)]:
+            ids = torch.randint(0, 512, (length,))
+            got = compiled._compiled_prefill(ids, start + 2, torch.tensor([slot]))
+            want = eager.slots.prefill(ids, start, slot)
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (length, start, slot)
+            for ours, theirs in zip(compiled.slots.caches(1), eager.slots.caches(1)):
+                assert torch.allclose(ours[slot, :, start:start + length], theirs[slot, :, start:start + length],
+                                      atol=1e-5)
+    prompts = [list(torch.randint(0, 512, (n,)).tolist()) for n in (40, 9, 23)]  # chunks of 16, 8, 7 and 9 tokens
+    greedy = Sampling(8, 0.0)
+    outs = [_run(engine, {0: [(0, prompts[0], greedy)], 2: [(1, prompts[1], greedy), (2, prompts[2], greedy)]})
+            for engine in (eager, compiled)]
+    assert outs[0] == outs[1] and all(len(t) == 8 for t in outs[1].values())
+    assert counters["stats"]["unique_graphs"] == graphs, "nothing compiled after warm-up"
+
+
 def test_logprobs_are_the_models_own_teacher_forced_and_agree_across_engines(loaded, prompts):
     """Sampling.observe sees the logits each token came from: both engines report, for every token,
     the log-probability a plain forward over prompt + the tokens before it gives (fp32)."""

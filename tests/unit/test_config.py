@@ -49,6 +49,8 @@ def test_llm_config_refuses_combinations_that_cannot_run():
         make_config(LLMConfig, {"attention": "roofserve", "precision": "fp32"})
     with pytest.raises(UserError, match="max-batch-size > 1 is continuous batching"):
         make_config(LLMConfig, {"backend": "llamacpp", "max_batch_size": 4})
+    with pytest.raises(UserError, match="compile-prefill compiles the batch engine's prefill"):
+        make_config(LLMConfig, {"compile_prefill": True, "max_batch_size": 1})
     with pytest.raises(UserError, match="prefill_chunk must be >= 1"):
         make_config(LLMConfig, {"max_batch_size": 4, "prefill_chunk": 0})
     make_config(LLMConfig, {"gemv": "roofserve", "attention": "roofserve", "compile": True})

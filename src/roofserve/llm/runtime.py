@@ -111,7 +111,8 @@ class TorchGenerator(Generator):
             from roofserve.llm.batch import BatchEngine
 
             self.batch = BatchEngine(model, cfg.max_batch_size, cfg.max_seq_len, cfg.compile, cfg.prefill_chunk,
-                                     kernel_attention=cfg.attention == "roofserve")
+                                     kernel_attention=cfg.attention == "roofserve",
+                                     compile_prefill=cfg.compile_prefill)
             log.info("warm-up of batch sizes %s took %.1f s", self.batch.buckets, self.batch.warm_up())
         else:
             self.engine = Engine(model, cfg.max_seq_len, cfg.static_cache, cfg.compile, cfg.attention)
