@@ -64,6 +64,19 @@ def test_photos_and_bad_input_answer_as_on_litserve(server, images):
     assert len(replica_pids(url)) == 2, "two replicas answer behind the proxy"
 
 
+def test_the_cpu_per_request_splits_into_ray_replicas_proxy_and_system(server, images):
+    """What the vision ladder reports for a Ray step: the CPU of the server's process tree per request,
+    by role; under load the replicas and Ray's proxy both work."""
+    from roofserve.config import VisionLoadConfig
+    from roofserve.load.vision import bench_api
+
+    load = VisionLoadConfig(concurrency=[4], requests=24, warmup=2, payload="raw")
+    [row] = bench_api(server.url + "/predict", [("dalmatian", images["dalmatian"])], load, progress=False,
+                      server_pid=server.proc.pid)
+    split = row["cpu_ms_per_request"]
+    assert row["ok"] == 24 and split["Ray replicas"] > 0 and split["Ray proxy"] > 0, split
+
+
 def load_through(url: str, photo: dict, fault, before: int, after: int) -> list[int]:
     """`before` requests from 4 clients, then `fault()` while they run, then `after` more: every one must
     be answered (a failure is an answer, never a dropped connection) within its deadline, nearly all 200."""

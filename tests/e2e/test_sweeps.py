@@ -32,6 +32,9 @@ def test_vision_sweep_of_two_steps_writes_rows_and_report(tmp_path):
     assert [(r["step"], r["concurrency"]) for r in api] == [("one", 1), ("one", 4), ("two", 1), ("two", 4)]
     assert all(r["errors"] == 0 and r["ok"] == 24 for r in api)
     assert api[2]["config"]["max_batch_size"] == 4 and api[2]["payload"] == "raw"
+    for r in api:  # the server's own CPU per request, by process role (the client is not in it)
+        split = r["cpu_ms_per_request"]
+        assert split["inference workers"] > 0 and split["server processes (main, HTTP, queues)"] > 0, split
     meta = json.loads(out.read_text())["meta"]
     assert meta["versions"]["torch"] and meta["machine"]["cores"]
     model = [(r["runtime"], r["batch_size"], len(r["rounds_img_per_s"])) for r in rows if r["kind"] == "vision-model"]
@@ -44,6 +47,7 @@ def test_vision_sweep_of_two_steps_writes_rows_and_report(tmp_path):
     best_two = max(r["req_per_s"] for r in api if r["step"] == "two")
     assert f"| two | {format_value(best_two)} |" in report  # as the report prints it, however fast the machine
     assert "| openvino fp32 |" in report and "pass: top-1 20/20" in report
+    assert "### Where the CPU goes" in report and "| inference workers |" in report
     for png in ("vision_throughput.png", "vision_latency.png", "vision_model.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
 

@@ -45,6 +45,20 @@ def test_report_table_numbers_come_from_the_rows(tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 500
 
 
+def test_where_the_cpu_goes_lists_each_steps_best_level_by_process_role(tmp_path):
+    litserve = {**_api("litserve", 1, 8, 100.0, 95.0),
+                "cpu_ms_per_request": {"inference workers": 15.0, "server processes (main, HTTP, queues)": 4.5}}
+    ray = {**_api("ray", 2, 8, 50.0, 97.0),
+           "cpu_ms_per_request": {"Ray replicas": 30.0, "Ray proxy": 8.5, "server processes (main, HTTP, queues)": 0.5}}
+    write_results(tmp_path / "r.json", META, [_api("litserve", 1, 1, 40.0, 50.0), litserve, ray])
+    report = build_report([str(tmp_path / "r.json")], str(tmp_path / "out")).read_text()
+    assert "### Where the CPU goes" in report
+    # roles ordered by their largest share; a role a step did not have is "-"; totals per request
+    assert "| step | req/s | Ray replicas | inference workers | Ray proxy | server processes (main, HTTP, queues) |" in report
+    assert "| litserve | 100.0 | - | 15.0 | - | 4.5 | 19.5 |" in report
+    assert "| ray | 50.0 | 30.0 | - | 8.5 | 0.5 | 39.0 |" in report
+
+
 def test_peaks_go_to_the_section_of_the_run_that_measured_them(tmp_path):
     """A vision sweep's peaks are in the vision section, an LLM sweep's bandwidth in the LLM section: the
     file's suite says which, whatever the files are called."""

@@ -58,8 +58,9 @@ def image_sender(images: list[tuple[str, bytes]], payload: str, path: str = "/pr
 
 
 def bench_api(url: str, images: list[tuple[str, bytes]], load: VisionLoadConfig, api_key: str | None = None,
-              progress: bool = True) -> list[dict]:
-    """One row per load level: req/s, latency percentiles, errors, CPU % and GPU %."""
+              progress: bool = True, server_pid: int | None = None) -> list[dict]:
+    """One row per load level: req/s, latency percentiles, errors, CPU % and GPU %; given the server's
+    pid (a server this process started), the CPU milliseconds per request of each kind of its processes."""
     payload, requests, duration_s = load.payload, load.requests, load.duration_s
     base, _, path = url.partition("//")[2].partition("/")
     base_url, path = f"http://{base}", "/" + path if path else "/predict"
@@ -70,7 +71,7 @@ def bench_api(url: str, images: list[tuple[str, bytes]], load: VisionLoadConfig,
     rows = []
     bar = tqdm(total=len(levels) * requests, desc="api sweep", disable=None if progress else True, leave=False)
     for mode, level in levels:
-        with Monitor() as mon:
+        with Monitor(server_pid=server_pid) as mon:
             if mode == "concurrency":
                 run = strategies.closed_loop(base_url, send, int(level), requests, duration_s, load.warmup, bar.update)
             else:
@@ -79,6 +80,10 @@ def bench_api(url: str, images: list[tuple[str, bytes]], load: VisionLoadConfig,
         row = {"kind": "vision-api", "url": url, "payload": payload, "mode": mode, mode: level, "config": server_config}
         row.update(strategies.summarize(results, wall))
         row.update(mon.summary())
+        answered = len(results) + (load.warmup if mode == "concurrency" else 0)  # the warm-up ran in the window
+        if mon.cpu_s_by_role and answered:
+            row["cpu_ms_per_request"] = {role: round(1e3 * s / answered, 2) for role, s in mon.cpu_s_by_role.items()
+                                         if s > 0}
         rows.append(row)
     bar.close()
     return rows

@@ -149,10 +149,28 @@ def vision_section(rows: list[dict], out: Path, cores: int | None = None) -> lis
             if checks:
                 lines += ["", "Model check (same config, more replicas, same machine): " + "; ".join(checks) + "."]
             lines.append("")
+        lines += cpu_split_section(bests)
         why = [[name, srows[0].get("why", "")] for name, srows in steps.items() if srows[0].get("why")]
         if why:
             lines += ["### What each step changes", ""] + _table(["step", "change"], why) + [""]
     return lines
+
+
+def cpu_split_section(bests: dict[str, dict]) -> list[str]:
+    """Where each step's CPU goes, per request, at its best level: the server's processes by role (from
+    their CPU times over the level), so that an engine's cost shows where it is paid."""
+    measured = {name: b["cpu_ms_per_request"] for name, b in bests.items() if b.get("cpu_ms_per_request")}
+    if not measured:
+        return []
+    roles = sorted({role for split in measured.values() for role in split},
+                   key=lambda r: -max(split.get(r, 0.0) for split in measured.values()))
+    body = [[name, bests[name]["req_per_s"], *(split.get(role, "-") for role in roles),
+             round(sum(split.values()), 2)] for name, split in measured.items()]
+    return ["### Where the CPU goes", "",
+            "CPU milliseconds per request at each step's best level, by the kind of server process that spent "
+            "them (CPU times of the server's process tree over the level, warm-up included, divided by the "
+            "requests answered; the load client is not in it). A step that serves fewer req/s on the same cores "
+            "pays the difference here.", ""] + _table(["step", "req/s", *roles, "total ms"], body) + [""]
 
 
 MBU_BANDWIDTH_BOUND = 0.6
