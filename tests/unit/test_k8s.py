@@ -77,15 +77,16 @@ def test_cli_writes_manifests_and_refuses_bad_knobs_in_one_line(tmp_path):
         render("vision", make_config(VisionConfig, {"device": "cuda"}), K8sConfig())
 
 
-def test_the_ray_engine_renders_a_rayservice_whose_application_is_our_builder_with_the_same_config():
+@pytest.mark.parametrize("what,cls", [("vision", VisionConfig), ("llm", LLMConfig)])
+def test_the_ray_engine_renders_a_rayservice_whose_application_is_our_builder_with_the_same_config(what, cls):
     """KubeRay's CRD schema is not in kubernetes-validate: the pod templates inside are validated as core
     PodTemplates, and the Serve application's builder is built (not run) from the embedded config."""
     pytest.importorskip("ray.serve")
     import importlib
 
-    server = make_config(VisionConfig, {"engine": "ray", "ray_replicas": 2, "ray_max_replicas": 6,
-                                        "threads_per_worker": 2, "max_batch_size": 8, "grace_s": 30})
-    [service] = render("vision", server, make_config(K8sConfig, {"image": "me/roofserve:1"}))
+    server = make_config(cls, {"engine": "ray", "ray_replicas": 2, "ray_max_replicas": 6,
+                               "threads_per_worker": 2, "max_batch_size": 8, "grace_s": 30})
+    [service] = render(what, server, make_config(K8sConfig, {"image": "me/roofserve:1"}))
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
     cluster = service["spec"]["rayClusterConfig"]
     [workers] = cluster["workerGroupSpecs"]
@@ -99,7 +100,7 @@ def test_the_ray_engine_renders_a_rayservice_whose_application_is_our_builder_wi
     built = getattr(importlib.import_module(module), attr)(app["args"])
     from ray.serve import Application
 
-    assert isinstance(built, Application)
+    assert isinstance(built, Application) and app["args"]["server"] == what
     config = app["args"]["config"]
     assert config["max_batch_size"] == 8 and config["ray_replicas"] == 2 and "engine" not in config
-    assert {**vars(make_config(VisionConfig, config)), "engine": "ray"} == vars(server)  # the same knobs
+    assert {**vars(make_config(cls, config)), "engine": "ray"} == vars(server)  # the same knobs

@@ -33,10 +33,7 @@ def render(what: str, server: ServerConfig, k8s: K8sConfig) -> list[dict]:
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "roofserve"}
     meta = {"name": name, "labels": labels, **({"namespace": k8s.namespace} if k8s.namespace else {})}
     if server.engine == "ray":
-        if what != "vision":
-            raise UserError("deploy k8s --engine ray renders the vision server only for now; the LLM on Ray runs "
-                            "with `serve llm --engine ray` against a cluster (--ray-address)")
-        return [_rayservice(server, k8s, meta)]
+        return [_rayservice(what, server, k8s, meta)]
     return [_deployment(what, server, k8s, meta, labels), _service(server, meta, labels), _hpa(k8s, meta),
             _pdb(meta, labels)]
 
@@ -44,7 +41,7 @@ def render(what: str, server: ServerConfig, k8s: K8sConfig) -> list[dict]:
 RAY_VERSION = "2.60.0"  # the ray extra's pin: the image's Ray and the cluster's must match
 
 
-def _rayservice(server: ServerConfig, k8s: K8sConfig, meta: dict) -> dict:
+def _rayservice(what: str, server: ServerConfig, k8s: K8sConfig, meta: dict) -> dict:
     """A KubeRay RayService: a head pod that runs no replicas (Serve's controller and proxy), and one
     worker pod per replica whose Ray CPUs are the replica's threads; the Serve application is our
     builder (engines.rayserve.build_app) with the config's own fields, so the knobs cannot drift."""
@@ -55,7 +52,7 @@ def _rayservice(server: ServerConfig, k8s: K8sConfig, meta: dict) -> dict:
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": server.port},
         "applications": [{"name": "roofserve", "route_prefix": "/", "import_path": "roofserve.engines.rayserve:build_app",
-                          "args": {"config": config}}],
+                          "args": {"server": what, "config": config}}],
     }
     threads = server.threads_per_worker
     memory = f"{k8s.memory_gib or 2:g}Gi"

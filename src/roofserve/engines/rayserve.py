@@ -213,8 +213,16 @@ def _vision_app(cfg: VisionConfig, device: str):
 
 def build_app(args: dict):
     """Ray Serve's application builder (`import_path: roofserve.engines.rayserve:build_app`), for a
-    RayService or `serve run`: `args["config"]` holds VisionConfig fields; checked as `serve vision` is."""
+    RayService or `serve run`: `args["server"]` is vision (the default) or llm and `args["config"]` holds
+    that server's config fields; checked as `serve vision|llm` checks them."""
     from roofserve.config import make_config
+
+    if args.get("server", "vision") == "llm":
+        from roofserve.llm.preflight import preflight as llm_preflight
+
+        cfg = make_config(LLMConfig, args.get("config") or {})
+        device, model_id, random_weights = llm_preflight(cfg)
+        return _app(cfg, device, model_id, random_weights)
     from roofserve.vision.preflight import preflight
 
     cfg = make_config(VisionConfig, args.get("config") or {})
