@@ -8,7 +8,7 @@ import torch
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from roofserve.llm.engine import Engine, Sampling
-from roofserve.llm.kernels import gemv_bf16, load_kernel, measure_gemv_peak, use_gemv_kernel
+from roofserve.llm.kernels import GemvLinear, gemv_bf16, load_kernel, measure_gemv_peak, pack_pairs, use_gemv_kernel
 from roofserve.llm.model import load
 from tests.integration.conftest import chat_ids
 
@@ -50,6 +50,34 @@ def test_gemm_of_a_decode_batch_matches_fp32_matmul(rows, shape):
     got = torch.ops.roofserve.gemm_bf16(x, w)
     assert got.shape == (rows, 1, shape[0]) and got.dtype == torch.bfloat16
     assert (got.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16])
+@pytest.mark.parametrize("shape", [(1536, 576), (576, 1536), (48, 64), (16, 2)])
+def test_gemm_on_packed_weights_matches_fp32_matmul(rows, shape):
+    """The kernel decode steps use on packable shapes: every row right past the 8-row tiles and the odd
+    column block, on weights packed once (pack_pairs)."""
+    torch.manual_seed(rows)
+    w = torch.randn(shape).bfloat16()
+    x = torch.randn(rows, 1, shape[1]).bfloat16()
+    expected = x.float() @ w.float().T
+    got = torch.ops.roofserve.gemm_packed_bf16(x, pack_pairs(w))
+    assert got.shape == (rows, 1, shape[0]) and got.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+def test_gemv_linear_packs_what_it_can_and_sends_each_row_count_where_it_was_told():
+    torch.manual_seed(0)
+    for shape, packable in (((64, 32), True), ((7, 100), False)):
+        linear = torch.nn.Linear(shape[1], shape[0], bias=False).bfloat16()
+        swapped = GemvLinear(linear, max_rows=4)
+        assert (swapped.packed is not None) == packable and swapped.weight is linear.weight
+        for rows in (1, 3, 4, 5, 12):  # up to 4 rows our kernel, beyond torch's matmul
+            x = torch.randn(rows, shape[1]).bfloat16()
+            expected = x.float() @ linear.weight.float().T
+            assert (swapped(x).float() - expected).abs().max() <= 1e-2 * expected.abs().max(), (shape, rows)
+    with pytest.raises(RuntimeError, match="K/2"):
+        torch.ops.roofserve.gemm_packed_bf16(torch.randn(1, 30).bfloat16(), pack_pairs(torch.randn(16, 32).bfloat16()))
 
 
 def test_slot_attention_reads_each_rows_own_slot_up_to_its_position():
@@ -107,6 +135,10 @@ assert (torch.ops.roofserve.gemv_bf16(x, w).float() - expected).abs().max() <= 1
 x3 = torch.randn(3, 100).bfloat16()
 expected = x3.float() @ w.float().T
 assert (torch.ops.roofserve.gemm_bf16(x3, w).float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+w = torch.randn(96, 100).bfloat16()
+expected = x3.float() @ w.float().T
+packed = torch.ops.roofserve.gemm_packed_bf16(x3, kernels.pack_pairs(w))
+assert (packed.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
 q, k, v = torch.randn(1, 4, 1, 32).bfloat16(), torch.randn(1, 2, 16, 32).bfloat16(), torch.randn(1, 2, 16, 32).bfloat16()
 kk, vv = k.float()[:, :, :10].repeat_interleave(2, 1), v.float()[:, :, :10].repeat_interleave(2, 1)
 expected = (torch.softmax(q.float() @ kk.transpose(2, 3) * 0.2, -1) @ vv).transpose(1, 2)

@@ -4,11 +4,13 @@ per sequence over the filled part of its KV cache (one slot per sequence, or tra
 GEMV and GEMM. At batch size 1 every linear layer of a decode step is a matrix-vector product: it reads each weight
 once and does two FLOPs per weight, so its speed is the rate at which it streams the weight matrix.
 On the CPUs we measured, torch's one-row bf16 `linear` (oneDNN) streams at a quarter to a half of the
-machine's read bandwidth. This kernel streams rows of the weight matrix with AVX512-BF16 dot
-products (32 weights per instruction, fp32 accumulators, four rows at a time so each load of the
-input vector serves four rows), split over torch's threads. With B rows (a batched decode step, up to
-16) a block of weight rows stays in L1 while the inputs pass, so the weights still stream once per
-step: B tokens for one read. CPUs without AVX512-BF16 get a plain loop that the compiler vectorizes.
+machine's read bandwidth. Our kernel streams weights packed once for AVX512-BF16's pair dot product
+(`pack_pairs`: per block of 16 output columns, per pair of k, one 64-byte vector): a broadcast pair of
+each input row times that vector adds to 16 outputs, so with B rows (a batched decode step, up to 16)
+each weight vector loaded serves all B rows and no horizontal sums are left at the end; software
+prefetch runs 4 KB ahead of each stream. Shapes that do not pack (out_features not a multiple of 16)
+take an older dot-product kernel (`gemv_bf16`, `gemm_bf16`). CPUs without AVX512-BF16 get plain loops
+that the compiler vectorizes.
 
 Attention. With a static cache, the matmul-softmax attention reads all max_seq_len slots of the cache
 every step (masking the empty ones), and inductor's fused kernel for it ran at ~7 GB/s here. This
@@ -16,7 +18,7 @@ kernel reads positions 0..pos only: per query head, scores against its KV head's
 attention without copying K and V), softmax in fp32, weighted sum of values; heads split over threads.
 
 Both are built from source on first use (a C++ compiler is needed, as torch.compile on CPU needs one)
-and registered as the operators `roofserve::gemv_bf16`, `gemm_bf16`, `decode_attention` and
+and registered as the operators `roofserve::gemv_bf16`, `gemm_bf16`, `gemm_packed_bf16`, `decode_attention` and
 `slot_attention`, so compiled code calls them without Python.
 """
 
@@ -143,10 +145,183 @@ at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& w) {
   return out;
 }
 
+// The same product from weights packed for AVX512-BF16's pair dot product (pack_pairs in Python):
+// wp (N/16, K/2, 16, 2): per block of 16 output columns, per pair of k, one 64-byte vector. A broadcast
+// pair of an input row times that vector adds to 16 outputs at once, so accumulators hold outputs, not
+// partial dot products: no horizontal sums (what made the kernel above lose to oneDNN past 2 rows).
+// Tiles of MB input rows x NB column blocks; the weights stream once per call in the order they lie.
+// Software prefetch, in 64-byte vectors ahead of the one loaded: the hardware prefetchers alone left
+// the kernel at ~11 GB/s of this VM's ~18; 64 ahead measured best of 0-128 here (~19 GB/s at 1-4 rows).
+#ifndef PF_DIST
+#define PF_DIST 64
+#endif
+#ifdef __AVX512BF16__
+template <int MB, int NB>
+inline void packed_tile(const uint16_t* x, int64_t K, const uint16_t* wp, at::BFloat16* out, int64_t N,
+                        int64_t block) {
+  const int64_t pairs = K / 2;
+  __m512 acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  const uint16_t* wb = wp + block * pairs * 32;
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh wv[NB];
+    for (int j = 0; j < NB; ++j) {
+#if PF_DIST > 0
+      _mm_prefetch(reinterpret_cast<const char*>(wb + (j * pairs + p + PF_DIST) * 32), _MM_HINT_T0);
+#endif
+      wv[j] = (__m512bh)_mm512_loadu_si512(wb + (j * pairs + p) * 32);
+    }
+    for (int i = 0; i < MB; ++i) {
+      int32_t pair;
+      __builtin_memcpy(&pair, x + i * K + 2 * p, 4);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * N + (block + j) * 16),
+                          (__m256i)_mm512_cvtneps_pbh(acc[i][j]));
+}
+
+template <int NB>
+inline void packed_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* wp, at::BFloat16* out, int64_t N,
+                        int64_t block) {
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) packed_tile<8, NB>(x + m * K, K, wp, out + m * N, N, block);
+  switch (M - m) {
+    case 7: packed_tile<7, NB>(x + m * K, K, wp, out + m * N, N, block); break;
+    case 6: packed_tile<6, NB>(x + m * K, K, wp, out + m * N, N, block); break;
+    case 5: packed_tile<5, NB>(x + m * K, K, wp, out + m * N, N, block); break;
+    case 4: packed_tile<4, NB>(x + m * K, K, wp, out + m * N, N, block); break;
+    case 3: packed_tile<3, NB>(x + m * K, K, wp, out + m * N, N, block); break;
+    case 2: packed_tile<2, NB>(x + m * K, K, wp, out + m * N, N, block); break;
+    case 1: packed_tile<1, NB>(x + m * K, K, wp, out + m * N, N, block); break;
+  }
+}
+#endif
+
+// x (..., K) with M rows, wp (N/16, K/2, 16, 2) -> (..., N).
+at::Tensor gemm_packed_bf16(const at::Tensor& x, const at::Tensor& wp) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && wp.scalar_type() == at::kBFloat16, "gemm_packed_bf16: bf16 only");
+  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == 16 && wp.size(3) == 2 && x.size(-1) == 2 * wp.size(1),
+              "gemm_packed_bf16: wp must be (N/16, K/2, 16, 2) for x's width K");
+  const int64_t blocks = wp.size(0), K = x.size(-1), N = blocks * 16, M = x.numel() / K;
+  auto xc = x.contiguous();
+  TORCH_CHECK(wp.is_contiguous(), "gemm_packed_bf16: wp must be contiguous");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  auto out = at::empty(shape, x.options());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  const uint16_t* wpp = reinterpret_cast<const uint16_t*>(wp.data_ptr());
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+#ifdef __AVX512BF16__
+  // pairs of column blocks (32 outputs); at least 4 pairs per thread so small layers do not pay for a fork
+  at::parallel_for(0, (blocks + 1) / 2, 4, [&](int64_t b, int64_t e) {
+    for (int64_t pair = b; pair < e; ++pair) {
+      if (2 * pair + 1 < blocks) packed_rows<2>(xp, M, K, wpp, op, N, 2 * pair);
+      else packed_rows<1>(xp, M, K, wpp, op, N, 2 * pair);
+    }
+  });
+#else
+  const int64_t pairs = K / 2;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) {
+        float acc = 0.f;
+        const uint16_t* wb = wpp + (n / 16) * pairs * 32 + (n % 16) * 2;
+        for (int64_t p = 0; p < pairs; ++p)
+          acc += bf16_to_float(wb[p * 32]) * bf16_to_float(xp[m * K + 2 * p])
+                 + bf16_to_float(wb[p * 32 + 1]) * bf16_to_float(xp[m * K + 2 * p + 1]);
+        op[m * N + n] = acc;
+      }
+  });
+#endif
+  return out;
+}
+
 at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.numel() == w.size(-1), "gemv_bf16: x must be one row of w's width");
   return gemm_bf16(x, w);
 }
+
+#ifdef __AVX512BF16__
+inline __m512 load_bf16x16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (a bf16 is the top half of an fp32)
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+inline __m512 exp16(__m512 x) {  // e^x for x <= 0 (softmax): 2^n * 2^f, f in [-0.5, 0.5], degree-6 polynomial
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The query heads of one KV head of one sequence: scores against keys 0..position (each key row read
+// once for the whole group), softmax in fp32, weighted sum of values (each value row read once).
+inline void group_attention(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, at::BFloat16* op,
+                            float* scores, int64_t b, int64_t kvh, const int64_t* slp, const int64_t* pp, int64_t H,
+                            int64_t KVH, int64_t L, int64_t D, int64_t group, float scale) {
+  const int64_t T = pp[b] + 1, C = D / 16;
+  const uint16_t* kh = kp + (slp[b] * KVH + kvh) * L * D;
+  const uint16_t* vh = vp + (slp[b] * KVH + kvh) * L * D;
+  __m512 qv[16][16];  // [head in group][16-wide chunk of D]
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < C; ++c)
+      qv[g][c] = _mm512_mul_ps(load_bf16x16(qp + (b * H + kvh * group + g) * D + 16 * c), _mm512_set1_ps(scale));
+  for (int64_t t = 0; t < T; ++t) {
+    __m512 kv[16];
+    for (int64_t c = 0; c < C; ++c) kv[c] = load_bf16x16(kh + t * D + 16 * c);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);
+      for (int64_t c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[g][c], kv[c], acc);
+      scores[g * L + t] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores + g * L;
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < T; t += 16) {
+      const __mmask16 m = T - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (T - t)) - 1);
+      top = _mm512_mask_max_ps(top, m, top, _mm512_maskz_loadu_ps(m, s + t));
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < T; t += 16) {
+      const __mmask16 m = T - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (T - t)) - 1);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), mx));
+      _mm512_mask_storeu_ps(s + t, m, e);
+      sum = _mm512_mask_add_ps(sum, m, sum, e);
+    }
+    const float inv = 1.f / _mm512_reduce_add_ps(sum);
+    for (int64_t t = 0; t < T; ++t) s[t] *= inv;
+  }
+  __m512 acc[16][16];
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; ++t) {
+    __m512 vv[16];
+    for (int64_t c = 0; c < C; ++c) vv[c] = load_bf16x16(vh + t * D + 16 * c);
+    for (int64_t g = 0; g < group; ++g) {
+      const __m512 w = _mm512_set1_ps(scores[g * L + t]);
+      for (int64_t c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(w, vv[c], acc[g][c]);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < C; ++c)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (b * H + kvh * group + g) * D + 16 * c),
+                          (__m256i)_mm512_cvtneps_pbh(acc[g][c]));
+}
+#endif
 
 // One query per sequence over a slot-per-sequence static cache. q (B, H, 1, D); k and v caches
 // (S, KVH, L, D) with S >= the slots used; slots (B,): each query's cache slot; positions (B,): each
@@ -174,6 +349,18 @@ at::Tensor slot_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   const int64_t group = H / KVH;
+#ifdef __AVX512BF16__
+  if (D % 16 == 0 && D <= 256 && group <= 16) {
+    // one task per (sequence, KV head): its `group` query heads share each key and value row read
+    at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> scores(group * L);
+      for (int64_t task = t0; task < t1; ++task)
+        group_attention(qp, kp, vp, op, scores.data(), task / KVH, task % KVH, slp, pp, H, KVH, L, D, group,
+                        float(scale));
+    });
+    return out;
+  }
+#endif
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> qf(D), acc(D), p(L);
     for (int64_t i = i0; i < i1; ++i) {
@@ -217,12 +404,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 TORCH_LIBRARY(roofserve, m) {
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("gemm_bf16(Tensor x, Tensor w) -> Tensor");
+  m.def("gemm_packed_bf16(Tensor x, Tensor wp) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor position, float scale) -> Tensor");
   m.def("slot_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor positions, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(roofserve, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
   m.impl("gemm_bf16", &gemm_bf16);
+  m.impl("gemm_packed_bf16", &gemm_packed_bf16);
   m.impl("decode_attention", &decode_attention);
   m.impl("slot_attention", &slot_attention);
 }
@@ -243,6 +432,7 @@ def load_kernel() -> None:
                         "compiler (g++), or use --gemv torch and another --attention") from None
     torch.library.register_fake("roofserve::gemv_bf16")(_gemv_shape)
     torch.library.register_fake("roofserve::gemm_bf16")(_gemv_shape)
+    torch.library.register_fake("roofserve::gemm_packed_bf16")(_packed_shape)
     torch.library.register_fake("roofserve::decode_attention")(_attention_shape)
     torch.library.register_fake("roofserve::slot_attention")(_slot_attention_shape)
     log.info("CPU kernels ready in %.1f s (AVX512-BF16: %s)", time.perf_counter() - start, " avx512_bf16" in cpu)
@@ -284,6 +474,16 @@ def _gemv_shape(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
+def _packed_shape(x: torch.Tensor, wp: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], wp.shape[0] * 16))
+
+
+def pack_pairs(w: torch.Tensor) -> torch.Tensor:
+    """w (N, K) bf16 -> (N/16, K/2, 16, 2), the layout gemm_packed_bf16 streams (N a multiple of 16, K even)."""
+    n, k = w.shape
+    return w.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
 def _attention_shape(q, k, v, position, scale):
     return q.new_empty((1, 1, q.shape[1], q.shape[3]))
 
@@ -298,7 +498,8 @@ def measure_gemv_peak():
     from roofserve.measure.peaks import measure_gemv_gb_s
 
     load_kernel()
-    return measure_gemv_gb_s(torch.device("cpu"), linear=torch.ops.roofserve.gemv_bf16, label="roofserve")
+    return measure_gemv_gb_s(torch.device("cpu"), linear=torch.ops.roofserve.gemm_packed_bf16, prepare=pack_pairs,
+                             label="roofserve")
 
 
 def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -314,19 +515,24 @@ class GemvLinear(torch.nn.Module):
     """A bias-free nn.Linear whose calls with few rows (decode steps, batched or not) go to our kernel
     where it was measured faster than torch's matmul on this machine (`max_rows`, see
     `measure_gemm_crossover`); other calls (prompts, larger batches) go to torch. Shares the original
-    weight (tied embeddings stay tied)."""
+    weight (tied embeddings stay tied) and keeps a copy packed for the kernel (`pack_pairs`; the weight
+    bytes twice in memory) where the shape allows (out_features a multiple of 16, in_features even)."""
 
     def __init__(self, linear: torch.nn.Linear, max_rows: int = 1):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.max_rows = max_rows
+        packable = self.out_features % 16 == 0 and self.in_features % 2 == 0
+        self.register_buffer("packed", pack_pairs(self.weight.detach()) if packable else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows == 1:
-            return torch.ops.roofserve.gemv_bf16(x, self.weight)
         if rows <= self.max_rows:
+            if self.packed is not None:
+                return torch.ops.roofserve.gemm_packed_bf16(x, self.packed)
+            if rows == 1:
+                return torch.ops.roofserve.gemv_bf16(x, self.weight)
             return torch.ops.roofserve.gemm_bf16(x, self.weight)
         return torch.nn.functional.linear(x, self.weight)
 
@@ -341,11 +547,13 @@ def measure_gemm_crossover(shape: tuple[int, int] = (1536, 576), size_bytes: int
     load_kernel()
     out_features, in_features = shape
     weights = [torch.randn(shape).bfloat16() for _ in range(max(1, size_bytes // (out_features * in_features * 2)))]
+    packed = [pack_pairs(w) for w in weights]
     cpu = torch.device("cpu")
     ratios = {}
     for rows in GEMM_ROWS:
         x = torch.randn(rows, in_features).bfloat16()
-        ours = median_time_s(lambda: [torch.ops.roofserve.gemm_bf16(x, w) for w in weights], cpu, warmup=1, repeats=3)
+        ours = median_time_s(lambda: [torch.ops.roofserve.gemm_packed_bf16(x, w) for w in packed], cpu, warmup=1,
+                             repeats=3)
         theirs = median_time_s(lambda: [torch.nn.functional.linear(x, w) for w in weights], cpu, warmup=1, repeats=3)
         ratios[rows] = theirs / ours
     return ratios

@@ -57,16 +57,20 @@ def _copy_and_read_s(size_bytes: int, device: torch.device) -> tuple[float, floa
 
 
 def measure_gemv_gb_s(device: torch.device, dtype: torch.dtype = torch.bfloat16, shape: tuple[int, int] = (1536, 576),
-                      size_bytes: int = 256 << 20, linear=torch.nn.functional.linear, label: str = "") -> Peak:
+                      size_bytes: int = 256 << 20, linear=torch.nn.functional.linear, label: str = "",
+                      prepare=None) -> Peak:
     """Weight bytes per second that one-row matmuls (a decode step's linear layers; the default is
     SmolLM2's MLP shape) read from a set of weights too big for the caches. The plain read bandwidth
     is the roof; this is what the matmul kernel (torch's, or `linear(x, w)`, named by `label`) reaches
-    under it, so a decode step near this number is limited by the kernel, not by the code around it."""
+    under it, so a decode step near this number is limited by the kernel, not by the code around it.
+    `prepare(w)` turns each weight into what `linear` takes (a packed layout), outside the clock."""
     out_features, in_features = shape
     weight_bytes = out_features * in_features * torch.finfo(dtype).bits // 8
     weights = [torch.randn(out_features, in_features, device=device).to(dtype)
                for _ in range(max(1, size_bytes // weight_bytes))]
     x = torch.randn(1, in_features, device=device).to(dtype)
+    if prepare is not None:
+        weights = [prepare(w) for w in weights]
 
     def all_layers() -> None:
         for w in weights:

@@ -166,11 +166,11 @@ def cpu_split_section(bests: dict[str, dict]) -> list[str]:
                    key=lambda r: -max(split.get(r, 0.0) for split in measured.values()))
     body = [[name, bests[name]["req_per_s"], *(split.get(role, "-") for role in roles),
              round(sum(split.values()), 2)] for name, split in measured.items()]
-    return ["### Where the CPU goes", "",
-            "CPU milliseconds per request at each step's best level, by the kind of server process that spent "
-            "them (CPU times of the server's process tree over the level, warm-up included, divided by the "
-            "requests answered; the load client is not in it). A step that serves fewer req/s on the same cores "
-            "pays the difference here.", ""] + _table(["step", "req/s", *roles, "total ms"], body) + [""]
+    intro = ("CPU milliseconds per request at each step's best level, by the kind of server process that spent "
+             "them (CPU times of the server's process tree over the level, warm-up included, divided by the "
+             "requests answered; the load client is not in it). A step that serves fewer req/s on the same cores "
+             "pays the difference here.")
+    return ["### Where the CPU goes", "", intro, "", *_table(["step", "req/s", *roles, "total ms"], body), ""]
 
 
 MBU_BANDWIDTH_BOUND = 0.6
