@@ -52,16 +52,23 @@ def test_gemm_of_a_decode_batch_matches_fp32_matmul(rows, shape):
     assert (got.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16])
-@pytest.mark.parametrize("shape", [(1536, 576), (576, 1536), (48, 64), (16, 2)])
-def test_gemm_on_packed_weights_matches_fp32_matmul(rows, shape):
-    """The kernel decode steps use on packable shapes: every row right past the 8-row tiles and the odd
-    column block, on weights packed once (pack_pairs)."""
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("shape", [(1536, 576), (576, 1536), (80, 64), (48, 48), (16, 2)])
+@pytest.mark.parametrize("path", ["tiles", "vectors"])
+def test_gemm_on_packed_weights_matches_fp32_matmul(rows, shape, path):
+    """The kernel decode steps use on packable shapes, on weights packed once (pack_pairs): every row
+    right past the 16-row tiles and the 8-row vector tiles, a partial group of column blocks, and a K
+    that the tiles cannot take (not a multiple of 32). Both paths: AMX tiles (where the CPU has them)
+    and AVX512-BF16 vectors."""
     torch.manual_seed(rows)
     w = torch.randn(shape).bfloat16()
     x = torch.randn(rows, 1, shape[1]).bfloat16()
     expected = x.float() @ w.float().T
-    got = torch.ops.roofserve.gemm_packed_bf16(x, pack_pairs(w))
+    previous = torch.ops.roofserve.set_amx_min_rows(1 if path == "tiles" else 1 << 30)
+    try:
+        got = torch.ops.roofserve.gemm_packed_bf16(x, pack_pairs(w))
+    finally:
+        torch.ops.roofserve.set_amx_min_rows(previous)
     assert got.shape == (rows, 1, shape[0]) and got.dtype == torch.bfloat16
     assert (got.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
 

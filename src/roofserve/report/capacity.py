@@ -104,8 +104,9 @@ def chat_section(levels: dict[str, list[dict]], machine_cores: int, users: int =
         body.append([name, best["concurrency"], best.get("output_tokens_per_s"), servers, cores,
                      f"${cores * price:,.0f}"])
     intro = (f"Servers for **{users:,} concurrent chat users** (each streaming, as in the levels above), scaling "
-             f"each step's most users per server with median TPOT <= {TPOT_TARGET_MS:g} ms and p99 TTFT <= "
-             f"{TTFT_P99_TARGET_MS:g} ms linearly; one server per machine of this one's {machine_cores} cores; "
+             f"linearly each step's most users per server among its measured levels with median TPOT <= "
+             f"{TPOT_TARGET_MS:g} ms and p99 TTFT <= {TTFT_P99_TARGET_MS:g} ms (a server may hold more than the "
+             f"largest level measured); one server per machine of this one's {machine_cores} cores; "
              f"dollars at an assumed ${price} per core-hour (`report/capacity.py`). A step with no such level "
              "cannot meet the targets at any load here.")
     return intro, body
