@@ -9,9 +9,9 @@ machine's read bandwidth. Our kernel streams weights packed once for AVX512-BF16
 each input row times that vector adds to 16 outputs, so with B rows (a batched decode step, up to 16)
 each weight vector loaded serves all B rows and no horizontal sums are left at the end; software
 prefetch runs 4 KB ahead of each stream. On CPUs with AMX the same packed weights are tiles as they
-lie (16 pairs x 16 columns) and one tile instruction replaces 16 dot products per row: in a decode step
-of SmolLM2 all linear layers took ~16 ms at 1 to 16 rows on this VM (the weights' read time), where the
-vector path took 16 ms at 1 row, 22 at 8 and 38 at 16. Shapes that do not pack (out_features not a multiple of 16)
+lie (16 pairs x 16 columns) and one tile instruction replaces 16 dot products per row, from 2 rows on:
+in a decode step of SmolLM2 all linear layers took ~16 ms at 1 to 16 rows on this VM (the weights'
+read time), where the vector path took 16 ms at 1 row, 22 at 8 and 38 at 16. Shapes that do not pack (out_features not a multiple of 16)
 take an older dot-product kernel (`gemv_bf16`, `gemm_bf16`). CPUs without AVX512-BF16 get plain loops
 that the compiler vectorizes.
 
@@ -132,6 +132,13 @@ void rows(const uint16_t* x, int64_t M, const uint16_t* w, at::BFloat16* out, in
 }
 #endif
 
+// An uninitialized result with x's shape but `n` in its last dimension.
+at::Tensor out_like(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return at::empty(shape, x.options());
+}
+
 // x (..., K) with M rows in all, w (N, K) -> (..., N). For few rows (decode steps): M = 1 is a GEMV.
 at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "gemm_bf16: bf16 tensors only");
@@ -139,9 +146,7 @@ at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& w) {
   const int64_t N = w.size(0), K = w.size(1), M = x.numel() / K;
   auto xc = x.contiguous();
   auto wc = w.contiguous();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  auto out = at::empty(shape, x.options());
+  auto out = out_like(x, N);
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr());
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
@@ -162,8 +167,10 @@ at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& w) {
 #ifndef PF_DIST
 #define PF_DIST 64
 #endif
+// One row stays on the vector path: alternating in one compiled decode step, tiles took 11.4 ms at 1 row
+// and vectors 10.9; from 2 rows tiles won (11.9 vs 12.5 at 2, 15.6 vs 22.5 at 8).
 #ifndef AMX_MIN_ROWS
-#define AMX_MIN_ROWS 1
+#define AMX_MIN_ROWS 2
 #endif
 #ifdef __AVX512BF16__
 template <int MB, int NB>
@@ -300,9 +307,7 @@ at::Tensor gemm_packed_bf16(const at::Tensor& x, const at::Tensor& wp) {
   const int64_t blocks = wp.size(0), K = x.size(-1), N = blocks * 16, M = x.numel() / K;
   auto xc = x.contiguous();
   TORCH_CHECK(wp.is_contiguous(), "gemm_packed_bf16: wp must be contiguous");
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  auto out = at::empty(shape, x.options());
+  auto out = out_like(x, N);
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
   const uint16_t* wpp = reinterpret_cast<const uint16_t*>(wp.data_ptr());
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
