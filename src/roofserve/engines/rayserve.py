@@ -89,8 +89,9 @@ class _Replica:
                                  "node_id": ray.get_runtime_context().get_node_id()})
         if path == "/info":
             return JSONResponse({"model": {"model": self.cfg.model, "config": as_dict(self.cfg)}})
-        if path in self.get_routes():
-            return JSONResponse(self.get_routes()[path])
+        routes = self.get_routes()
+        if path in routes:
+            return JSONResponse(routes[path])
         if path not in self.post_routes:
             return error_response(404, f"no route {path}: POST {' or '.join(self.post_routes)}, GET /health")
         if method != "POST":
@@ -221,12 +222,11 @@ def build_app(args: dict):
         from roofserve.llm.preflight import preflight as llm_preflight
 
         cfg = make_config(LLMConfig, args.get("config") or {})
-        device, model_id, random_weights = llm_preflight(cfg)
-        return _app(cfg, device, model_id, random_weights)
+        return _app(cfg, *llm_preflight(cfg))  # device, model id, random weights
     from roofserve.vision.preflight import preflight
 
     cfg = make_config(VisionConfig, args.get("config") or {})
-    return _vision_app(cfg, preflight(cfg))
+    return _app(cfg, preflight(cfg))
 
 
 def serve_on_ray(cfg: VisionConfig | LLMConfig, device: str, model_id: str | None = None,

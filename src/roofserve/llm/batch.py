@@ -292,35 +292,31 @@ class BatchEngine:
 
 
 def compile_decode(model: SlotModel):
-    """torch.compile the decode step: one graph per bucket of rows (dynamic=False), inductor with frozen
-    weights and a C++ wrapper on CPU, CUDA graphs on GPU; guards only on the inputs (the weights and the
-    cache buffers do not change while serving)."""
+    """torch.compile the decode step: one graph per bucket of rows (dynamic=False); CUDA graphs on GPU."""
+    return _compile(model, model.decode, dynamic=False)
+
+
+def compile_prefill_step(model: SlotModel):
+    """torch.compile the prefill of a chunk: one graph with dynamic shapes (chunk length, start, slot);
+    no CUDA graphs on GPU (the shapes vary). Compiling takes minutes on a small CPU."""
+    return _compile(model, model.prefill_shifted, dynamic=True)
+
+
+def _compile(model: SlotModel, forward, dynamic: bool):
+    """One of the model's forwards compiled: inductor with frozen weights (oneDNN's prepacked matmuls) and
+    a C++ wrapper on CPU, guards only on the inputs (the weights and the cache buffers do not change while
+    serving). It first drops what an earlier engine in this process compiled: with the module guards
+    skipped, its graphs (and their frozen weights) would serve this engine too. Compiling is lazy, so the
+    decode step and the prefill of one engine can be set up one after the other."""
     import torch._inductor.config as inductor
 
     from roofserve.llm.engine import _skip_module_and_cache_guards
 
     torch._dynamo.reset()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        return torch.compile(model.decode, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    inductor.freezing = True
-    inductor.cpp_wrapper = True
-    return torch.compile(model.decode, fullgraph=True, dynamic=False,
-                         options={"guard_filter_fn": _skip_module_and_cache_guards})
-
-
-def compile_prefill_step(model: SlotModel):
-    """torch.compile the prefill of a chunk: one graph with dynamic shapes (chunk length, start, slot),
-    inductor with frozen weights (oneDNN's prepacked matmuls) on CPU; no CUDA graphs (the shapes vary).
-    Call it after compile_decode, which resets dynamo. Compiling takes minutes on a small CPU."""
-    import torch._inductor.config as inductor
-
-    from roofserve.llm.engine import _skip_module_and_cache_guards
-
     if next(model.parameters()).device.type == "cuda":
-        return torch.compile(model.prefill_shifted, fullgraph=True, dynamic=True)
+        return torch.compile(forward, mode=None if dynamic else "reduce-overhead", fullgraph=True, dynamic=dynamic)
     inductor.freezing = True
     inductor.cpp_wrapper = True
-    return torch.compile(model.prefill_shifted, fullgraph=True, dynamic=True,
+    return torch.compile(forward, fullgraph=True, dynamic=dynamic,
                          options={"guard_filter_fn": _skip_module_and_cache_guards})

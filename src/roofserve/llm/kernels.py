@@ -11,18 +11,19 @@ each weight vector loaded serves all B rows and no horizontal sums are left at t
 prefetch runs 4 KB ahead of each stream. On CPUs with AMX the same packed weights are tiles as they
 lie (16 pairs x 16 columns) and one tile instruction replaces 16 dot products per row, from 2 rows on:
 in a decode step of SmolLM2 all linear layers took ~16 ms at 1 to 16 rows on this VM (the weights'
-read time), where the vector path took 16 ms at 1 row, 22 at 8 and 38 at 16. Shapes that do not pack (out_features not a multiple of 16)
-take an older dot-product kernel (`gemv_bf16`, `gemm_bf16`). CPUs without AVX512-BF16 get plain loops
-that the compiler vectorizes.
+read time), where the vector path took 16 ms at 1 row, 22 at 8 and 38 at 16. Shapes that do not pack
+(out_features not a multiple of 16) take an older dot-product kernel (`gemv_bf16`, `gemm_bf16`). CPUs
+without AVX512-BF16 get plain loops that the compiler vectorizes.
 
 Attention. With a static cache, the matmul-softmax attention reads all max_seq_len slots of the cache
 every step (masking the empty ones), and inductor's fused kernel for it ran at ~7 GB/s here. This
-kernel reads positions 0..pos only: per query head, scores against its KV head's keys (grouped-query
-attention without copying K and V), softmax in fp32, weighted sum of values; heads split over threads.
+kernel reads positions 0..pos only: per KV head, the query heads that share it score against its keys
+(each key and value row read once for the group, without copying K and V), softmax in fp32, weighted
+sum of values; (sequence, KV head) tasks split over threads.
 
 Both are built from source on first use (a C++ compiler is needed, as torch.compile on CPU needs one)
-and registered as the operators `roofserve::gemv_bf16`, `gemm_bf16`, `gemm_packed_bf16`, `decode_attention` and
-`slot_attention`, so compiled code calls them without Python.
+and registered as the operators `roofserve::gemv_bf16`, `gemm_bf16`, `gemm_packed_bf16`,
+`decode_attention` and `slot_attention`, so compiled code calls them without Python.
 """
 
 from __future__ import annotations
@@ -220,9 +221,9 @@ inline void packed_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t*
 #endif
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
-// AMX: the same packed weights are tiles as they lie (16 pairs x 16 columns, 1 KB each), so with 4 or
-// more input rows one tile instruction does what 16 dot products per row do above, and the kernel is
-// left reading weights. Linux hands out the tile registers only on request (once per process).
+// AMX: the same packed weights are tiles as they lie (16 pairs x 16 columns, 1 KB each), so from
+// AMX_MIN_ROWS input rows one tile instruction does what 16 dot products per row do above, and the
+// kernel is left reading weights. Linux hands out the tile registers only on request (once per process).
 bool amx_ready() {
   static const bool ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
   return ready;
@@ -353,6 +354,10 @@ inline __m512 load_bf16x16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (a bf16 i
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
+inline __mmask16 first_lanes(int64_t n) {  // the lanes of a 16-wide vector that hold n (or more) values
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
 inline __m512 exp16(__m512 x) {  // e^x for x <= 0 (softmax): 2^n * 2^f, f in [-0.5, 0.5], degree-6 polynomial
   const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -392,13 +397,13 @@ inline void group_attention(const uint16_t* qp, const uint16_t* kp, const uint16
     float* s = scores + g * L;
     __m512 top = _mm512_set1_ps(-INFINITY);
     for (int64_t t = 0; t < T; t += 16) {
-      const __mmask16 m = T - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (T - t)) - 1);
+      const __mmask16 m = first_lanes(T - t);
       top = _mm512_mask_max_ps(top, m, top, _mm512_maskz_loadu_ps(m, s + t));
     }
     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(top));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t t = 0; t < T; t += 16) {
-      const __mmask16 m = T - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (T - t)) - 1);
+      const __mmask16 m = first_lanes(T - t);
       const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), mx));
       _mm512_mask_storeu_ps(s + t, m, e);
       sum = _mm512_mask_add_ps(sum, m, sum, e);

@@ -75,13 +75,21 @@ def start_server(args: list[str], ready_timeout_s: float = 300.0, env: dict | No
 
 
 @contextlib.contextmanager
-def running_server(args: list[str], ready_timeout_s: float = 300.0, env: dict | None = None) -> Iterator[str]:
-    """`roofserve serve ARGS` on 127.0.0.1 and a free port; yields the base URL once /health is 200."""
+def server_process(args: list[str], ready_timeout_s: float = 300.0, env: dict | None = None) -> Iterator[ServerProcess]:
+    """`roofserve serve ARGS` on 127.0.0.1 and a free port; yields the server once /health is 200 and
+    stops its whole process group after."""
     server = start_server(args, ready_timeout_s, env)
     try:
-        yield server.url
+        yield server
     finally:
         stop_process_group(server.proc)
+
+
+@contextlib.contextmanager
+def running_server(args: list[str], ready_timeout_s: float = 300.0, env: dict | None = None) -> Iterator[str]:
+    """server_process, yielding only the base URL."""
+    with server_process(args, ready_timeout_s, env) as server:
+        yield server.url
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 30.0) -> int:

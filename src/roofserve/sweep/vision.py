@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from roofserve.config import VisionConfig, as_dict, config_flags
-from roofserve.load.process import start_server, stop_process_group
+from roofserve.load.process import server_process
 from roofserve.load.vision import bench_api
 from roofserve.sweep.ladder import Ladder, load_ladder
 
@@ -36,12 +36,9 @@ def run_steps(ladder: Ladder, images: list[tuple[str, bytes]], progress: bool = 
     rows = []
     for index, step in enumerate(ladder.steps, 1):
         log.info("step %d/%d: %s", index, len(ladder.steps), step.name)
-        server = start_server(["vision", *config_flags(step.config)])
-        try:
+        with server_process(["vision", *config_flags(step.config)]) as server:
             level_rows = bench_api(f"{server.url}/predict", images, step.bench, step.config.api_key, progress,
                                    server_pid=server.proc.pid)
-        finally:
-            stop_process_group(server.proc)
         for row in level_rows:
             # the server's own /info config records what ran (e.g. precision "auto" resolved)
             row.update({"step": step.name, "step_index": index, "why": step.why,
