@@ -4,7 +4,7 @@ and split the CPU seconds between the HTTP process (the one listening on the por
 LitServe's other processes, and the load generator itself; printed per request. On 2 shared cores the
 sum is what bounds req/s, so this names the part to cut.
 
-    .venv/bin/python scripts/vision_cpu_split.py --server-args "--runtime openvino --fast-queue" \
+    .venv/bin/python scripts/vision_cpu_split.py --server-args "--runtime openvino" \
         [--concurrency 64 --requests 600]
 """
 import argparse

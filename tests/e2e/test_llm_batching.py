@@ -3,6 +3,7 @@ requests run together (the metrics show it), and one client leaving or stopping 
 
 import concurrent.futures as cf
 import json
+import time
 
 import httpx
 import pytest
@@ -91,3 +92,27 @@ def test_streamed_text_matches_the_whole_answer_under_load(url):
 
     with cf.ThreadPoolExecutor(4) as pool:
         assert list(pool.map(lambda _: stream(), range(4))) == [whole] * 4
+
+
+def test_a_request_joins_the_running_batch_and_leaves_before_it_ends(url):
+    """Sent while a long generation runs, a short request is admitted between steps (not when the batch
+    empties): it is answered while the long one still streams."""
+    body = {"messages": [{"role": "user", "content": "Write a long story about a dragon."}], "max_tokens": 160,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    arrived: list[float] = []  # when each of the long stream's events came in
+
+    def long_stream() -> None:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    arrived.append(time.monotonic())
+
+    with cf.ThreadPoolExecutor(1) as pool:
+        done = pool.submit(long_stream)
+        while len(arrived) < 3 and not done.done():
+            time.sleep(0.01)
+        assert _ask(url, QUESTIONS[2], max_tokens=4, ignore_eos=True)["usage"]["completion_tokens"] == 4
+        answered = time.monotonic()
+        done.result()
+    assert len(arrived) >= 160
+    assert sum(t > answered for t in arrived) > 10, "the long stream went on after the short answer"

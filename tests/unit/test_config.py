@@ -23,6 +23,8 @@ def test_cli_flag_beats_file_beats_default():
         ({"max_batch_size": 0}, "max_batch_size must be >= 1"),
         ({"max_batch_size": "8"}, "max_batch_size must be int"),
         ({"port": 70000}, "port must be in"),
+        ({"transport": "zmq"}, "transport must be one of"),
+        ({"fast_queue": True}, "fast_queue is gone: LitServe 0.2.19 ignores it"),
     ],
 )
 def test_bad_config_is_one_clear_error(layer, message):

@@ -24,6 +24,7 @@ def _params(fn) -> list[str]:
     ("_register_api_endpoints", ["lit_api", "request_type", "response_type"]),
     ("setup_auth", ["lit_api"]),
     ("lifespan", ["app"]),
+    ("_init_manager", ["num_api_servers"]),
 ])
 def test_the_server_methods_we_override_keep_their_signatures(name, params):
     assert _params(getattr(ls.LitServer, name)) == params
@@ -32,10 +33,27 @@ def test_the_server_methods_we_override_keep_their_signatures(name, params):
 
 def test_the_server_attributes_we_read_are_set_by_litserve():
     source = inspect.getsource(ls.LitServer)
-    for name in ("response_buffer", "workers_setup_status", "_shutdown_event", "monitor_internal",
+    for name in ("response_buffer", "workers_setup_status", "_shutdown_event", "_transport", "monitor_internal",
                  "uvicorn_graceful_timeout", "healthcheck_path", "info_path", "app"):
         assert f"self.{name}" in source, name
     assert _params(ls.LitServer.data_streamer) == ["q", "data_available", "send_status"]
+
+
+def test_the_transport_interface_we_implement():
+    from litserve.transport.base import MessageTransport
+
+    from roofserve.server.transport import PipeTransport
+
+    assert _params(MessageTransport.send) == _params(PipeTransport.send) == ["item", "consumer_id"]
+    assert MessageTransport.__abstractmethods__ == {"send", "areceive"}  # what LitServe calls, with close
+    assert all(callable(getattr(PipeTransport, name)) for name in ("send", "areceive", "close"))
+    # LitServe's consumer task awaits areceive(consumer_id) and unpacks each message as RoofServer._deliver
+    # does; _init_manager sets _transport
+    consumer = inspect.getsource(ls.server.response_queue_to_buffer)
+    assert "await transport.areceive(consumer_id)" in consumer
+    assert "uid, (*response, response_type, worker_id) = result" in consumer
+    assert "response_item.response_queue.append(response)" in consumer
+    assert "self._transport = create_transport_from_config" in inspect.getsource(ls.LitServer._init_manager)
 
 
 def test_the_request_handler_we_subclass():

@@ -6,7 +6,7 @@ request handler and its server and overrides private methods. Names used here an
 `litserve.loops.base.LitLoop` (`get_request`, `put_response`, the `run` signature),
 `litserve.utils.LitAPIStatus`, `LoopResponseType`, `ResponseBufferItem` (`event`, `response`, `response_queue`,
 `worker_id`), `WorkerSetupStatus`; on `LitServer`: `response_buffer`, `data_streamer`,
-`workers_setup_status`, `_shutdown_event`, `monitor_internal`, `uvicorn_graceful_timeout`,
+`workers_setup_status`, `_shutdown_event`, `_transport`, `_init_manager`, `monitor_internal`, `uvicorn_graceful_timeout`,
 `healthcheck_path`, `lifespan`, `_start_server`, `_start_worker_monitoring`,
 `_perform_graceful_shutdown`, `_register_api_endpoints`, `setup_auth`.
 tests/unit/test_litserve_contract.py pins each of them, so that an upgrade fails there first.
@@ -46,6 +46,7 @@ from roofserve.server.http import (
     validation_exception,
 )
 from roofserve.server.metrics import Metrics, MetricsMiddleware
+from roofserve.server.transport import PipeTransport
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ class StepLoop(LitLoop):
     The API implements `admit(uid, request) -> [item, ...]` (the first items of a new request: a start
     item, or a Rejection and None), `step() -> [(uid, item), ...]` and `busy() -> bool`; an item None
     means that request is done. Between steps the loop takes every request that has arrived; when the API has
-    nothing to do it blocks on the queue instead of spinning. Items go to the HTTP process as LitServe's
+    nothing to do it blocks on the queue instead of spinning. An API with `arrivals` (a shared counter the
+    HTTP process counts up after each submitted request) saves the step a round trip to LitServe's manager
+    process: the queue is read only when the count moved since it was last found empty. Items go to the HTTP process as LitServe's
     streaming loop sends them (START, then OK per item, then FINISH_STREAMING), so the same handler
     serves them. LitServe 0.2.19's ContinuousBatchingLoop is not used: its event loop spins a core while
     idle, it prefills inside its scheduling task, and its API has no per-request cancel.
@@ -68,8 +71,15 @@ class StepLoop(LitLoop):
         def send(uid: str, item, status=LitAPIStatus.OK) -> None:
             self.put_response(transport, queues[uid], uid, item, status, LoopResponseType.STREAMING)
 
+        arrivals, seen = getattr(lit_api, "arrivals", None), -1
         while True:
-            request = self.get_request(request_queue, block=not lit_api.busy(), timeout=1.0)
+            if not lit_api.busy():
+                request = self.get_request(request_queue, block=True, timeout=1.0)
+            elif arrivals is None or arrivals[0] != seen:
+                seen = arrivals[0] if arrivals is not None else seen  # read before the queue: later puts count up
+                request = self.get_request(request_queue, block=False)
+            else:  # nothing submitted since the queue was last found empty: no round trip to the manager
+                request = None
             while request is not None:
                 queue_id, uid, _timestamp, payload = request
                 queues[uid] = queue_id
@@ -164,6 +174,8 @@ class StreamingPayloadHandler(RegularRequestHandler):
         payload = await self.lit_api.read_payload(request, body)
         payload["deadline"] = time.time() + self.server.deadline_s  # checked by the worker between tokens
         uid, _ = await self._submit_request(payload)
+        if (arrivals := getattr(self.lit_api, "arrivals", None)) is not None:
+            arrivals[0] += 1  # after the put (a manager round trip): a worker that sees the count finds the request
         queue, event = deque(), asyncio.Event()
         self.server.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=queue)
         items = self.server.data_streamer(queue, data_available=event, send_status=True)
@@ -208,7 +220,8 @@ class RoofServer(ls.LitServer):
     _stopping = False
 
     def __init__(self, lit_api: ls.LitAPI, *, max_payload_bytes: int, max_queued_requests: int, timeout: float,
-                 grace_s: float, api_key: str | None = None, **kwargs):
+                 grace_s: float, api_key: str | None = None, transport: str = "pipe", **kwargs):
+        self.transport = transport
         self.max_payload_bytes = max_payload_bytes
         self.max_queued_requests = max_queued_requests
         self.deadline_s = timeout
@@ -229,9 +242,35 @@ class RoofServer(ls.LitServer):
 
         self.app.add_api_route("/metrics", metrics, methods=["GET"], dependencies=[Depends(self.setup_auth())])
 
+    def _init_manager(self, num_api_servers: int):
+        """LitServe's manager, and with transport "pipe" our PipeTransport for the answers (see server.transport)."""
+        manager = super()._init_manager(num_api_servers)
+        if self.transport == "pipe":
+            self._transport = PipeTransport(num_api_servers)
+        return manager
+
+    def _deliver(self, answer) -> None:
+        """An answer from a worker, into its request's buffer item: what LitServe's consumer task
+        (`response_queue_to_buffer`) does with each message, done as the pipe is read (PipeTransport.deliver)."""
+        uid, (*response, _response_type, worker_id) = answer
+        item = self.response_buffer.get(uid)
+        if item is None:  # answered already (504, a dead worker) or its client left
+            return
+        if response[1] == LitAPIStatus.START:
+            item.worker_id = int(worker_id)
+            return
+        if item.response_queue is not None:  # a streaming request
+            item.response_queue.append(response)
+        else:
+            item.response = response
+        item.event.set()
+
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
-        """LitServe's lifespan (it moves answers from the workers to the handlers) plus our watchdog."""
+        """LitServe's lifespan (it moves answers from the workers to the handlers) plus our watchdog;
+        with our pipe transport, answers reach the handlers as the pipe is read (see _deliver)."""
+        if isinstance(self._transport, PipeTransport):
+            self._transport.deliver(app.response_queue_id, self._deliver)
         watchdog = asyncio.get_running_loop().create_task(self._watch_workers())
         try:
             async with super().lifespan(app):
