@@ -245,6 +245,7 @@ class Formatter:
         self.prompt_tokens, self.completion_tokens = 0, 0  # for continuous usage
         self.scored = payload.get("logprobs") is not None
         self.offset = 0  # completions: characters of output before the next token (text_offset)
+        self._plain: tuple[str, ...] | None = None  # a plain delta event around its JSON text (see delta)
 
     def _logprobs(self, entries: list[dict] | None) -> dict | None:
         """A choice's `logprobs`: chat's {"content": [entries]}, or completions' legacy parallel lists."""
@@ -285,12 +286,22 @@ class Formatter:
 
     def delta(self, text: str, entries: list[dict] | None = None, tokens: int = 0) -> str:
         self.completion_tokens += tokens
+        if not self.scored and not self.continuous_usage:  # the usual event: only its text changes
+            if self._plain is None:
+                mark = "\x00text\x00"  # json writes it \u0000text\u0000, which no other field holds
+                parts = self._event(self._delta_choices(mark)).split(json.dumps(mark))
+                self._plain = (parts[0], parts[1]) if len(parts) == 2 else ()
+            if self._plain:
+                return f"{self._plain[0]}{json.dumps(text)}{self._plain[1]}"
+        return self._event(self._delta_choices(text, entries))
+
+    def _delta_choices(self, text: str, entries: list[dict] | None = None) -> list[dict]:
         if self.chat:
             choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
             if self.scored:
                 choice["logprobs"] = self._logprobs(entries)
-            return self._event([choice])
-        return self._event([{"index": 0, "text": text, "logprobs": self._logprobs(entries), "finish_reason": None}])
+            return [choice]
+        return [{"index": 0, "text": text, "logprobs": self._logprobs(entries), "finish_reason": None}]
 
     def end(self, finish_reason: str, usage: dict) -> list[str]:
         """The last chunk carries finish_reason and usage; with stream_options.include_usage, OpenAI's
