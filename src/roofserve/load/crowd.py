@@ -16,6 +16,8 @@ import time
 from collections import Counter
 from urllib.parse import urlsplit
 
+from roofserve.load.http import run_loop
+
 KINDS = ("upload", "headers", "idle")
 GRACE_S = 5.0  # what a stalled connection may outlive its timeout by
 
@@ -97,7 +99,7 @@ def _crowd_process(host, port, slots, limits_s, opened, stop, results) -> None:
     from roofserve.machine import raise_fd_limit
 
     raise_fd_limit(len(slots) + 256)
-    results.put(asyncio.run(_Slots(host, port, slots, limits_s, opened).run(stop)))
+    results.put(run_loop(_Slots(host, port, slots, limits_s, opened).run(stop)))
 
 
 class Crowd:

@@ -12,7 +12,6 @@ never lands on a connection the draining server is about to close.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from roofserve.errors import UserError
 from roofserve.load import strategies
+from roofserve.load.http import run_loop
 from roofserve.load.process import ServerProcess, free_port, start_process, start_server, stop_process_group
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def rolling_restart(server_args: list[str], send_factory, replicas: int = 2, con
 
         worker = threading.Thread(target=restart_each, daemon=True)
         worker.start()
-        results, wall = asyncio.run(strategies.closed_loop(lb, send_factory(), concurrency, 10**9, max_duration_s,
+        results, wall = run_loop(strategies.closed_loop(lb, send_factory(), concurrency, 10**9, max_duration_s,
                                                            warmup_requests=concurrency, should_stop=done.is_set))
         worker.join()
         if failure:

@@ -9,8 +9,22 @@ when the server closed it while idle, and can stream a body chunk by chunk (for 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+try:
+    import uvloop
+except ImportError:  # not on Windows
+    uvloop = None
+
+T = TypeVar("T")
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run on uvloop where installed: a streamed message costs our client about half the CPU of
+    asyncio's own loop (0.07-0.10 vs 0.16 ms, scripts/message_cost.py's client column)."""
+    return uvloop.run(main) if uvloop is not None else asyncio.run(main)
 
 
 class HTTPError(Exception):

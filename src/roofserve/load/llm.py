@@ -16,7 +16,7 @@ from tqdm import tqdm
 from roofserve.config import LLMLoadConfig
 from roofserve.errors import UserError
 from roofserve.load.datasets import ChatRequest
-from roofserve.load.http import Connection
+from roofserve.load.http import Connection, run_loop
 from roofserve.load.sse import SSEParser
 from roofserve.load.strategies import percentile
 
@@ -174,7 +174,7 @@ def bench_llm_api(
         await asyncio.gather(*(c.close() for c in conns))
         return results, wall
 
-    results, wall = asyncio.run(run())
+    results, wall = run_loop(run())
     row = {"kind": "llm-api", "url": url, "concurrency": concurrency, "max_tokens": max_tokens,
            "ignore_eos": ignore_eos, **summarize(results, wall)}
     short = [r for r in results if r.ok and r.output_tokens != max_tokens]
@@ -293,7 +293,7 @@ def bench_llm_serve(url: str, requests: list[ChatRequest], model: str = "", rate
         await asyncio.gather(*(c.close() for c in idle))
         return results, wall
 
-    results, wall = asyncio.run(run())
+    results, wall = run_loop(run())
     row = {"kind": "llm-serve", "url": url, "num_prompts": len(requests),
            "request_rate": None if rate == float("inf") else rate,  # None: all at once
            "burstiness": burstiness, "max_concurrency": max_concurrency, "ignore_eos": ignore_eos,

@@ -3,7 +3,6 @@ Poisson rate, with latency percentiles and the machine's CPU/GPU use. No torch."
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -13,7 +12,7 @@ from tqdm import tqdm
 from roofserve.config import PAYLOADS, VisionLoadConfig
 from roofserve.errors import UserError
 from roofserve.load import strategies
-from roofserve.load.http import Connection
+from roofserve.load.http import Connection, run_loop
 from roofserve.load.monitor import Monitor
 
 log = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ def bench_api(url: str, images: list[tuple[str, bytes]], load: VisionLoadConfig,
                 run = strategies.closed_loop(base_url, send, int(level), requests, duration_s, load.warmup, bar.update)
             else:
                 run = strategies.poisson(base_url, send, float(level), requests, duration_s, on_done=bar.update)
-            results, wall = asyncio.run(run)
+            results, wall = run_loop(run)
         row = {"kind": "vision-api", "url": url, "payload": payload, "mode": mode, mode: level, "config": server_config}
         row.update(strategies.summarize(results, wall))
         row.update(mon.summary())
