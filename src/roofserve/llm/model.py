@@ -29,6 +29,10 @@ RANDOM_CONFIGS = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
                          tie_word_embeddings=False, rope_theta=500000.0),
+    # Almost free to run: what a served benchmark of it measures is the serving stack (HTTP, queues, SSE).
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 49152, "max_position_embeddings": 8192,
+             "tie_word_embeddings": True, "rope_theta": 100000.0},
 }
 
 
