@@ -6,8 +6,8 @@ request handler and its server and overrides private methods. Names used here an
 `litserve.loops.base.LitLoop` (`get_request`, `put_response`, the `run` signature),
 `litserve.utils.LitAPIStatus`, `LoopResponseType`, `ResponseBufferItem` (`event`, `response`, `response_queue`,
 `worker_id`), `WorkerSetupStatus`; on `LitServer`: `response_buffer`, `data_streamer`,
-`workers_setup_status`, `_shutdown_event`, `_transport`, `_init_manager`, `monitor_internal`, `uvicorn_graceful_timeout`,
-`healthcheck_path`, `lifespan`, `_start_server`, `_start_worker_monitoring`,
+`workers_setup_status`, `_shutdown_event`, `_transport`, `_init_manager`, `monitor_internal`,
+`uvicorn_graceful_timeout`, `healthcheck_path`, `lifespan`, `_start_server`, `_start_worker_monitoring`,
 `_perform_graceful_shutdown`, `_register_api_endpoints`, `setup_auth`.
 tests/unit/test_litserve_contract.py pins each of them, so that an upgrade fails there first.
 
@@ -59,9 +59,9 @@ class StepLoop(LitLoop):
     means that request is done. Between steps the loop takes every request that has arrived; when the API has
     nothing to do it blocks on the queue instead of spinning. An API with `arrivals` (a shared counter the
     HTTP process counts up after each submitted request) saves the step a round trip to LitServe's manager
-    process: the queue is read only when the count moved since it was last found empty. Items go to the HTTP process as LitServe's
-    streaming loop sends them (START, then OK per item, then FINISH_STREAMING), so the same handler
-    serves them. LitServe 0.2.19's ContinuousBatchingLoop is not used: its event loop spins a core while
+    process: the queue is read only when the count moved since it was last found empty. Items go to the
+    HTTP process as LitServe's streaming loop sends them (START, then OK per item, then FINISH_STREAMING),
+    so the same handler serves them. LitServe 0.2.19's ContinuousBatchingLoop is not used: its event loop spins a core while
     idle, it prefills inside its scheduling task, and its API has no per-request cancel.
     """
 
