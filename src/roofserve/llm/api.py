@@ -61,7 +61,6 @@ class LLMAPI(ls.LitAPI):
                             for _ in range(cfg.workers_per_device)]
         if cfg.max_batch_size > 1:
             self.loop = StepLoop()
-            self.arrivals = mp.get_context("spawn").Array("q", 1, lock=False)  # counted by the one HTTP process
         self._cancel_next = 0
 
     # --- HTTP process ---------------------------------------------------------------------

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import multiprocessing as mp
 import socket
 import threading
 import time
@@ -57,13 +58,17 @@ class StepLoop(LitLoop):
     The API implements `admit(uid, request) -> [item, ...]` (the first items of a new request: a start
     item, or a Rejection and None), `step() -> [(uid, item), ...]` and `busy() -> bool`; an item None
     means that request is done. Between steps the loop takes every request that has arrived; when the API has
-    nothing to do it blocks on the queue instead of spinning. An API with `arrivals` (a shared counter the
-    HTTP process counts up after each submitted request) saves the step a round trip to LitServe's manager
-    process: the queue is read only when the count moved since it was last found empty. Items go to the
+    nothing to do it blocks on the queue instead of spinning. While busy it reads the queue (a round trip to
+    LitServe's manager process) only when `arrivals`, a shared count that the HTTP process moves after each
+    request it submits, has moved since the queue was last found empty. Items go to the
     HTTP process as LitServe's streaming loop sends them (START, then OK per item, then FINISH_STREAMING),
     so the same handler serves them. LitServe 0.2.19's ContinuousBatchingLoop is not used: its event loop spins a core while
     idle, it prefills inside its scheduling task, and its API has no per-request cancel.
     """
+
+    def __init__(self):
+        super().__init__()
+        self.arrivals = mp.get_context("spawn").Array("q", 1, lock=False)  # moved by the one HTTP process
 
     def run(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner):
         queues: dict[str, int] = {}  # uid -> the response queue of the HTTP process that holds it
@@ -71,12 +76,12 @@ class StepLoop(LitLoop):
         def send(uid: str, item, status=LitAPIStatus.OK) -> None:
             self.put_response(transport, queues[uid], uid, item, status, LoopResponseType.STREAMING)
 
-        arrivals, seen = getattr(lit_api, "arrivals", None), -1
+        seen = -1
         while True:
             if not lit_api.busy():
                 request = self.get_request(request_queue, block=True, timeout=1.0)
-            elif arrivals is None or arrivals[0] != seen:
-                seen = arrivals[0] if arrivals is not None else seen  # read before the queue: later puts count up
+            elif self.arrivals[0] != seen:
+                seen = self.arrivals[0]  # read before the queue: a request put after it moves the count again
                 request = self.get_request(request_queue, block=False)
             else:  # nothing submitted since the queue was last found empty: no round trip to the manager
                 request = None
@@ -174,8 +179,8 @@ class StreamingPayloadHandler(RegularRequestHandler):
         payload = await self.lit_api.read_payload(request, body)
         payload["deadline"] = time.time() + self.server.deadline_s  # checked by the worker between tokens
         uid, _ = await self._submit_request(payload)
-        if (arrivals := getattr(self.lit_api, "arrivals", None)) is not None:
-            arrivals[0] += 1  # after the put (a manager round trip): a worker that sees the count finds the request
+        if isinstance(loop := self.lit_api.loop, StepLoop):
+            loop.arrivals[0] += 1  # after the put (a manager round trip): a worker that sees the count finds the request
         queue, event = deque(), asyncio.Event()
         self.server.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=queue)
         items = self.server.data_streamer(queue, data_available=event, send_status=True)
