@@ -20,20 +20,24 @@ def _writer(transport: PipeTransport, tag: int, count: int) -> None:
         transport.send((tag, i, bytes([i % 256]) * size), consumer_id=0)
 
 
-async def _receive(transport: PipeTransport, count: int, timeout_s: float = 60.0) -> list:
-    return [await asyncio.wait_for(transport.areceive(0), timeout_s) for _ in range(count)]
+async def _receive(transport: PipeTransport, count: int, timeout_s: float = 60.0, start=lambda: None) -> list:
+    """The answers handed to `deliver`'s callback, once `count` of them are in; `start` runs after the
+    reader is set up (it starts the writers)."""
+    got: list = []
+    transport.deliver(0, got.append)
+    start()
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while len(got) < count:
+        assert asyncio.get_running_loop().time() < deadline, f"{len(got)} of {count} answers in {timeout_s} s"
+        await asyncio.sleep(0.01)
+    return got
 
 
 def test_answers_from_several_spawned_writers_arrive_whole_and_in_order():
     transport = PipeTransport(consumers=1)
     writers = [mp.get_context("spawn").Process(target=_writer, args=(transport, tag, 40)) for tag in range(3)]
 
-    async def main() -> list:
-        for w in writers:
-            w.start()
-        return await _receive(transport, 3 * 40)
-
-    got = asyncio.run(main())
+    got = asyncio.run(_receive(transport, 3 * 40, start=lambda: [w.start() for w in writers]))
     for w in writers:
         w.join(30)
         assert w.exitcode == 0
@@ -71,7 +75,7 @@ def test_a_spawned_worker_gets_only_the_write_ends():
     assert child.exitcode == 10, "no read end in the worker"
 
 
-def test_answers_can_go_straight_to_a_handler():
+def test_litserves_consumer_task_waits_while_answers_go_to_the_handler():
     transport = PipeTransport(consumers=1)
     got = []
 

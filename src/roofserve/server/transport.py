@@ -26,7 +26,6 @@ import os
 import pickle
 import select
 import struct
-from collections import deque
 from collections.abc import Callable
 from multiprocessing import reduction
 from typing import Any
@@ -41,8 +40,9 @@ _F_SETPIPE_SZ = 1031  # Linux fcntl
 
 
 class PipeTransport:
-    """LitServe's MessageTransport interface over pipes: `send` in the workers, `areceive` in the HTTP
-    process(es). (Duck-typed: server.lit is the one module that imports LitServe's internals.)"""
+    """LitServe's MessageTransport interface over pipes: `send` in the workers; in the HTTP process(es)
+    `deliver` hands each answer to a callback as it is read. (Duck-typed: server.lit is the one module
+    that imports LitServe's internals.)"""
 
     def __init__(self, consumers: int):
         self._pipes = [os.pipe() for _ in range(consumers)]  # (read fd, write fd) per HTTP process
@@ -54,7 +54,7 @@ class PipeTransport:
     def __reduce__(self):
         # Spawned workers get the write ends only, duplicated into them (the HTTP processes are forked
         # and inherit everything).
-        return _rebuild_writer, (len(self._pipes), [reduction.DupFd(write) for _, write in self._pipes])
+        return _rebuild_writer, ([reduction.DupFd(write) for _, write in self._pipes],)
 
     def send(self, item: Any, consumer_id: int) -> None:
         data, fd, pid = pickle.dumps(item, pickle.HIGHEST_PROTOCOL), self._pipes[consumer_id][1], os.getpid()
@@ -69,21 +69,19 @@ class PipeTransport:
 
     def deliver(self, consumer_id: int, handle: Callable[[Any], None]) -> None:
         """In an HTTP process, from its event loop: hand each answer to `handle` as soon as it is read
-        (no consumer task to wake); areceive then waits until cancelled."""
+        (no consumer task to wake)."""
         self._readers[consumer_id] = _Reader(self._pipes[consumer_id][0], handle)
 
     async def areceive(self, consumer_id: int = 0, timeout: float | None = None, block: bool = True) -> Any:
-        reader = self._readers.get(consumer_id)
-        if reader is None:
-            reader = self._readers[consumer_id] = _Reader(self._pipes[consumer_id][0])
-        return await reader.get()
+        """LitServe's consumer task waits here until it is cancelled: answers go to `deliver`'s callback."""
+        await asyncio.get_running_loop().create_future()
 
     def close(self, **kwargs) -> None:
         for reader in self._readers.values():
             reader.close()
 
 
-def _rebuild_writer(consumers: int, writes: list) -> PipeTransport:
+def _rebuild_writer(writes: list) -> PipeTransport:
     transport = PipeTransport.__new__(PipeTransport)
     transport._pipes = [(-1, dup.detach()) for dup in writes]
     transport._readers = {}
@@ -91,14 +89,12 @@ def _rebuild_writer(consumers: int, writes: list) -> PipeTransport:
 
 
 class _Reader:
-    """The read end in an HTTP process: complete answers, in order, for the event loop's consumer task."""
+    """The read end in an HTTP process: each complete answer, in order, to `handle`."""
 
-    def __init__(self, fd: int, handle: Callable[[Any], None] | None = None):
+    def __init__(self, fd: int, handle: Callable[[Any], None]):
         self.fd = fd
         self.handle = handle
         self.loop = asyncio.get_running_loop()
-        self.ready: deque = deque()
-        self.waiter: asyncio.Future | None = None
         self.buffer = bytearray()
         self.partial: dict[int, list[bytes]] = {}  # writer pid -> chunks of an answer not yet complete
         os.set_blocking(fd, False)
@@ -137,27 +133,11 @@ class _Reader:
             except Exception:
                 log.exception("dropped an answer from worker pid %d that does not unpickle", pid)
                 continue
-            if self.handle is None:
-                self.ready.append(answer)
-                continue
             try:
                 self.handle(answer)
             except Exception:
                 log.exception("an answer from worker pid %d could not be delivered", pid)
         del buf[:pos]
-        if self.ready and self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def get(self) -> Any:
-        if self.handle is not None:  # answers go to handle: wait until cancelled
-            await self.loop.create_future()
-        while not self.ready:
-            self.waiter = self.loop.create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        return self.ready.popleft()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
