@@ -545,7 +545,7 @@ def make_config(cls: type, *layers: dict[str, Any] | None) -> Any:
     for layer in layers:
         for key, value in (layer or {}).items():
             key = key.replace("-", "_")
-            if key in _GONE and key not in names:
+            if key in _GONE:
                 raise UserError(f"{key} is gone: {_GONE[key]}")
             if key not in names:
                 raise UserError(f"unknown {cls.__name__} key {key!r}; known keys: {', '.join(sorted(names))}")
