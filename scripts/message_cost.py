@@ -24,54 +24,48 @@ import time
 import psutil
 
 from roofserve.load.llm import bench_llm_api
+from roofserve.load.monitor import tree_cpu_s
 from roofserve.load.process import server_process
 
 
-def _role(proc: psutil.Process, root: int, port: int) -> str:
-    cmd = " ".join(proc.cmdline())
-    if proc.pid == root:
+def _role(pid: int, role: str, root: int) -> str:
+    """load.monitor's role, with its roofserve processes told apart: main, LitServe's manager, HTTP."""
+    if role != "server processes (main, HTTP, queues)":
+        return {"inference workers": "worker"}.get(role, "other")
+    if pid == root:
         return "main"
-    if "resource_tracker" in cmd:
-        return "other"
-    if "multiprocessing.spawn" in cmd:
-        return "worker"
     with contextlib.suppress(psutil.Error):  # the manager listens on a unix socket (and inherited the TCP one)
-        if any("listener-" in str(c.laddr) for c in proc.net_connections("unix")):
+        if any("listener-" in str(c.laddr) for c in psutil.Process(pid).net_connections("unix")):
             return "manager"
     return "http"
 
 
-def _cpu(root: int, port: int) -> dict[str, float]:
+def _cpu(root: int) -> dict[str, float]:
     """CPU seconds by role in the server's tree, plus this process (the client)."""
     out: dict[str, float] = {}
-    tree = psutil.Process(root)
-    for proc in [tree, *tree.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            times = proc.cpu_times()
-            role = _role(proc, root, port)
-            out[role] = out.get(role, 0.0) + times.user + times.system
+    for pid, (role, seconds) in tree_cpu_s(root).items():
+        role = _role(pid, role, root)
+        out[role] = out.get(role, 0.0) + seconds
     out["client"] = time.process_time()
     return out
 
 
-def idle_rates(url: str, root: int, seconds: float) -> dict[str, float]:
+def idle_rates(root: int, seconds: float) -> dict[str, float]:
     """CPU seconds per second by role while nothing is asked (the server's watchdogs and monitors), so that
     time-driven work is not counted per message: the long requests take longer than the short ones."""
-    port = int(url.rsplit(":", 1)[1])
-    before = _cpu(root, port)
+    before = _cpu(root)
     time.sleep(seconds)
-    after = _cpu(root, port)
+    after = _cpu(root)
     return {k: (after[k] - before.get(k, 0.0)) / seconds for k in after if k != "client"}
 
 
 def measure(url: str, root: int, long_tokens: int, short_tokens: int, requests: int, idle: dict[str, float]) -> dict:
-    port = int(url.rsplit(":", 1)[1])
     spent = {}
     rows = {}
     for tokens in (long_tokens, short_tokens):
-        before, start = _cpu(root, port), time.perf_counter()
+        before, start = _cpu(root), time.perf_counter()
         rows[tokens], _ = bench_llm_api(url, max_tokens=tokens, runs=requests, warmup=0, progress=False)
-        after, wall = _cpu(root, port), time.perf_counter() - start
+        after, wall = _cpu(root), time.perf_counter() - start
         spent[tokens] = {k: after[k] - before.get(k, 0.0) - idle.get(k, 0.0) * wall for k in after}
     messages = requests * (long_tokens - short_tokens)
     per_message = {k: (spent[long_tokens][k] - spent[short_tokens].get(k, 0.0)) * 1e3 / messages
@@ -102,7 +96,7 @@ def main() -> None:
              *shlex.split(args.server_args)])) for t in transports}
         for server in servers.values():  # warm-up: first requests compile, fill caches
             bench_llm_api(server.url, max_tokens=args.short, runs=2, warmup=0, progress=False)
-        idle = {t: idle_rates(servers[t].url, servers[t].proc.pid, args.idle_s) for t in transports}
+        idle = {t: idle_rates(servers[t].proc.pid, args.idle_s) for t in transports}
         for t, rates in idle.items():
             print(f"idle {t:8s} " + "  ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(rates.items()) if v)
                   + "  (CPU ms per second, subtracted)", flush=True)
