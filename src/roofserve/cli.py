@@ -299,7 +299,7 @@ def cmd_bench_fleet(args: argparse.Namespace) -> int:
     row = rolling_restart(["vision", *shlex.split(args.server_args)], lambda: image_sender(images, "raw"),
                           args.replicas, args.concurrency)
     _table([row], ["replicas", "requests", "ok", "errors", "status_5xx", "req_per_s", "latency_p99_ms", "passed"])
-    _table(row["restarts"], ["replica", "exit_code", "drain_s", "back_in_balancer_s"])
+    _table(row["restarts"], ["replica", "exit_code", "stop_s", "back_in_balancer_s"])
     if row["error_kinds"]:
         print("errors:", row["error_kinds"])
     _save(args.out, "bench fleet", {k: v for k, v in vars(args).items() if k != "func"}, [row])

@@ -56,6 +56,9 @@ class ServerConfig:
                                      default=256)
     max_payload_bytes: int = _help("largest request body accepted; larger gets 413", default=10 * 1024 * 1024)
     grace_s: float = _help("on SIGTERM: seconds to finish admitted requests before stopping", default=20.0)
+    drain_s: float = _help("on SIGTERM: seconds to keep accepting requests while /health answers 503, before the "
+                           "port closes; behind a balancer that health-checks, set it above its check interval "
+                           "times its fall count, so that it stops sending first", default=0.0)
     transport: str = _help("how answers go from the workers to the HTTP process: pipe (an OS pipe read in the event "
                            "loop; the default) or manager (LitServe's multiprocessing Manager queues, 2 hops through a "
                            "third process per message; LitServe 0.2.19 ignores its own fast_queue)", default="pipe")
@@ -119,8 +122,9 @@ class ServerConfig:
                 raise UserError(f"{name} must be > 0")
         if self.timeout_s <= 0:
             raise UserError("timeout_s must be > 0")
-        if self.grace_s < 0:
-            raise UserError("grace_s must be >= 0")
+        for name in ("grace_s", "drain_s"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0")
         if self.threads_per_worker < 0:
             raise UserError("threads_per_worker must be >= 0 (0 means cores / workers)")
         if not 0 < self.port < 65536:

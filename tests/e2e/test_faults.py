@@ -104,14 +104,23 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_leaves_no_proc
     assert not alive, f"left behind: {alive}"
 
 
-def test_sigterm_stops_an_idle_vision_server_with_all_its_workers():
-    server = start_server(["vision", "--workers-per-device", "2"])
+def test_sigterm_drains_then_stops_a_vision_server_with_all_its_workers(images):
+    """With --drain-s, SIGTERM turns /health to 503 at once while requests are still served; then the
+    server stops, workers and all."""
+    server = start_server(["vision", "--workers-per-device", "2", "--drain-s", "3"])
     try:
         family = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
         assert len(_inference_workers(server.proc.pid)) == 2
         started = time.monotonic()
         os.kill(server.proc.pid, signal.SIGTERM)
+        time.sleep(0.3)
+        health = httpx.get(server.url + "/health", timeout=5)
+        assert health.status_code == 503 and "draining" in health.json()["error"]["message"]
+        served = httpx.post(server.url + "/predict", content=images["dalmatian"], timeout=30,
+                            headers={"Content-Type": "image/jpeg"})
+        assert served.status_code == 200 and time.monotonic() - started < 3, "served within the drain"
         assert server.proc.wait(timeout=60) == 0
+        assert time.monotonic() - started >= 3
         _, alive = psutil.wait_procs(family, timeout=15)
         assert not alive, f"left behind: {alive}"
         assert time.monotonic() - started < 30

@@ -121,7 +121,7 @@ def _deployment(what: str, server: ServerConfig, k8s: K8sConfig, meta: dict, lab
                 "metadata": {"labels": dict(labels)},
                 "spec": {
                     # the preStop pause, then SIGTERM: grace_s for the admitted requests, and room to stop
-                    "terminationGracePeriodSeconds": PRESTOP_S + math.ceil(server.grace_s) + 10,
+                    "terminationGracePeriodSeconds": PRESTOP_S + math.ceil(server.drain_s + server.grace_s) + 10,
                     "containers": [container],
                 },
             },

@@ -13,7 +13,8 @@ HTTP proxy, with the same routes, for traffic that outgrows one machine.
 - LLM: one generation at a time per replica (LLMAPI.predict on a thread, streamed back through
   LLMAPI.respond); continuous batching stays LitServe's (server.lit.StepLoop).
 - Not here: our /metrics (Ray exports its own Prometheus metrics), /tokenize and /detokenize, and the
-  connection guards of server.connections (Ray's proxy is uvicorn without them).
+  connection guards of server.connections (Ray's proxy is uvicorn without them), and `drain_s`
+  (Ray's proxy drains on its own).
 """
 
 from __future__ import annotations

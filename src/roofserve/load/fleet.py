@@ -3,11 +3,13 @@ health-checking `/health`) on 127.0.0.1, and a rolling restart under load: SIGTE
 again on its port, wait until it is healthy and back in the balancer, then the next. Every request must
 be answered 2xx: no request lost, no 5xx. No torch here (client side).
 
-What makes it hold: a replica that gets SIGTERM finishes its admitted requests and refuses new
-connections at once (server/lit.py); haproxy retries a refused connection on another replica
-(`retries` + `option redispatch`) before it has sent anything, and takes the replica out at its next
-failed health check. One request per server-side connection (`option http-server-close`), so a request
-never lands on a connection the draining server is about to close.
+What makes it hold: a replica that gets SIGTERM answers 503 on /health at once but keeps serving for
+DRAIN_S (`--drain-s`), long enough for haproxy's next check to take it out; then it refuses new
+connections and finishes its admitted requests (server/lit.py). Without that pause a connection haproxy
+opened just before the port closed sat in the listen backlog and was reset after the request was sent:
+a 502 (seen once in CI, 1 of 1569 requests). haproxy still retries a refused connection on another
+replica (`retries` + `option redispatch`). One request per server-side connection (`option
+http-server-close`), so a request never lands on a connection the draining server is about to close.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_MS = 300
 RISE = 2  # healthy checks in a row before haproxy sends to a replica again
+DRAIN_S = 3 * CHECK_INTERVAL_MS / 1000  # fall 1: one failed check (every CHECK_INTERVAL_MS) takes a replica out
 
 HAPROXY_CFG = """\
 global
@@ -98,9 +101,11 @@ def rolling_restart(server_args: list[str], send_factory, replicas: int = 2, con
                     max_duration_s: float = 600.0, settle_s: float = 2.0) -> dict:
     """Start `replicas` servers (`roofserve serve SERVER_ARGS`) behind haproxy, load them through it with
     `concurrency` closed-loop clients (send_factory(path) -> strategies.Send), restart each replica in
-    turn, and return the fleet row: requests, errors by kind, restart times."""
+    turn, and return the fleet row: requests, errors by kind, restart times. The replicas drain for
+    DRAIN_S unless SERVER_ARGS (its first item is the model kind) give their own --drain-s."""
     if replicas < 2:
         raise UserError("a rolling restart needs at least 2 replicas")
+    server_args = [*server_args[:1], f"--drain-s={DRAIN_S}", *server_args[1:]]  # the last one given wins
     ports = [free_port() for _ in range(replicas)]
     servers: list[ServerProcess | None] = [None] * replicas
     haproxy = None
@@ -131,7 +136,7 @@ def rolling_restart(server_args: list[str], send_factory, replicas: int = 2, con
                     stopped = time.monotonic()
                     servers[i] = start_server(server_args, port=port)
                     wait_up(stats, f"r{i}")
-                    restarts.append({"replica": i, "exit_code": code, "drain_s": round(stopped - started, 2),
+                    restarts.append({"replica": i, "exit_code": code, "stop_s": round(stopped - started, 2),
                                      "back_in_balancer_s": round(time.monotonic() - started, 2)})
                     time.sleep(settle_s)
             except BaseException as e:  # reported after the load stops

@@ -35,6 +35,7 @@ def make_server(api: ls.LitAPI, cfg, accelerator: str, model: str) -> RoofServer
         workers_per_device=cfg.workers_per_device,
         timeout=cfg.timeout_s,
         grace_s=cfg.grace_s,
+        drain_s=cfg.drain_s,
         transport=cfg.transport,
         model_metadata={"model": model, "config": as_dict(cfg)},
     )

@@ -206,6 +206,19 @@ class StreamingPayloadHandler(RegularRequestHandler):
         return await self.lit_api.respond(payload, first, items, close, started, self.server.metrics)
 
 
+class DrainMiddleware:
+    """Pure ASGI: once SIGTERM has begun the drain, /health answers 503 while every other route still
+    serves, so that a balancer checking health stops sending before the port closes."""
+
+    def __init__(self, app, health_path: str, draining):
+        self.app, self.health_path, self.draining = app, health_path, draining
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.draining.value and scope["path"] == self.health_path:
+            return await error_response(503, "draining: this server is stopping")(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class RoofServer(ls.LitServer):
     """LitServer with bounded bodies, our error shape, and raw/multipart/JSON bodies for plain APIs.
 
@@ -225,8 +238,11 @@ class RoofServer(ls.LitServer):
     _stopping = False
 
     def __init__(self, lit_api: ls.LitAPI, *, max_payload_bytes: int, max_queued_requests: int, timeout: float,
-                 grace_s: float, api_key: str | None = None, transport: str = "pipe", **kwargs):
+                 grace_s: float, drain_s: float = 0.0, api_key: str | None = None, transport: str = "pipe",
+                 **kwargs):
         self.transport = transport
+        self.drain_s = drain_s
+        self._draining = mp.get_context("fork").RawValue("b", 0)  # shared with the HTTP process, forked later
         self.max_payload_bytes = max_payload_bytes
         self.max_queued_requests = max_queued_requests
         self.deadline_s = timeout
@@ -238,6 +254,7 @@ class RoofServer(ls.LitServer):
         self.app.add_exception_handler(RequestValidationError, validation_exception)
         self.metrics = Metrics((lit_api.api_path, *getattr(lit_api, "extra_paths", ()), self.healthcheck_path,
                                 "/metrics", "/v1/models", self.info_path, "/tokenize", "/detokenize", "/version"))
+        self.app.add_middleware(DrainMiddleware, health_path=self.healthcheck_path, draining=self._draining)
         self.app.add_middleware(MetricsMiddleware, metrics=self.metrics)
 
         async def metrics() -> Response:
@@ -331,17 +348,29 @@ class RoofServer(ls.LitServer):
                 if not proc.is_alive() and not self._stopping:  # not one that our shutdown stopped
                     self.http_died = f"the HTTP process {proc.pid} died (exit code {proc.exitcode})"
                     log.error("%s; stopping the server", self.http_died)
-                    self.begin_shutdown()
+                    self.begin_shutdown(drain=False)  # nothing answers on the port: no one to drain
                     return
             time.sleep(interval_s)
 
-    def begin_shutdown(self) -> None:
-        """SIGTERM: end `run`, which then drains (see _perform_graceful_shutdown). Safe in a signal
-        handler: the manager call runs on its own thread, not on the main thread's busy connection."""
+    def begin_shutdown(self, drain: bool = True) -> None:
+        """SIGTERM: /health answers 503 at once; drain_s later `run` ends, and then drains (see
+        _perform_graceful_shutdown). Safe in a signal handler: the wait and the manager call run on their
+        own thread, not on the main thread's busy connection. A second SIGTERM changes nothing."""
         if self._shutdown_event is None:  # nothing started yet
             raise SystemExit(0)
+        if self._stopping:
+            return
         self._stopping = True
-        threading.Thread(target=self._shutdown_event.set, daemon=True).start()
+        self._draining.value = 1
+        delay = self.drain_s if drain else 0.0
+        if delay:
+            log.info("draining: /health answers 503; the port closes in %g s", delay)
+
+        def stop() -> None:
+            time.sleep(delay)
+            self._shutdown_event.set()
+
+        threading.Thread(target=stop, daemon=True, name="roofserve-drain").start()
 
     def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
         """Stop the HTTP processes first, so that they refuse new connections and finish the admitted
