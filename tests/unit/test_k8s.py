@@ -95,6 +95,8 @@ def test_the_ray_engine_renders_a_rayservice_whose_application_is_our_builder_wi
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the head runs no replica
     for name, group in (("head", cluster["headGroupSpec"]), ("worker", workers)):
         _validate([{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": group["template"]}])
+        [env] = group["template"]["spec"]["containers"][0]["env"]  # every node's proxy answers a dead replica 503
+        assert env == {"name": "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "value": "roofserve.engines.ray_proxy.middlewares"}
     app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
     module, attr = app["import_path"].split(":")
     built = getattr(importlib.import_module(module), attr)(app["args"])

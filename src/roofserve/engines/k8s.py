@@ -14,6 +14,7 @@ import dataclasses
 import math
 
 from roofserve.config import K8sConfig, LLMConfig, ServerConfig, changed_fields, config_flags
+from roofserve.engines.ray_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from roofserve.errors import UserError
 
 PRESTOP_S = 5  # endpoints take a few seconds to drop a terminating pod; keep serving meanwhile
@@ -59,6 +60,7 @@ def _rayservice(what: str, server: ServerConfig, k8s: K8sConfig, meta: dict) -> 
 
     def pod(name: str, cpu: int, ports: list[dict]) -> dict:
         container = {"name": name, "image": k8s.image, "ports": ports,
+                     "env": [{"name": PROXY_CALLBACK_ENV, "value": PROXY_CALLBACK}],  # a proxy on every node
                      "resources": {"requests": {"cpu": str(cpu), "memory": memory}, "limits": {"memory": memory}},
                      # `ray stop` takes the node out of the cluster before the pod goes (KubeRay samples do the same)
                      "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}}}

@@ -28,6 +28,7 @@ import tempfile
 import time
 
 from roofserve.config import LLMConfig, VisionConfig
+from roofserve.engines.ray_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from roofserve.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,7 @@ def serve_on_ray(cfg: VisionConfig | LLMConfig, device: str, model_id: str | Non
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # a dead replica's requests: 503 (ray_proxy.py)
     temp_dir = None
     if cfg.ray_address:
         ray.init(address=cfg.ray_address, logging_level=logging.WARNING)
