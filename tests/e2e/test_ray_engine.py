@@ -12,6 +12,7 @@ import httpx
 import psutil
 import pytest
 
+from roofserve.engines.ray_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from roofserve.load.process import start_server, stop_process_group
 from tests.e2e.test_vision_server import BAD, _check
 
@@ -178,7 +179,9 @@ class RayNode:
             ["--address", f"127.0.0.1:{head_port}"]
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                # one proxy (HeadOnly) must still send work to the other node's replica
-               "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
+               "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
+               # a cluster we join answers a dead replica's requests 503 only with our proxy middleware
+               PROXY_CALLBACK_ENV: PROXY_CALLBACK}
         self.proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT)
 
