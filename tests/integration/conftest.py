@@ -13,6 +13,17 @@ def chat_ids(tokenizer, question: str) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
+def first_layers(model, n: int):
+    """The model cut, in place, to its first n decoder layers, for tests that torch.compile it: compiling
+    grows with the layers (all 30 of SmolLM2 took 90 s on a slow day of this VM), and what a kernel must
+    match, it must match in every layer alike."""
+    model.model.layers = model.model.layers[:n]
+    model.config.num_hidden_layers = n
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:n]
+    return model
+
+
 @pytest.fixture(scope="session")
 def fp32_model():
     """SmolLM2-135M-Instruct from the bundled GGUF, fp32 (shared: tests must not change its weights)."""

@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from roofserve.llm.engine import Engine, Sampling
 from roofserve.llm.kernels import GemvLinear, gemv_bf16, load_kernel, measure_gemv_peak, pack_pairs, use_gemv_kernel
 from roofserve.llm.model import load
-from tests.integration.conftest import chat_ids
+from tests.integration.conftest import chat_ids, first_layers
 
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
@@ -185,15 +185,22 @@ def _teacher_forced_logits(engine: Engine, prompt: list[int], tokens: list[int])
     return steps
 
 
+def _assert_follows(engine: Engine, prompt: list[int], reference: list[int], what: str) -> None:
+    steps = _teacher_forced_logits(engine, prompt, reference)
+    # torch's choice is ours too, or within a near-tie (bf16 logits here are ~20, spaced 0.125)
+    gaps = [float(logits.max() - logits[token]) for logits, token in zip(steps, reference)]
+    agree = sum(gap == 0 for gap in gaps)
+    assert max(gaps) <= 0.5 and agree >= 0.9 * len(reference), (what, agree, max(gaps))
+
+
 def test_engine_with_both_kernels_predicts_what_torch_bf16_predicts(loaded, prompt):
     reference = list(Engine(loaded.model, 256).generate(prompt, Sampling(max_new_tokens=48)))
     model = loaded.model
     assert use_gemv_kernel(model) == 211  # 30 layers x 7 projections + the LM head (tied to the embedding)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    for compiled in (False, True):
-        engine = Engine(model, 256, compile=compiled, attention="roofserve")
-        steps = _teacher_forced_logits(engine, prompt, reference)
-        # torch's choice is ours too, or within a near-tie (bf16 logits here are ~20, spaced 0.125)
-        gaps = [float(logits.max() - logits[token]) for logits, token in zip(steps, reference)]
-        agree = sum(gap == 0 for gap in gaps)
-        assert max(gaps) <= 0.5 and agree >= 0.9 * len(reference), (compiled, agree, max(gaps))
+    _assert_follows(Engine(model, 256, attention="roofserve"), prompt, reference, "eager")
+    # compiled, on the first 6 layers of a fresh copy (see first_layers), against that model's torch bf16
+    small = first_layers(load("default", "bf16").model, 6)
+    reference = list(Engine(small, 256).generate(prompt, Sampling(max_new_tokens=48)))
+    assert use_gemv_kernel(small) == 6 * 7 + 1
+    _assert_follows(Engine(small, 256, compile=True, attention="roofserve"), prompt, reference, "compiled")
