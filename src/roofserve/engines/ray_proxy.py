@@ -14,8 +14,6 @@ through as it is. No torch here: the proxy imports this module.
 
 from __future__ import annotations
 
-import json
-
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "roofserve.engines.ray_proxy.middlewares"
 DIED = "the replica serving this request died and is being restarted; retry shortly"
@@ -51,11 +49,12 @@ class ReplicaDiedMiddleware:
         await self.app(scope, receive, watch)
         if started and (ended or not stream):
             return
-        from roofserve.server.http import error_body, error_response  # fastapi: not for k8s.py's constants
+        # fastapi, imported here and not at the top: k8s.py imports this module for its constants
+        from roofserve.llm.protocol import Formatter
+        from roofserve.server.http import error_response
 
         if not started:
             await error_response(503, DIED)(scope, receive, send)
-        else:  # a stream that had begun
-            error = json.dumps(error_body(503, DIED))
-            await send({"type": "http.response.body", "body": f"data: {error}\n\ndata: [DONE]\n\n".encode(),
+        else:  # a stream that had begun: the chat server's own error event
+            await send({"type": "http.response.body", "body": (Formatter.error(503, DIED) + "data: [DONE]\n\n").encode(),
                         "more_body": False})
