@@ -247,8 +247,12 @@ class LLMConfig(ServerConfig):
     attention: str = _help("auto, sdpa, eager or roofserve (our CPU bf16 decode kernel: reads only the filled "
                            "part of the cache); auto = sdpa, but the fused matmul-softmax when compiled on CPU",
                            default="auto")
-    gemv: str = _help("one-row matmuls of bf16 weights on CPU (decode steps): torch (oneDNN) or roofserve (our "
-                      "streaming AVX512-BF16 kernel, built with g++ on first use)", default="torch")
+    gemv: str = _help("matmuls of bf16 weights on CPU: torch (oneDNN) or roofserve (our streaming AVX512-BF16 "
+                      "kernel, AMX tiles where the CPU has them, built with g++ on first use) for decode steps, "
+                      "and for prompt chunks up to --gemv-rows rows", default="torch")
+    gemv_rows: int = _help("with --gemv roofserve: the most rows (tokens) per matmul that go to our kernel; 0: "
+                           "auto, up to where it beat torch's matmul when measured at start (1 to 256 rows)",
+                           default=0)
     group_size: int = _help("int4 group size (must divide the hidden size; 64 fits SmolLM2)", default=64)
     max_batch_size: int = _help("sequences that decode together (vLLM's --max-num-seqs, llama.cpp's --parallel): "
                                 "requests join the running batch between steps and leave when done; 1 serves one "
@@ -277,6 +281,8 @@ class LLMConfig(ServerConfig):
             raise UserError("bnb4 runs eager, as the reference deployment did: drop --compile")
         if self.max_batch_size == 0:  # auto, resolved here so that results record what ran
             self.max_batch_size = 1 if self.backend == "llamacpp" or self.quantize == "bnb4" else AUTO_LLM_BATCH
+        if self.gemv_rows < 0:
+            raise UserError("gemv_rows must be >= 0 (0: measured at start)")
         for name in ("group_size", "stream_interval", "max_seq_len", "max_tokens_cap", "default_max_tokens",
                      "max_batch_size", "prefill_chunk"):
             _check_positive(name, getattr(self, name))

@@ -220,3 +220,34 @@ def test_logprobs_are_the_models_own_teacher_forced_and_agree_across_engines(loa
             assert record[1] == pytest.approx(float(expected[i, token]), abs=1e-3)
             top = torch.topk(expected[i], 3)
             assert [t for t, _ in record[2]] == top.indices.tolist()
+
+
+def test_compiled_bf16_prefill_through_our_kernel_is_one_graph_too():
+    """Where our GEMM kernel takes every chunk length (GemvLinear's max_rows >= the chunk, as with AMX),
+    the compiled prefill starts at 2 tokens and one graph with the kernel inside prefills every chunk
+    length, start and slot with the eager bf16 prefill's logits (within bf16's tolerance: inductor fuses
+    the small ops in fp32). A small random Llama whose shapes pack (multiples of 16)."""
+    from torch._dynamo.utils import counters
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from roofserve.llm.kernels import load_kernel, use_gemv_kernel
+
+    load_kernel()
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False).bfloat16()
+    assert use_gemv_kernel(model, max_rows=16) == 2 * 7 + 1
+    eager = BatchEngine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16)
+    compiled = BatchEngine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16, compile_prefill=True)
+    assert compiled.compiled_prefill_min == 2
+    assert BatchEngine(model, max_batch_size=2, max_seq_len=64, prefill_chunk=32).compiled_prefill_min == 17
+    compiled.warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        for length, start, slot in [(2, 0, 0), (16, 0, 1), (7, 16, 3), (11, 40, 2)]:
+            ids = torch.randint(0, 512, (length,))
+            got = compiled._compiled_prefill(ids, start + 2, torch.tensor([slot]))
+            want = eager.slots.prefill(ids, start, slot)
+            assert (got - want).abs().max() < 0.05 * want.abs().max(), (length, start, slot)
+    assert counters["stats"]["unique_graphs"] == graphs, "nothing compiled after warm-up"

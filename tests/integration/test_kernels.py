@@ -5,10 +5,19 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from roofserve.llm.engine import Engine, Sampling
-from roofserve.llm.kernels import GemvLinear, gemv_bf16, load_kernel, measure_gemv_peak, pack_pairs, use_gemv_kernel
+from roofserve.llm.kernels import (
+    FEW_ROWS,
+    GemvLinear,
+    gemv_bf16,
+    load_kernel,
+    measure_gemv_peak,
+    pack_pairs,
+    use_gemv_kernel,
+)
 from roofserve.llm.model import load
 from tests.integration.conftest import chat_ids, first_layers
 
@@ -52,14 +61,14 @@ def test_gemm_of_a_decode_batch_matches_fp32_matmul(rows, shape):
     assert (got.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16, 17, 40, 200])
 @pytest.mark.parametrize("shape", [(1536, 576), (576, 1536), (80, 64), (48, 48), (16, 2)])
 @pytest.mark.parametrize("path", ["tiles", "vectors"])
 def test_gemm_on_packed_weights_matches_fp32_matmul(rows, shape, path):
-    """The kernel decode steps use on packable shapes, on weights packed once (pack_pairs): every row
-    right past the 16-row tiles and the 8-row vector tiles, a partial group of column blocks, and a K
-    that the tiles cannot take (not a multiple of 32). Both paths: AMX tiles (where the CPU has them)
-    and AVX512-BF16 vectors."""
+    """The kernel decode steps (and with AMX prompt chunks) use on packable shapes, on weights packed
+    once (pack_pairs): every row right past the 16-row tiles and the 8-row vector tiles, a prompt
+    chunk's rows, a partial group of column blocks, and a K that the tiles cannot take (not a multiple
+    of 32). Both paths: AMX tiles (where the CPU has them) and AVX512-BF16 vectors."""
     torch.manual_seed(rows)
     w = torch.randn(shape).bfloat16()
     x = torch.randn(rows, 1, shape[1]).bfloat16()
@@ -73,16 +82,35 @@ def test_gemm_on_packed_weights_matches_fp32_matmul(rows, shape, path):
     assert (got.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
 
 
-def test_gemv_linear_packs_what_it_can_and_sends_each_row_count_where_it_was_told():
+class _Ops(TorchDispatchMode):
+    """Records the operators that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("max_rows", [4, 64])
+def test_gemv_linear_packs_what_it_can_and_sends_each_row_count_where_it_was_told(max_rows):
+    """Up to max_rows rows our kernel, beyond it torch's matmul; a shape that does not pack takes the
+    older kernel only for decode-sized row counts (FEW_ROWS), prompts go to torch."""
     torch.manual_seed(0)
     for shape, packable in (((64, 32), True), ((7, 100), False)):
         linear = torch.nn.Linear(shape[1], shape[0], bias=False).bfloat16()
-        swapped = GemvLinear(linear, max_rows=4)
+        swapped = GemvLinear(linear, max_rows=max_rows)
         assert (swapped.packed is not None) == packable and swapped.weight is linear.weight
-        for rows in (1, 3, 4, 5, 12):  # up to 4 rows our kernel, beyond torch's matmul
+        for rows in (1, 3, 4, 5, 12, 17, 64, 65):
             x = torch.randn(rows, shape[1]).bfloat16()
             expected = x.float() @ linear.weight.float().T
-            assert (swapped(x).float() - expected).abs().max() <= 1e-2 * expected.abs().max(), (shape, rows)
+            with _Ops() as ops:
+                got = swapped(x)
+            assert (got.float() - expected).abs().max() <= 1e-2 * expected.abs().max(), (shape, rows)
+            ours = rows <= max_rows and (packable or rows <= FEW_ROWS)
+            assert any(n.startswith("roofserve::") for n in ops.names) == ours, (shape, rows, ops.names)
     with pytest.raises(RuntimeError, match="K/2"):
         torch.ops.roofserve.gemm_packed_bf16(torch.randn(1, 30).bfloat16(), pack_pairs(torch.randn(16, 32).bfloat16()))
 

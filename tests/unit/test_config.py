@@ -55,6 +55,8 @@ def test_llm_config_refuses_combinations_that_cannot_run():
         make_config(LLMConfig, {"compile_prefill": True, "max_batch_size": 1})
     with pytest.raises(UserError, match="prefill_chunk must be >= 1"):
         make_config(LLMConfig, {"max_batch_size": 4, "prefill_chunk": 0})
+    with pytest.raises(UserError, match="gemv_rows must be >= 0"):
+        make_config(LLMConfig, {"gemv": "roofserve", "gemv_rows": -1})
     make_config(LLMConfig, {"gemv": "roofserve", "attention": "roofserve", "compile": True})
     make_config(LLMConfig, {"backend": "llama-server", "max_batch_size": 8})
 

@@ -174,9 +174,11 @@ class BatchEngine:
         self.last_batch_size = 0
         self.compiled = compile
         self._decode = compile_decode(self.slots) if compile else self.slots.decode
-        # chunks shorter than this prefill eagerly: a chunk of up to max_rows rows takes our GEMM kernel's
-        # branch in GemvLinear, and a 1-token one would be specialized by torch.compile (another graph)
-        self.compiled_prefill_min = 1 + max((getattr(m, "max_rows", 1) for m in model.modules()), default=1)
+        # chunks shorter than this prefill eagerly: a 1-token one would be specialized by torch.compile
+        # (another graph), and where our GEMM kernel takes only some chunk lengths (GemvLinear's max_rows),
+        # those below it would take another branch (another graph)
+        max_rows = max((getattr(m, "max_rows", 1) for m in model.modules()), default=1)
+        self.compiled_prefill_min = 2 if max_rows >= prefill_chunk else max_rows + 1
         self._compiled_prefill = compile_prefill_step(self.slots) if compile_prefill else None
 
     # --- admission ----------------------------------------------------------------------------

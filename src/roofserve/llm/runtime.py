@@ -95,10 +95,12 @@ class TorchGenerator(Generator):
         if cfg.gemv == "roofserve":
             from roofserve.llm.kernels import measure_gemm_crossover, use_gemv_kernel
 
-            max_rows = 1
-            if cfg.max_batch_size > 1:  # where our few-row kernel beats torch's matmul on this machine
+            # up to the row count where our kernel stops beating torch's matmul on this machine: decode
+            # steps of every batch size, and prompts too where it wins at their row counts (AMX)
+            max_rows = cfg.gemv_rows
+            if not max_rows:
                 ratios = measure_gemm_crossover()
-                max_rows = max((rows for rows, ratio in ratios.items() if ratio >= 1.0 and rows <= cfg.max_batch_size
+                max_rows = max((rows for rows, ratio in ratios.items() if ratio >= 1.0
                                 and all(ratios[r] >= 1.0 for r in ratios if r < rows)), default=1)
                 log.info("our GEMM vs torch (x faster) by rows: %s; ours up to %d rows",
                          {r: round(v, 2) for r, v in ratios.items()}, max_rows)
