@@ -115,21 +115,22 @@ def test_gemv_linear_packs_what_it_can_and_sends_each_row_count_where_it_was_tol
         torch.ops.roofserve.gemm_packed_bf16(torch.randn(1, 30).bfloat16(), pack_pairs(torch.randn(16, 32).bfloat16()))
 
 
-def test_slot_attention_reads_each_rows_own_slot_up_to_its_position():
+@pytest.mark.parametrize("head_dim", [32, 48, 128])  # 48: the plain loop (the vector path takes multiples of 32)
+def test_slot_attention_reads_each_rows_own_slot_up_to_its_position(head_dim):
     torch.manual_seed(0)
     slots_total, length = 5, 64
-    k = torch.randn(slots_total, 3, length, 32).bfloat16()
-    v = torch.randn(slots_total, 3, length, 32).bfloat16()
+    k = torch.randn(slots_total, 3, length, head_dim).bfloat16()
+    v = torch.randn(slots_total, 3, length, head_dim).bfloat16()
     slots, positions = torch.tensor([3, 0, 4]), torch.tensor([10, 0, 63])
     for s, p in zip(slots.tolist(), positions.tolist()):
         k[s, :, p + 1:] = 100.0  # past a row's position: never read
-    q = torch.randn(3, 9, 1, 32).bfloat16()
+    q = torch.randn(3, 9, 1, head_dim).bfloat16()
     got = torch.ops.roofserve.slot_attention(q, k, v, slots, positions, 0.2)
-    assert got.shape == (3, 1, 9, 32)
+    assert got.shape == (3, 1, 9, head_dim)
     for row, (s, p) in enumerate(zip(slots.tolist(), positions.tolist())):
         kk = k[s, :, : p + 1].float().repeat_interleave(3, 0)
         vv = v[s, :, : p + 1].float().repeat_interleave(3, 0)
-        expected = torch.softmax(q[row, :, :, :].float() @ kk.transpose(1, 2) * 0.2, -1) @ vv  # (9, 1, 32)
+        expected = torch.softmax(q[row, :, :, :].float() @ kk.transpose(1, 2) * 0.2, -1) @ vv  # (9, 1, head_dim)
         assert (got[row, 0].float() - expected[:, 0]).abs().max() < 0.03, row
     with pytest.raises(RuntimeError, match="outside the cache"):
         torch.ops.roofserve.slot_attention(q, k, v, torch.tensor([3, 0, 5]), positions, 0.2)

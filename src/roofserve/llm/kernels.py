@@ -18,8 +18,9 @@ without AVX512-BF16 get plain loops that the compiler vectorizes.
 Attention. With a static cache, the matmul-softmax attention reads all max_seq_len slots of the cache
 every step (masking the empty ones), and inductor's fused kernel for it ran at ~7 GB/s here. This
 kernel reads positions 0..pos only: per KV head, the query heads that share it score against its keys
-(each key and value row read once for the group, without copying K and V), softmax in fp32, weighted
-sum of values; (sequence, KV head) tasks split over threads.
+(bf16 pair dot products, 16 keys' sums gathered into one vector at a time), softmax in fp32, weighted
+sum of values (each value row read once for the group, without copying K and V); (sequence, KV head)
+tasks split over threads. Head sizes that are not a multiple of 32 take a plain loop.
 
 Both are built from source on first use (a C++ compiler is needed, as torch.compile on CPU needs one)
 and registered as the operators `roofserve::gemv_bf16`, `gemm_bf16`, `gemm_packed_bf16`,
@@ -372,6 +373,24 @@ inline __m512 exp16(__m512 x) {  // e^x for x <= 0 (softmax): 2^n * 2^f, f in [-
   return _mm512_scalef_ps(p, n);
 }
 
+// 16 vectors -> one whose lane m is the sum of v[m]'s lanes: a transpose-and-add tree (44 instructions
+// where 16 horizontal sums take about 130, each a chain).
+inline __m512 sum16(const __m512* v) {
+  __m512 w[8], x[4];
+  for (int k = 0; k < 8; ++k)  // 128-bit blocks 0-1: v[2k] folded in half, 2-3: v[2k + 1]
+    w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // block j: v[4i + j] folded to 4 lanes
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
+  const __m512 f = _mm512_add_ps(  // lane 4j + i: the sum of v[4i + j]
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), f);
+}
+
 // The query heads of one KV head of one sequence: scores against keys 0..position (each key row read
 // once for the whole group), softmax in fp32, weighted sum of values (each value row read once).
 inline void group_attention(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, at::BFloat16* op,
@@ -380,17 +399,29 @@ inline void group_attention(const uint16_t* qp, const uint16_t* kp, const uint16
   const int64_t T = pp[b] + 1, C = D / 16;
   const uint16_t* kh = kp + (slp[b] * KVH + kvh) * L * D;
   const uint16_t* vh = vp + (slp[b] * KVH + kvh) * L * D;
-  __m512 qv[16][16];  // [head in group][16-wide chunk of D]
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t c = 0; c < C; ++c)
-      qv[g][c] = _mm512_mul_ps(load_bf16x16(qp + (b * H + kvh * group + g) * D + 16 * c), _mm512_set1_ps(scale));
-  for (int64_t t = 0; t < T; ++t) {
-    __m512 kv[16];
-    for (int64_t c = 0; c < C; ++c) kv[c] = load_bf16x16(kh + t * D + 16 * c);
-    for (int64_t g = 0; g < group; ++g) {
-      __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);
-      for (int64_t c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[g][c], kv[c], acc);
-      scores[g * L + t] = _mm512_reduce_add_ps(acc);
+  // scores: bf16 pair dot products (no conversions), 16 keys at a time summed across lanes by sum16
+  const int64_t C2 = D / 32;
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t g = 0; g < group; ++g) {
+    const uint16_t* qh = qp + (b * H + kvh * group + g) * D;
+    __m512bh qb[8];
+    for (int64_t c = 0; c < C2; ++c) qb[c] = (__m512bh)_mm512_loadu_si512(qh + 32 * c);
+    int64_t t = 0;
+    for (; t + 16 <= T; t += 16) {
+      __m512 acc[16];
+      for (int u = 0; u < 16; ++u) {
+        const uint16_t* kr = kh + (t + u) * D;
+        acc[u] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[0], (__m512bh)_mm512_loadu_si512(kr));
+        for (int64_t c = 1; c < C2; ++c)
+          acc[u] = _mm512_dpbf16_ps(acc[u], qb[c], (__m512bh)_mm512_loadu_si512(kr + 32 * c));
+      }
+      _mm512_storeu_ps(scores + g * L + t, _mm512_mul_ps(sum16(acc), sc));
+    }
+    for (; t < T; ++t) {
+      const uint16_t* kr = kh + t * D;
+      __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[0], (__m512bh)_mm512_loadu_si512(kr));
+      for (int64_t c = 1; c < C2; ++c) acc = _mm512_dpbf16_ps(acc, qb[c], (__m512bh)_mm512_loadu_si512(kr + 32 * c));
+      scores[g * L + t] = _mm512_reduce_add_ps(acc) * scale;
     }
   }
   for (int64_t g = 0; g < group; ++g) {
@@ -456,7 +487,7 @@ at::Tensor slot_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   const int64_t group = H / KVH;
 #ifdef __AVX512BF16__
-  if (D % 16 == 0 && D <= 256 && group <= 16) {
+  if (D % 32 == 0 && D <= 256 && group <= 16) {
     // one task per (sequence, KV head): its `group` query heads share each key and value row read
     at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> scores(group * L);
