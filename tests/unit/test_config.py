@@ -87,6 +87,28 @@ def test_a_ladder_typo_names_the_step_and_the_key(tmp_path):
         load_ladder(str(path))
 
 
+def test_ladder_steps_are_cumulative_and_repeat_starts_from_an_earlier_step(tmp_path):
+    """A B A B: without `repeat` the second A would keep B's change (that is how two of our own A/B runs
+    compared B with B)."""
+    from roofserve.config import LLMConfig
+    from roofserve.sweep.ladder import load_ladder
+
+    path = tmp_path / "ladder.toml"
+    path.write_text('[server]\nmax_batch_size = 1\n'
+                    '[[step]]\nname = "A"\n'
+                    '[[step]]\nname = "B"\nserver = { max_batch_size = 8, compile_prefill = true }\n'
+                    '[[step]]\nname = "B, chunk 64"\nserver = { prefill_chunk = 64 }\n'
+                    '[[step]]\nname = "A again"\nrepeat = "A"\n'
+                    '[[step]]\nname = "A, chunk 32"\nserver = { prefill_chunk = 32 }\n'
+                    '[[step]]\nname = "B again"\nrepeat = "B"\n')
+    steps = {s.name: s.config for s in load_ladder(str(path), LLMConfig).steps}
+    assert [(c.max_batch_size, c.compile_prefill, c.prefill_chunk) for c in steps.values()] == [
+        (1, False, 256), (8, True, 256), (8, True, 64), (1, False, 256), (1, False, 32), (8, True, 256)]
+    path.write_text('[[step]]\nname = "A"\n[[step]]\nname = "B"\nrepeat = "C"\n')
+    with pytest.raises(UserError, match="step 'B' in .*repeat = 'C' names no step before it"):
+        load_ladder(str(path), LLMConfig)
+
+
 def test_user_mistakes_are_one_line_errors_not_tracebacks():
     import concurrent.futures
     import subprocess

@@ -44,7 +44,9 @@ class Ladder:
 
 def load_ladder(path: str, cls: type = VisionConfig, overrides: dict[str, Any] | None = None) -> Ladder:
     """Steps are cumulative: each step's [step.server] table changes the config of the step before;
-    a step may also change the load (e.g. `payload = "raw"`). `overrides` (from the CLI) win over [bench]."""
+    a step may also change the load (e.g. `payload = "raw"`). `repeat = "NAME"` starts a step from an
+    earlier step's config instead (A B A B runs, where the VM's drift must not pass for a difference),
+    and the steps after it go on from there. `overrides` (from the CLI) win over [bench]."""
     doc = load_toml(path)
     if not doc.get("step"):
         raise UserError(f"{path} has no [[step]] tables")
@@ -59,14 +61,20 @@ def load_ladder(path: str, cls: type = VisionConfig, overrides: dict[str, Any] |
         if cls is VisionConfig else None
     bench_keys = set(bench_cls.__dataclass_fields__)
     server: dict[str, Any] = dict(doc.get("server", {}))
-    steps = []
+    steps, servers = [], {}  # servers: each step's server table, for `repeat`
     for i, table in enumerate(doc["step"], 1):
         if "name" not in table:
             raise UserError(f"step {i} in {path} has no name")
-        extra = set(table) - bench_keys - {"name", "why", "server"}
+        extra = set(table) - bench_keys - {"name", "why", "server", "repeat"}
         if extra:
             raise UserError(f"step {table['name']!r} in {path}: unknown keys {', '.join(sorted(extra))}")
+        if "repeat" in table:
+            if table["repeat"] not in servers:
+                raise UserError(f"step {table['name']!r} in {path}: repeat = {table['repeat']!r} names no step "
+                                f"before it (steps so far: {', '.join(servers) or 'none'})")
+            server = dict(servers[table["repeat"]])
         server.update(table.get("server", {}))
+        servers[table["name"]] = dict(server)
         step_load = {k: v for k, v in table.items() if k in bench_keys}
         where = f"step {table['name']!r} in {path}"
         config = _checked(where, lambda: make_config(cls, server))
