@@ -50,6 +50,25 @@ def _run(engine: BatchEngine, schedule: dict[int, list[tuple]], cancel_at: dict[
     return out
 
 
+def _tiny_llama() -> torch.nn.Module:
+    """A small random Llama (fp32), so that compiling takes seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def _prefills(compiled: BatchEngine, eager: BatchEngine, cases: list[tuple[int, int, int]]):
+    """For each (length, start, slot): the case, the compiled prefill's logits and the eager one's, of
+    the same random chunk."""
+    for length, start, slot in cases:
+        ids = torch.randint(0, 512, (length,))
+        yield (length, start, slot), compiled._compiled_prefill(ids, start + 2, torch.tensor([slot])), \
+            eager.slots.prefill(ids, start, slot)
+
+
 def test_fp32_greedy_tokens_are_the_same_alone_or_among_others(loaded, prompts, alone):
     engine = BatchEngine(loaded.model, max_batch_size=4, max_seq_len=256, prefill_chunk=16)  # prompts span chunks
     greedy = Sampling(20, 0.0)
@@ -173,21 +192,15 @@ def test_compiled_prefill_is_one_graph_for_every_chunk_length_start_and_slot():
     eager engine's; nothing compiles again while serving (a recompile would stall every user for
     minutes). A small random Llama, fp32, so that compiling takes seconds."""
     from torch._dynamo.utils import counters
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    model = _tiny_llama()
     eager = BatchEngine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16)
     compiled = BatchEngine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16, compile_prefill=True)
     compiled.warm_up()
     graphs = counters["stats"]["unique_graphs"]
     with torch.inference_mode():
-        for length, start, slot in [(5, 0, 0), (20, 0, 1), (7, 16, 3), (30, 40, 2)]:
-            ids = torch.randint(0, 512, (length,))
-            got = compiled._compiled_prefill(ids, start + 2, torch.tensor([slot]))
-            want = eager.slots.prefill(ids, start, slot)
+        for (length, start, slot), got, want in _prefills(compiled, eager, [(5, 0, 0), (20, 0, 1), (7, 16, 3),
+                                                                            (30, 40, 2)]):
             assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (length, start, slot)
             for ours, theirs in zip(compiled.slots.caches(1), eager.slots.caches(1)):
                 assert torch.allclose(ours[slot, :, start:start + length], theirs[slot, :, start:start + length],
@@ -228,15 +241,11 @@ def test_compiled_bf16_prefill_through_our_kernel_is_one_graph_too():
     length, start and slot with the eager bf16 prefill's logits (within bf16's tolerance: inductor fuses
     the small ops in fp32). A small random Llama whose shapes pack (multiples of 16)."""
     from torch._dynamo.utils import counters
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from roofserve.llm.kernels import load_kernel, use_gemv_kernel
 
     load_kernel()
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
-    model = LlamaForCausalLM(config).eval().requires_grad_(False).bfloat16()
+    model = _tiny_llama().bfloat16()
     assert use_gemv_kernel(model, max_rows=16) == 2 * 7 + 1
     eager = BatchEngine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16)
     compiled = BatchEngine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16, compile_prefill=True)
@@ -245,9 +254,6 @@ def test_compiled_bf16_prefill_through_our_kernel_is_one_graph_too():
     compiled.warm_up()
     graphs = counters["stats"]["unique_graphs"]
     with torch.inference_mode():
-        for length, start, slot in [(2, 0, 0), (16, 0, 1), (7, 16, 3), (11, 40, 2)]:
-            ids = torch.randint(0, 512, (length,))
-            got = compiled._compiled_prefill(ids, start + 2, torch.tensor([slot]))
-            want = eager.slots.prefill(ids, start, slot)
-            assert (got - want).abs().max() < 0.05 * want.abs().max(), (length, start, slot)
+        for case, got, want in _prefills(compiled, eager, [(2, 0, 0), (16, 0, 1), (7, 16, 3), (11, 40, 2)]):
+            assert (got - want).abs().max() < 0.05 * want.abs().max(), case
     assert counters["stats"]["unique_graphs"] == graphs, "nothing compiled after warm-up"

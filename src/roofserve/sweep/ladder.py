@@ -72,7 +72,8 @@ def load_ladder(path: str, cls: type = VisionConfig, overrides: dict[str, Any] |
             if table["repeat"] not in servers:
                 raise UserError(f"step {table['name']!r} in {path}: repeat = {table['repeat']!r} names no step "
                                 f"before it (steps so far: {', '.join(servers) or 'none'})")
-            server = dict(servers[table["repeat"]])
+            server.clear()
+            server.update(servers[table["repeat"]])
         server.update(table.get("server", {}))
         servers[table["name"]] = dict(server)
         step_load = {k: v for k, v in table.items() if k in bench_keys}
