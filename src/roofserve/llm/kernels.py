@@ -391,8 +391,17 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), f);
 }
 
-// The query heads of one KV head of one sequence: scores against keys 0..position (each key row read
-// once for the whole group), softmax in fp32, weighted sum of values (each value row read once).
+// One key row's dot product with a query head held as bf16 pairs (qb: D / 32 vectors), in 16 fp32 lanes
+// still to be summed.
+inline __m512 key_dot(const __m512bh* qb, const uint16_t* kr, int64_t C2) {
+  __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[0], (__m512bh)_mm512_loadu_si512(kr));
+  for (int64_t c = 1; c < C2; ++c) acc = _mm512_dpbf16_ps(acc, qb[c], (__m512bh)_mm512_loadu_si512(kr + 32 * c));
+  return acc;
+}
+
+// The query heads of one KV head of one sequence: scores against keys 0..position (head by head: a key
+// row comes from memory for the first and from the core's cache for the others), softmax in fp32,
+// weighted sum of values (each value row read once for the whole group).
 inline void group_attention(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, at::BFloat16* op,
                             float* scores, int64_t b, int64_t kvh, const int64_t* slp, const int64_t* pp, int64_t H,
                             int64_t KVH, int64_t L, int64_t D, int64_t group, float scale) {
@@ -409,20 +418,10 @@ inline void group_attention(const uint16_t* qp, const uint16_t* kp, const uint16
     int64_t t = 0;
     for (; t + 16 <= T; t += 16) {
       __m512 acc[16];
-      for (int u = 0; u < 16; ++u) {
-        const uint16_t* kr = kh + (t + u) * D;
-        acc[u] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[0], (__m512bh)_mm512_loadu_si512(kr));
-        for (int64_t c = 1; c < C2; ++c)
-          acc[u] = _mm512_dpbf16_ps(acc[u], qb[c], (__m512bh)_mm512_loadu_si512(kr + 32 * c));
-      }
+      for (int u = 0; u < 16; ++u) acc[u] = key_dot(qb, kh + (t + u) * D, C2);
       _mm512_storeu_ps(scores + g * L + t, _mm512_mul_ps(sum16(acc), sc));
     }
-    for (; t < T; ++t) {
-      const uint16_t* kr = kh + t * D;
-      __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[0], (__m512bh)_mm512_loadu_si512(kr));
-      for (int64_t c = 1; c < C2; ++c) acc = _mm512_dpbf16_ps(acc, qb[c], (__m512bh)_mm512_loadu_si512(kr + 32 * c));
-      scores[g * L + t] = _mm512_reduce_add_ps(acc) * scale;
-    }
+    for (; t < T; ++t) scores[g * L + t] = _mm512_reduce_add_ps(key_dot(qb, kh + t * D, C2)) * scale;
   }
   for (int64_t g = 0; g < group; ++g) {
     float* s = scores + g * L;
