@@ -53,3 +53,48 @@ def test_formatter_speaks_openais_chat_and_completion_shapes():
     text = Formatter({"route": "completions", "request_id": 255}, "m", 0, {})
     assert text.whole("ab", "stop", usage)["object"] == "text_completion" and text.start() == []
     assert text.base["id"] == "cmpl-ff" and len(text.end("stop", usage)) == 1
+
+
+def test_numbers_must_be_finite_and_seeds_64_bit():
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for field in ("temperature", "top_p"):
+            refused = _refused(validate_chat_request, {"messages": HELLO, field: value}, CFG, SERVED)
+            assert refused.status_code == 400 and "finite" in refused.detail
+    for seed in (2 ** 64, -(2 ** 63) - 1, 2 ** 70):
+        assert "64-bit" in _refused(validate_chat_request, {"messages": HELLO, "seed": seed}, CFG, SERVED).detail
+    assert validate_chat_request({"messages": HELLO, "seed": 2 ** 64 - 1}, CFG, SERVED)["seed"] == 2 ** 64 - 1
+
+
+def test_text_must_be_valid_unicode_and_fit_the_context():
+    lone = "\ud800"
+    assert "surrogate" in _refused(validate_chat_request, {"messages": [{"role": "user", "content": lone}]},
+                                   CFG, SERVED).detail
+    parts = [{"type": "text", "text": "a" + lone}]
+    assert _refused(validate_chat_request, {"messages": [{"role": "user", "content": parts}]}, CFG, SERVED)
+    assert "surrogate" in _refused(validate_completion_request, {"prompt": lone}, CFG, SERVED).detail
+    assert "surrogate" in _refused(validate_chat_request, {"messages": HELLO, "stop": lone}, CFG, SERVED).detail
+    assert "surrogate" in _refused(validate_tokenize_request, {"prompt": lone}, SERVED).detail
+    huge = "x" * (CFG.max_seq_len * 128 + 1)  # refused before any tokenizer sees it
+    assert "characters" in _refused(validate_completion_request, {"prompt": huge}, CFG, SERVED).detail
+    assert "characters" in _refused(validate_chat_request, {"messages": [{"role": "user", "content": huge}]},
+                                    CFG, SERVED).detail
+    assert "tokens" in _refused(validate_completion_request, {"prompt": [1] * CFG.max_seq_len}, CFG, SERVED).detail
+
+
+def test_tiny_temperatures_are_greedy():
+    import torch
+
+    from roofserve.llm.engine import Sampling, sample
+
+    logits = torch.tensor([1.0, 30.0, 2.0])
+    for temperature in (1e-39, 1e-30, 1e-6):  # logits / 1e-39 overflow: softmax would be NaN
+        assert Sampling(temperature=temperature).greedy
+        assert sample(logits, Sampling(temperature=temperature), torch.Generator().manual_seed(0)) == 1
+    assert not Sampling(temperature=0.5).greedy
+
+
+def test_json_nested_too_deeply_is_a_short_value_error():
+    from roofserve.server.http import parse_json
+
+    with pytest.raises(ValueError, match="nested too deeply"):
+        parse_json(b"[" * 100_000 + b"]" * 100_000)

@@ -249,7 +249,7 @@ class BatchEngine:
         logits, best = self._decode(tokens, positions, slots)
         best = best.tolist()
         for i, seq in enumerate(rows):
-            if seq.sampling.temperature <= 0:
+            if seq.sampling.greedy:
                 token = best[i]
             else:
                 token = sample(logits[i].cpu() if seq.generator else logits[i], seq.sampling, seq.generator)

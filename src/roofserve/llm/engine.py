@@ -27,6 +27,12 @@ class Sampling:
     # Called with (logits, token) for every token handed out (logprobs); None: nothing is computed.
     observe: Callable[[torch.Tensor, int], None] | None = None
 
+    @property
+    def greedy(self) -> bool:
+        # Below ~1e-30 logits / temperature overflow to inf and softmax is NaN; long before that the
+        # distribution is one-hot, so such temperatures are greedy.
+        return self.temperature < 1e-5
+
 
 def logprob_hook(top: int | None) -> tuple[list | None, Callable[[torch.Tensor, int], None] | None]:
     """(scores, observe) for a request's logprobs (`top` alternatives, or None: neither): the engine calls
@@ -52,7 +58,7 @@ def scorer(top: int, into: list) -> Callable[[torch.Tensor, int], None]:
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
     """Next token id from the last position's logits (shape (vocab,))."""
-    if sampling.temperature <= 0:
+    if sampling.greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
@@ -144,7 +150,7 @@ class Engine:
             pos_t = torch.tensor([position], device=self.device)
             if self.cache is not None:
                 logits, best = self._step(token_t, pos_t)
-                if sampling.temperature <= 0:
+                if sampling.greedy:
                     token, position = int(best), position + 1
                     continue
             else:

@@ -9,6 +9,7 @@ a request must never get a 200 as if a feature had worked.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 
 from fastapi import HTTPException
@@ -29,6 +30,10 @@ CHAT_FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "temp
 COMPLETION_FIELDS = {"prompt", "model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
                      "stream_options", "ignore_eos", "logprobs"}
 MAX_TOP_LOGPROBS = 20
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
+# No tokenizer we know has a token longer than this (SmolLM2's longest: 81 characters of spaces), so a
+# longer prompt cannot fit the context: refused here, it is not tokenized in the worker between decode steps.
+MAX_CHARS_PER_TOKEN = 128
 
 
 def bad(message: str) -> HTTPException:
@@ -69,22 +74,33 @@ def _number(doc: dict, key: str, default: float, low: float, high: float, low_op
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad(f"'{key}' must be a number")
+    if isinstance(value, float) and not math.isfinite(value):  # json takes NaN and Infinity literals
+        raise bad(f"'{key}' must be a finite number, got {value}")
     if value > high or value < low or (low_open and value == low):
         raise bad(f"'{key}' must be in {'(' if low_open else '['}{low}, {high}], got {value}")
     return float(value)
 
 
+def _text(value: str, where: str) -> str:
+    """A string the tokenizer can take: json decodes a lone surrogate ("\\ud800"), which no UTF-8 holds."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(f"{where} holds a lone UTF-16 surrogate (not valid Unicode text)") from None
+    return value
+
+
 def _content(message: dict, index: int) -> str:
     content = message.get("content")
     if isinstance(content, str):
-        return content
+        return _text(content, f"messages[{index}].content")
     if isinstance(content, list):  # [{"type": "text", "text": "..."}, ...]
         parts = []
         for part in content:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise bad(f"messages[{index}].content: only text parts are supported")
             parts.append(part["text"])
-        return "".join(parts)
+        return _text("".join(parts), f"messages[{index}].content")
     raise bad(f"messages[{index}].content must be a string or a list of text parts")
 
 
@@ -114,9 +130,13 @@ def _common(doc: dict, cfg: LLMConfig) -> dict:
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)):
         raise bad("'stop' must be a non-empty string or a list of up to 4 of them")
+    for s in stop or []:
+        _text(s, "'stop'")
     seed = doc.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad("'seed' must be an integer")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise bad(f"'seed' must be a 64-bit integer, in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
     stream = doc.get("stream", False)
     if not isinstance(stream, bool):
         raise bad("'stream' must be true or false")
@@ -184,15 +204,21 @@ def _request(doc: object, supported: set[str], served: tuple[str, ...]) -> dict:
 def validate_chat_request(doc: object, cfg: LLMConfig, served: tuple[str, ...]) -> dict:
     """POST /v1/chat/completions, checked and normalised; raises HTTPException(400/404) with what is wrong."""
     doc = _request(doc, CHAT_FIELDS, served)
-    return {"route": "chat", "messages": check_messages(doc.get("messages")), **_common(doc, cfg),
-            "logprobs": _logprobs(doc, True, cfg)}
+    messages = check_messages(doc.get("messages"))
+    _check_length(sum(len(m["content"]) for m in messages), cfg)
+    return {"route": "chat", "messages": messages, **_common(doc, cfg), "logprobs": _logprobs(doc, True, cfg)}
+
+
+def _check_length(chars: int, cfg: LLMConfig) -> None:
+    if chars > cfg.max_seq_len * MAX_CHARS_PER_TOKEN:
+        raise bad(f"the prompt has {chars} characters: far more than the context of {cfg.max_seq_len} tokens holds")
 
 
 def _prompt(prompt: object) -> str | list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
-        return prompt
+        return _text(prompt, "'prompt'")
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                                                    for t in prompt):
         return prompt
@@ -204,8 +230,12 @@ def _prompt(prompt: object) -> str | list[int]:
 def validate_completion_request(doc: object, cfg: LLMConfig, served: tuple[str, ...]) -> dict:
     """POST /v1/completions, checked and normalised."""
     doc = _request(doc, COMPLETION_FIELDS, served)
-    return {"route": "completions", "prompt": _prompt(doc.get("prompt")), **_common(doc, cfg),
-            "logprobs": _logprobs(doc, False, cfg)}
+    prompt = _prompt(doc.get("prompt"))
+    if isinstance(prompt, str):
+        _check_length(len(prompt), cfg)
+    elif len(prompt) >= cfg.max_seq_len:
+        raise bad(f"prompt has {len(prompt)} tokens: over the context of {cfg.max_seq_len} tokens")
+    return {"route": "completions", "prompt": prompt, **_common(doc, cfg), "logprobs": _logprobs(doc, False, cfg)}
 
 
 def validate_tokenize_request(doc: object, served: tuple[str, ...]) -> dict:
@@ -220,7 +250,7 @@ def validate_tokenize_request(doc: object, served: tuple[str, ...]) -> dict:
         return {"messages": check_messages(doc["messages"]), "add_generation_prompt": doc.get("add_generation_prompt", True)}
     if not isinstance(doc["prompt"], str):
         raise bad("'prompt' must be a string")
-    return {"prompt": doc["prompt"], "add_special_tokens": doc.get("add_special_tokens", True)}
+    return {"prompt": _text(doc["prompt"], "'prompt'"), "add_special_tokens": doc.get("add_special_tokens", True)}
 
 
 def validate_detokenize_request(doc: object, served: tuple[str, ...], vocab_size: int) -> list[int]:

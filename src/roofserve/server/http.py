@@ -43,7 +43,11 @@ def error_response(status: int, message: str, code: str | None = None) -> JSONRe
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refusing (413) anything over max_bytes without reading it all."""
+    """The request body, refusing (413) anything over max_bytes without reading it all, and (415) a
+    body in an encoding we do not decode: a gzip body read as JSON would fail later with a wrong reason."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise HTTPException(415, f"Content-Encoding {encoding!r} is not supported: send the body uncompressed")
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -96,3 +100,5 @@ def parse_json(body: bytes) -> object:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"malformed JSON: {e.msg if hasattr(e, 'msg') else 'not UTF-8'}") from None
+    except RecursionError:  # json's decoder recurses once per level of nesting
+        raise ValueError("malformed JSON: nested too deeply") from None
