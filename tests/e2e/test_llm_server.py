@@ -231,6 +231,11 @@ BAD = {
     "top_logprobs without logprobs": {"messages": QUESTION, "top_logprobs": 3},
     "top_logprobs over 20": {"messages": QUESTION, "logprobs": True, "top_logprobs": 21},
     "logprobs a number on chat": {"messages": QUESTION, "logprobs": 2},
+    "temperature NaN": {"messages": QUESTION, "temperature": float("nan")},  # json's NaN literal
+    "top_p infinite": {"messages": QUESTION, "top_p": float("inf")},
+    "seed over 64 bits": {"messages": QUESTION, "seed": 2 ** 70},
+    "lone surrogate": {"messages": [{"role": "user", "content": "\ud800"}]},
+    "prompt far over context": {"messages": [{"role": "user", "content": "x" * (CONTEXT * 128 + 1)}]},
 }
 BAD_COMPLETIONS = {
     "no prompt": {"model": MODEL},
@@ -242,14 +247,19 @@ BAD_COMPLETIONS = {
     "prompt over context": {"prompt": "word " * 400, "max_tokens": 8},
     "logprobs over 20": {"prompt": "Hi", "logprobs": 21},
     "logprobs true on completions": {"prompt": "Hi", "logprobs": True},
+    "temperature -Infinity": {"prompt": "Hi", "temperature": float("-inf")},
+    "lone surrogate": {"prompt": "a\udfff"},
 }
 
 
 @pytest.mark.parametrize("path, case", [("/v1/chat/completions", c) for c in BAD]
                          + [("/v1/completions", c) for c in BAD_COMPLETIONS])
 def test_bad_requests_get_openai_style_4xx(url, path, case):
+    import json
+
     body = (BAD if path == "/v1/chat/completions" else BAD_COMPLETIONS)[case]
-    response = httpx.post(url + path, json=body, timeout=60)
+    response = httpx.post(url + path, content=json.dumps(body), timeout=60,  # NaN and Infinity as json writes them
+                          headers={"Content-Type": "application/json"})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"]
 
@@ -259,6 +269,44 @@ def test_malformed_json_and_wrong_type(url):
     assert response.status_code == 400 and "malformed JSON" in response.json()["error"]["message"]
     response = httpx.post(url + "/v1/chat/completions", content=b"hi", headers={"Content-Type": "text/plain"})
     assert response.status_code == 415
+
+
+def test_deep_json_and_compressed_bodies_are_refused(url):
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = httpx.post(url + "/v1/chat/completions", content=deep, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "nested too deeply" in response.json()["error"]["message"]
+    response = httpx.post(url + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2},
+                          headers={"Content-Encoding": "gzip"})
+    assert response.status_code == 415 and "gzip" in response.json()["error"]["message"]
+
+
+def test_a_tiny_temperature_is_greedy_and_the_worker_lives(url, client):
+    greedy = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=8)
+    for temperature in (1e-39, 1e-30):  # logits / temperature overflow: softmax would be NaN
+        answer = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=temperature, max_tokens=8)
+        assert answer.choices[0].message.content == greedy.choices[0].message.content
+    assert metric(url, "roofserve_worker_deaths_total") == 0
+
+
+def test_a_client_that_leaves_a_whole_answer_request_stops_its_generation(url, client):
+    import json
+    import socket
+    import time
+
+    before = metric(url, "roofserve_generations_stopped_total")
+    body = json.dumps({"messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+                       "max_tokens": 128, "temperature": 0, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(0.5)  # generating; then hang up before the answer is whole
+    deadline = time.monotonic() + 30
+    while metric(url, "roofserve_generations_stopped_total") == before:
+        assert time.monotonic() < deadline, "the generation went on after its client left"
+        time.sleep(0.1)
+    assert metric(url, "roofserve_requests_in_flight") == 0
+    answer = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=4)
+    assert answer.choices[0].message.content
 
 
 def test_context_error_names_the_numbers(url):
@@ -336,7 +384,8 @@ def _fuzz(url: str, path: str) -> None:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    values = st.recursive(st.none() | st.booleans() | st.integers(-5, 300) | st.floats(allow_nan=False) | st.text(max_size=12),
+    text = st.text(st.characters(exclude_categories=()), max_size=12)  # lone surrogates too
+    values = st.recursive(st.none() | st.booleans() | st.integers(-5, 300) | st.integers() | st.floats() | text,
                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
                           max_leaves=8)
     message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", 3]), "content": values})

@@ -176,6 +176,9 @@ class LLMReplica(_Replica):
             try:
                 for item in self.api.predict(payload):
                     loop.call_soon_threadsafe(queue.put_nowait, item)
+            except Exception:  # an error answer (OpenAI-shaped), never a 200 with the text so far
+                log.exception("generating request %s failed", payload["request_id"])
+                loop.call_soon_threadsafe(queue.put_nowait, Rejection(500, "the replica failed on this request"))
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 

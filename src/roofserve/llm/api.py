@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 _CANCEL_SLOTS = 64
 
 
+_CUT = (500, "the worker failed while generating this answer")  # its items ended with no end item
+
+
 @dataclass
 class _Job:
     """A request in the batch (worker side): its text pipeline and the limits it runs under."""
@@ -102,7 +105,7 @@ class LLMAPI(ls.LitAPI):
         metrics.prompt_tokens += out.prompt_tokens
 
         if not payload["stream"]:
-            parts, end, scored = [], {}, []
+            parts, end, scored, finished = [], None, [], False
             try:
                 async for item, _status in items:
                     if isinstance(item, Rejection):
@@ -115,9 +118,14 @@ class LLMAPI(ls.LitAPI):
                     elif item["t"] == "end":
                         end = item
                         metrics.tokens_generated += item["usage"]["completion_tokens"]
+                finished = True
             finally:
+                if not finished:  # the client went away (the handler was cancelled): stop generating
+                    self.cancel(payload["request_id"])
                 close()
-            return JSONResponse(out.whole("".join(parts), end.get("finish_reason", "stop"), end.get("usage"), scored))
+            if end is None:
+                return error_response(*_CUT)
+            return JSONResponse(out.whole("".join(parts), end["finish_reason"], end["usage"], scored))
 
         async def events():
             finished, first_token = False, None
@@ -141,6 +149,9 @@ class LLMAPI(ls.LitAPI):
                             metrics.tpot.observe((time.perf_counter() - first_token) / (tokens - 1))
                         for event in out.end(item["finish_reason"], item["usage"]):
                             yield event
+                        break
+                else:  # the items ended with no end item: the worker failed without saying so
+                    yield out.error(*_CUT)
                 yield "data: [DONE]\n\n"
                 finished = True
             finally:

@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 
 import litserve as ls
 from fastapi import Depends, HTTPException, Request
@@ -189,6 +190,24 @@ class StreamingPayloadHandler(RegularRequestHandler):
             self.server.response_buffer.pop(uid, None)
             release()
 
+        answer = asyncio.ensure_future(self._answer(payload, items, close, started))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if answer in done:
+            return answer.result()
+        # The client left before the answer was whole (a stream's own response notices that by itself):
+        # stop its generation and free its place.
+        answer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await answer
+        self.lit_api.cancel(payload["request_id"])
+        close()
+        return error_response(499, "the client closed the connection")
+
+    async def _answer(self, payload: dict, items: AsyncIterator, close, started: float) -> Response:
         try:
             first, status = await asyncio.wait_for(items.__anext__(), self.server.deadline_s)
         except asyncio.TimeoutError:
@@ -203,7 +222,25 @@ class StreamingPayloadHandler(RegularRequestHandler):
         if isinstance(first, Rejection):
             close()
             return error_response(first.status, first.message)
-        return await self.lit_api.respond(payload, first, items, close, started, self.server.metrics)
+        return await self.lit_api.respond(payload, first, _failures_as_rejections(items), close, started,
+                                          self.server.metrics)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection (the body is read: receive() then waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)  # not expected after the body; never spin
+
+
+async def _failures_as_rejections(items: AsyncIterator) -> AsyncIterator:
+    """A worker that raised after an answer began sends its exception with status ERROR (and LitServe's
+    data_streamer ends there): pass it on as a 500 Rejection, which the API answers in its error shape."""
+    async for item, status in items:
+        if status == LitAPIStatus.ERROR:
+            log.error("a worker failed while answering: %r", item)
+            yield Rejection(500, "the worker failed while generating this answer"), status
+            return
+        yield item, status
 
 
 class DrainMiddleware:
