@@ -496,6 +496,7 @@ def config_flags(cfg: Any, skip: tuple[str, ...] = ("host", "port"), changed_onl
     """The CLI flags that rebuild `cfg` (the inverse of add_config_args): a ladder step's server, a
     Kubernetes container's args. Unset values and empty lists are left out, and with changed_only the
     values that equal the defaults."""
+    skip = (*skip, "api_key")  # a secret: never on a command line (visible in `ps`); see secret_env
     values = changed_fields(cfg, skip) if changed_only else \
         {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
     flags = []
@@ -508,6 +509,12 @@ def config_flags(cfg: Any, skip: tuple[str, ...] = ("host", "port"), changed_onl
         else:
             flags += [flag, _show(value)]
     return flags
+
+
+def secret_env(cfg: Any) -> dict[str, str]:
+    """The environment that hands a child server `cfg`'s API key (config_flags leaves it out)."""
+    key = cfg.resolved_api_key()
+    return {"ROOFSERVE_API_KEY": key} if key else {}
 
 
 def changed_fields(cfg: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Tiny ladders end to end: real servers, real load, a report whose numbers come from the rows."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,8 +10,9 @@ import pytest
 from roofserve.report.markdown import format_value
 
 
-def _roofserve(*args: str, timeout: int = 900) -> str:
-    done = subprocess.run([sys.executable, "-m", "roofserve", *args], capture_output=True, text=True, timeout=timeout)
+def _roofserve(*args: str, timeout: int = 900, env: dict | None = None) -> str:
+    done = subprocess.run([sys.executable, "-m", "roofserve", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -26,7 +28,9 @@ def test_vision_sweep_of_two_steps_writes_rows_and_report(tmp_path):
         '[[step]]\nname = "one"\n[[step]]\nname = "two"\nserver = { max_batch_size = 4 }\npayload = "raw"\n'
     )
     out = tmp_path / "sweep.json"
-    _roofserve("sweep", "vision", str(ladder), "--out", str(out), "--report", str(tmp_path / "report"))
+    # a server key from the environment: each step's server requires it, and the load sends it
+    _roofserve("sweep", "vision", str(ladder), "--out", str(out), "--report", str(tmp_path / "report"),
+               env={"ROOFSERVE_API_KEY": "vision-sweep-key"})
     rows = json.loads(out.read_text())["rows"]
     api = [r for r in rows if r["kind"] == "vision-api"]
     assert [(r["step"], r["concurrency"]) for r in api] == [("one", 1), ("one", 4), ("two", 1), ("two", 4)]
@@ -53,10 +57,12 @@ def test_vision_sweep_of_two_steps_writes_rows_and_report(tmp_path):
 
 
 def test_llm_sweep_of_two_steps_writes_rows_and_report(tmp_path):
-    ladder = tmp_path / "ladder.toml"
+    ladder, key = tmp_path / "ladder.toml", tmp_path / "key"
+    key.write_text("llm-sweep-key\n")
     ladder.write_text(
         "[bench]\nruns = 2\nrounds = 2\nmax_tokens = 8\nprompt_lengths = [16]\n"
         '[server]\nmax_seq_len = 256\nprecision = "fp32"\nstatic_cache = false\n'
+        f'api_key_file = "{key}"\n'  # the servers require the key in this file, and the load sends it
         '[[step]]\nname = "fp32"\n[[step]]\nname = "bf16 kernels"\n'
         'server = { precision = "bf16", static_cache = true, gemv = "roofserve", attention = "roofserve", '
         'stream_interval = 4 }\n'

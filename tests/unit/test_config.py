@@ -36,6 +36,14 @@ def test_secrets_stay_out_of_result_files():
     assert as_dict(make_config(VisionConfig, {"api_key": "s3cret"}))["api_key"] == "***"
 
 
+def test_a_key_never_goes_on_a_child_command_line():
+    from roofserve.config import config_flags, secret_env
+
+    cfg = make_config(VisionConfig, {"api_key": "hunter2"})
+    assert "hunter2" not in config_flags(cfg) and "--api-key" not in config_flags(cfg)
+    assert secret_env(cfg) == {"ROOFSERVE_API_KEY": "hunter2"}
+
+
 def test_llm_config_refuses_combinations_that_cannot_run():
     from roofserve.config import LLMConfig
 
@@ -168,3 +176,22 @@ def test_shipped_ladders_load_and_every_step_is_a_valid_config(name):
     steps = load_ladder(str(path), LLMConfig if name.startswith("llm") else VisionConfig).steps
     assert len(steps) >= 2 and len({s.name for s in steps}) == len(steps)
     assert all(s.why for s in steps), "every step says what it changes"
+
+
+def test_llama_server_backend_checks_our_api_key_and_keeps_it_off_its_command_line(tmp_path):
+    """`serve llm --backend llama-server --api-key-file F` execs llama-server with the key in its
+    environment (which it reads as LLAMA_API_KEY), never in argv. The binary is a stand-in that records
+    what it was given: the real one is built only by `make llama-server`."""
+    import os
+    import subprocess
+    import sys
+
+    record, fake, key = tmp_path / "seen", tmp_path / "llama-server", tmp_path / "key"
+    fake.write_text(f'#!/bin/sh\necho "$LLAMA_API_KEY" > {record}\necho "$*" >> {record}\n')
+    fake.chmod(0o755)
+    key.write_text("s3cret-key\n")
+    env = {**os.environ, "ROOFSERVE_LLAMA_SERVER": str(fake)}
+    subprocess.run([sys.executable, "-m", "roofserve", "serve", "llm", "--backend", "llama-server",
+                    "--api-key-file", str(key)], env=env, check=True, timeout=120, capture_output=True)
+    seen_key, argv = record.read_text().splitlines()
+    assert seen_key == "s3cret-key" and "s3cret" not in argv and "--parallel" in argv

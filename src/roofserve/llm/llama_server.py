@@ -37,7 +37,21 @@ def command(cfg: LLMConfig) -> list[str]:
             "-b", str(max(cfg.prefill_chunk, 64)), "--no-webui"]
 
 
+def environ(cfg: LLMConfig) -> dict[str, str]:
+    """llama-server's environment: ours, plus the API key we were given, so that it checks the same key
+    (Authorization: Bearer or X-API-Key, as ours does). Through the environment, not `--api-key`: a
+    command line is visible to every user in `ps`. LLAMA_API_KEY is the name the llama.cpp that
+    `make llama-server` builds reads; LLAMA_ARG_API_KEY the name older builds read."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LLAMA_API_KEY", "LLAMA_ARG_API_KEY")}
+    key = cfg.resolved_api_key()
+    if key:
+        if "," in key:  # llama-server reads a comma-separated list of keys
+            raise UserError("--backend llama-server takes an API key without commas")
+        env["LLAMA_API_KEY"] = env["LLAMA_ARG_API_KEY"] = key
+    return env
+
+
 def exec_server(cfg: LLMConfig) -> None:
     """Replace this process with llama-server (so SIGTERM reaches it directly)."""
-    argv = command(cfg)
-    os.execv(argv[0], argv)
+    argv, env = command(cfg), environ(cfg)
+    os.execve(argv[0], argv, env)

@@ -8,7 +8,7 @@ import logging
 import statistics
 from typing import Any
 
-from roofserve.config import LLMConfig, as_dict, config_flags
+from roofserve.config import LLMConfig, as_dict, config_flags, secret_env
 from roofserve.errors import UserError
 from roofserve.load.llm import bench_llm_api, summarize
 from roofserve.load.process import running_server
@@ -64,7 +64,7 @@ def run_step(step: Step, index: int, bandwidth_gb_s: float | None, progress: boo
     engine_chat, bandwidths = [], []
     engine = EngineProcess(cfg) if in_process else None  # loads (and compiles) while the server does
     try:
-        with running_server(["llm", *config_flags(cfg)], ready_timeout_s=900) as url:
+        with running_server(["llm", *config_flags(cfg)], ready_timeout_s=900, env=secret_env(cfg)) as url:
             if engine:
                 engine.wait_ready()
             for i in range(rounds):
@@ -73,7 +73,7 @@ def run_step(step: Step, index: int, bandwidth_gb_s: float | None, progress: boo
                 for level, acc in levels.items():
                     row, results = bench_llm_api(f"{url}/v1/chat/completions", "", max_tokens=b.max_tokens,
                                                  runs=per_round * level, concurrency=level, ignore_eos=b.ignore_eos,
-                                                 warmup=b.warmup if i == 0 else 0, api_key=cfg.api_key,
+                                                 warmup=b.warmup if i == 0 else 0, api_key=cfg.resolved_api_key(),
                                                  progress=progress)
                     acc["results"] += results
                     acc["wall_s"] += row["wall_s"]
@@ -100,7 +100,8 @@ def run_step(step: Step, index: int, bandwidth_gb_s: float | None, progress: boo
     batch = batch_roofs(cfg, prompt_tokens + b.max_tokens // 2, sorted(set(sizes.values())), bandwidth, peak)
 
     def prefill(tokens: int) -> dict:
-        return {**prefill_roof(batch["linear_params"], roof["weight_bytes_per_token"], tokens, matmul_peak, bandwidth),
+        return {**prefill_roof(batch["linear_params"], batch["lm_head_params"], roof["weight_bytes_per_token"], tokens,
+                             matmul_peak, bandwidth),
                 "prefill_matmul_tflops": matmul_peak}
 
     rows = []

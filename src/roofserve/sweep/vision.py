@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from roofserve.config import VisionConfig, as_dict, config_flags
+from roofserve.config import VisionConfig, as_dict, config_flags, secret_env
 from roofserve.load.process import server_process
 from roofserve.load.vision import bench_api
 from roofserve.sweep.ladder import Ladder, load_ladder
@@ -36,8 +36,8 @@ def run_steps(ladder: Ladder, images: list[tuple[str, bytes]], progress: bool = 
     rows = []
     for index, step in enumerate(ladder.steps, 1):
         log.info("step %d/%d: %s", index, len(ladder.steps), step.name)
-        with server_process(["vision", *config_flags(step.config)]) as server:
-            level_rows = bench_api(f"{server.url}/predict", images, step.bench, step.config.api_key, progress,
+        with server_process(["vision", *config_flags(step.config)], env=secret_env(step.config)) as server:
+            level_rows = bench_api(f"{server.url}/predict", images, step.bench, step.config.resolved_api_key(), progress,
                                    server_pid=server.proc.pid)
         for row in level_rows:
             # the server's own /info config records what ran (e.g. precision "auto" resolved)
