@@ -64,3 +64,45 @@ def test_chunked_bodies_with_trailers_and_close_delimited_bodies():
     first, second, third, fourth = asyncio.run(main())
     assert first == second == (200, b"abcde")
     assert third == fourth == (200, b"until the end")
+
+
+def _sse(*events: str) -> bytes:
+    body = b"".join(f"data: {e}\n\n".encode() for e in events)
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + body
+
+
+def test_the_bench_client_needs_done_and_a_finish_reason_and_ends_a_stall():
+    import json
+    import time
+
+    from roofserve.load.llm import stream_one
+
+    token = json.dumps({"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]})
+    last = json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
+                       "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+
+    async def one(answer: bytes, stall: bool = False):
+        async def handle(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+            if stall:
+                await asyncio.sleep(30)  # headers and a token, then nothing, connection open
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        conn = Connection(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout_s=5, read_timeout_s=0.5)
+        started = time.monotonic()
+        result = await stream_one(conn, "/v1/chat/completions", b"{}", {})
+        await conn.close()
+        server.close()
+        return result, time.monotonic() - started
+
+    whole, _ = asyncio.run(one(_sse(token, last, "[DONE]")))
+    assert whole.ok and whole.finish_reason == "length" and whole.output_tokens == 1
+    cut, _ = asyncio.run(one(_sse(token)))  # cut at an event boundary
+    assert not cut.ok and "[DONE]" in cut.error
+    unfinished, _ = asyncio.run(one(_sse(token, "[DONE]")))
+    assert not unfinished.ok and "finish_reason" in unfinished.error
+    stalled, seconds = asyncio.run(one(_sse(token)[:-2], stall=True))
+    assert not stalled.ok and stalled.error == "TimeoutError" and seconds < 5

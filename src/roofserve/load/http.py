@@ -36,12 +36,15 @@ class _ClosedBeforeAnswer(Exception):
 
 
 class Connection:
-    def __init__(self, url: str, timeout_s: float = 60.0):
+    def __init__(self, url: str, timeout_s: float = 60.0, read_timeout_s: float | None = None):
+        """timeout_s bounds connecting and waiting for the response headers; read_timeout_s (default:
+        timeout_s) the wait for each piece of the body after them, so a stalled answer ends."""
         parts = urlsplit(url)
         if parts.scheme != "http":
             raise ValueError(f"only http:// URLs are supported, got {url!r}")
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.timeout_s = timeout_s
+        self.read_timeout_s = read_timeout_s or timeout_s
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -121,11 +124,20 @@ class Connection:
                 yield chunk
             await self.close()
 
+    async def _timed(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The body's chunks, each waited for at most read_timeout_s (TimeoutError past it)."""
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(chunks), self.read_timeout_s)
+            except StopAsyncIteration:
+                return
+            yield chunk
+
     async def request(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> tuple[int, bytes]:
         """Send one request and read the whole answer: (status, body)."""
         try:
             status, response_headers = await asyncio.wait_for(self._send(method, path, headers or {}, body), self.timeout_s)
-            data = b"".join([c async for c in self._chunks(response_headers)])
+            data = b"".join([c async for c in self._timed(self._chunks(response_headers))])
             if _closes(response_headers):
                 await self.close()
             return status, data
@@ -137,7 +149,7 @@ class Connection:
         """Send one request and yield (status, chunk) as body chunks arrive."""
         try:
             status, response_headers = await asyncio.wait_for(self._send(method, path, headers or {}, body), self.timeout_s)
-            async for chunk in self._chunks(response_headers):
+            async for chunk in self._timed(self._chunks(response_headers)):
                 yield status, chunk
             if _closes(response_headers):
                 await self.close()

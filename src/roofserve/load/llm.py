@@ -23,6 +23,13 @@ from roofserve.load.strategies import percentile
 log = logging.getLogger(__name__)
 # A prompt that keeps a chat model talking, for fixed-length runs where EOS cannot be ignored.
 LONG_PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a map. Use many chapters."
+# Waits of the bench client: for the response headers (a request may queue behind others) and for each
+# piece of a stream after them (a long prefill of a big model on a few cores), beyond which it is a stall.
+HEADERS_TIMEOUT_S, STALL_TIMEOUT_S = 600.0, 300.0
+
+
+def _connection(base: str) -> Connection:
+    return Connection(base, timeout_s=HEADERS_TIMEOUT_S, read_timeout_s=STALL_TIMEOUT_S)
 
 
 def tagged(prompt: str, i: int) -> str:
@@ -64,10 +71,13 @@ def make_body(model: str, prompt: str, max_tokens: int, ignore_eos: bool, stream
 
 
 async def stream_one(conn: Connection, path: str, body: bytes, headers: dict[str, str]) -> StreamResult:
-    """Send one streaming chat request and time every content chunk."""
+    """Send one streaming chat request and time every content chunk. A success needs an HTTP 200, a
+    first token, a finish_reason and the closing `[DONE]`: a stream cut anywhere, or stalled past the
+    connection's read timeout, is an error row."""
     parser = SSEParser()
     start = time.perf_counter()
     last = None
+    done = False
     result = StreamResult(ok=False)
     try:
         async for status, chunk in conn.stream("POST", path, headers, body):
@@ -76,6 +86,7 @@ async def stream_one(conn: Connection, path: str, body: bytes, headers: dict[str
                 continue
             for data in parser.feed(chunk):
                 if data == "[DONE]":
+                    done = True
                     continue
                 doc = json.loads(data)
                 if "error" in doc:
@@ -97,6 +108,8 @@ async def stream_one(conn: Connection, path: str, body: bytes, headers: dict[str
     except Exception as e:  # a failed request is a row
         result.error = type(e).__name__
     result.e2e_ms = (time.perf_counter() - start) * 1e3
+    if result.error is None and result.ttft_ms is not None and not (done and result.finish_reason):
+        result.error = "stream ended without " + ("a finish_reason" if done else "[DONE]")
     result.ok = result.error is None and result.ttft_ms is not None
     if result.ok and result.output_tokens is None:
         result.output_tokens = len(result.itl_ms) + 1  # server sent no usage: count chunks
@@ -155,7 +168,7 @@ def bench_llm_api(
         headers["Authorization"] = f"Bearer {api_key}"
 
     async def run() -> tuple[list[StreamResult], float]:
-        conns = [Connection(base, timeout_s=600) for _ in range(concurrency)]
+        conns = [_connection(base) for _ in range(concurrency)]
         for _ in range(warmup):
             await stream_one(conns[0], path, bodies.pop(), headers)
         budget = iter(range(runs))
@@ -272,13 +285,13 @@ def bench_llm_serve(url: str, requests: list[ChatRequest], model: str = "", rate
 
         async def one(i: int) -> None:
             async with limit:
-                conn = idle.pop() if idle else Connection(base, timeout_s=600)
+                conn = idle.pop() if idle else _connection(base)
                 results[i] = await stream_one(conn, path, bodies[i], headers)
                 idle.append(conn)
                 bar.update()
 
         for body in bodies[:warmup]:
-            conn = idle.pop() if idle else Connection(base, timeout_s=600)
+            conn = idle.pop() if idle else _connection(base)
             await stream_one(conn, path, body, headers)
             idle.append(conn)
         start = time.perf_counter()
