@@ -15,6 +15,13 @@ def test_the_best_level_within_the_latency_target_sets_the_cores():
     assert p["per_core"] == 40 and p["cores"] == 25 and p["machines"] == 13 and abs(p["usd_per_hour"] - 2.5) < 1e-9
 
 
+def test_the_servers_own_cpu_sets_the_cores_not_the_load_generators():
+    measured = {**row("a", 40, 300, 100, 1), "cpu_ms_per_request": {"inference workers": 20.0, "server processes": 5.0}}
+    # 25 ms of server CPU per request x 40 req/s = 1 core, though the machine (load generator too) was 100% busy
+    assert plan(measured, machine_cores=2, load=1000)["per_core"] == 40
+    assert plan(row("a", 40, 300, 100, 1), machine_cores=2, load=1000)["per_core"] == 20  # only the machine's %
+
+
 def test_the_check_predicts_more_replicas_from_fewer_and_a_step_without_a_level_in_target_says_so():
     steps = {"one": [row("one", 40, 300, 50, 1)], "two": [row("two", 90, 300, 100, 2)], "slow": [row("slow", 9, 2000, 50, 1)]}
     intro, body, checks = section(steps, machine_cores=2)

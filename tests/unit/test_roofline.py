@@ -81,11 +81,13 @@ def test_batch_roof_by_hand():
 def test_prefill_roof_by_hand():
     from roofserve.measure.llm_roof import prefill_roof
 
-    # 64 prompt tokens of SmolLM2 in bf16: 2 x 134.48 M x 64 FLOPs at 0.74 TFLOP/s, or its 269 MB read at 50 GB/s
-    roof = prefill_roof(134_479_872, 269_031_168, 64, 0.74, 50.0)
-    assert roof["prefill_compute_roof_ms"] == pytest.approx(23.26, abs=0.01)
+    # 64 prompt tokens of SmolLM2 in bf16: 2 x (106.17 M layer parameters x 64 + the 28.31 M of the LM head
+    # once, for the last position) FLOPs at 0.74 TFLOP/s, or its 269 MB read at 50 GB/s
+    linear, head = 134_479_872, 49152 * 576
+    roof = prefill_roof(linear, head, 269_031_168, 64, 0.74, 50.0)
+    assert roof["prefill_compute_roof_ms"] == pytest.approx(18.44, abs=0.01)  # not 23.26: the head for every token
     assert roof["prefill_weight_read_ms"] == pytest.approx(5.38, abs=0.01)
     assert roof["prefill_roof_ms"] == roof["prefill_compute_roof_ms"]
     # a 1-token prompt is bound by reading the weights, not by its FLOPs
-    assert prefill_roof(134_479_872, 269_031_168, 1, 0.74, 50.0)["prefill_roof_ms"] == pytest.approx(5.38, abs=0.01)
-    assert prefill_roof(134_479_872, 269_031_168, 64, None, None)["prefill_roof_ms"] is None
+    assert prefill_roof(linear, head, 269_031_168, 1, 0.74, 50.0)["prefill_roof_ms"] == pytest.approx(5.38, abs=0.01)
+    assert prefill_roof(linear, head, 269_031_168, 64, None, None)["prefill_roof_ms"] is None

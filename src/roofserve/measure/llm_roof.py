@@ -67,15 +67,18 @@ def batch_roofs(cfg: LLMConfig, context_len: int, batch_sizes: list[int], bandwi
     rows = {b: roofline.batch_roof(b, weights, kv, linear, bandwidth_gb_s, peak_tflops) for b in batch_sizes}
     crossover = (roofline.crossover_batch_size(weights, kv, linear, bandwidth_gb_s, peak_tflops)
                  if bandwidth_gb_s and peak_tflops else None)
-    return {"per_batch": rows, "crossover_batch_size": crossover, "linear_params": linear}
+    return {"per_batch": rows, "crossover_batch_size": crossover, "linear_params": linear,
+            "lm_head_params": shape["vocab_size"] * shape["hidden_size"]}
 
 
-def prefill_roof(linear_params: int, weight_bytes: int, prompt_tokens: int, peak_tflops: float | None,
-                 bandwidth_gb_s: float | None) -> dict:
-    """The floor under a prompt's time to first token: its matmul FLOPs (2 x linear parameters x prompt
-    tokens) at the measured matmul peak, and reading the weights once at the measured bandwidth; a prefill
-    can be no faster than the larger of the two."""
-    compute = 2 * linear_params * prompt_tokens / (peak_tflops * 1e12) * 1e3 if peak_tflops else None
+def prefill_roof(linear_params: int, lm_head_params: int, weight_bytes: int, prompt_tokens: int,
+                 peak_tflops: float | None, bandwidth_gb_s: float | None) -> dict:
+    """The floor under a prompt's time to first token: its matmul FLOPs (2 x the layers' linear parameters
+    x prompt tokens, plus 2 x the LM head's for the one position whose logits are needed) at the measured
+    matmul peak, and reading the weights once at the measured bandwidth; a prefill can be no faster than
+    the larger of the two. (Attention's own FLOPs are left out: a few percent at these lengths.)"""
+    flops = 2 * ((linear_params - lm_head_params) * prompt_tokens + lm_head_params)
+    compute = flops / (peak_tflops * 1e12) * 1e3 if peak_tflops else None
     read = weight_bytes / (bandwidth_gb_s * 1e9) * 1e3 if bandwidth_gb_s else None
     known = [x for x in (compute, read) if x is not None]
     return {"prefill_compute_roof_ms": round(compute, 2) if compute is not None else None,

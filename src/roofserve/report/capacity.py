@@ -18,7 +18,12 @@ USD_PER_CORE_HOUR = 0.05  # an assumption to scale from, not a quote: put your o
 
 
 def cores_busy(row: dict, machine_cores: int) -> float:
-    """The cores a measurement kept busy: its CPU % of the whole machine."""
+    """The cores the server kept busy: its own processes' CPU time per request x req/s where that was
+    measured (a sweep's server; the load generator on the same machine is not in it), else the CPU % of
+    the whole machine (load generator included: an overestimate)."""
+    per_request_ms = row.get("cpu_ms_per_request")
+    if per_request_ms:
+        return max(0.01, sum(per_request_ms.values()) * row["req_per_s"] / 1e3)
     return max(0.01, (row.get("cpu_percent") or 100.0) / 100.0 * machine_cores)
 
 
@@ -54,7 +59,8 @@ def section(steps: dict[str, list[dict]], machine_cores: int) -> tuple[str, list
         body.append([name, best["req_per_s"], best.get("concurrency") or best.get("rate_per_s"), round(p["per_core"], 1),
                      p["cores"], p["machines"], f"${p['usd_per_hour']:,.0f}"])
     intro = (f"Cores for **{TARGET_REQ_PER_S:,.0f} req/s** at p99 <= {P99_TARGET_MS:g} ms, scaling each step's "
-             f"measured req/s per busy core (its best level within the target) linearly; machines of this one's "
+             f"measured req/s per core the server kept busy (its best level within the target; the server's own "
+             f"processes' CPU time, without the load generator's, where measured) linearly; machines of this one's "
              f"{machine_cores} cores; dollars at an assumed ${USD_PER_CORE_HOUR} per core-hour "
              "(`report/capacity.py`). The load balancer's own cost is not in it.")
     checks = []

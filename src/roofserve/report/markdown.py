@@ -218,7 +218,7 @@ def ttft_section(api: list[dict], engine: list[dict]) -> list[str]:
         return []
     factor, extra = TTFT_TARGET
     return ["### Time to first token against the prefill roof", "",
-            "Prefill roof = the longer of the prompt's matmul FLOPs (2 x linear parameters x prompt tokens) at the "
+            "Prefill roof = the longer of the prompt's matmul FLOPs (2 x the layers' linear parameters x prompt tokens, plus the LM head once, for the last position) at the "
             "measured matmul peak of the step's precision, and reading the weights once at the measured bandwidth. "
             f"Target: TTFT <= {factor:g} x roof + {extra:g} ms. Served TTFT also pays HTTP, the queue hop and the "
             "first SSE event.", ""] + _table(
