@@ -278,6 +278,15 @@ def test_the_chat_api_on_ray_answers_as_on_litserve():
             response = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
             assert response.status_code in (400, 404) and words in response.json()["error"]["message"], response.text
         assert httpx.get(url + "/nope").status_code == 404
+        # a whole-answer request whose client leaves is cancelled (Ray cancels the handler; its finally stops
+        # the generation), as on LitServe
+        body = {"messages": question, "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", json=body, timeout=1.0)
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/health").json()["generations_stopped"] == 0:
+            assert time.monotonic() < deadline, "the generation went on after its client left"
+            time.sleep(0.2)
     deadline = time.monotonic() + 20
     while ray_processes() and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -77,6 +77,9 @@ class _Replica:
     def get_routes(self) -> dict:
         return {}
 
+    def health(self) -> dict:
+        return {}
+
     async def __call__(self, request):
         import ray
         from fastapi import HTTPException
@@ -88,7 +91,7 @@ class _Replica:
         path, method = request.url.path, request.method
         if path == "/health":
             return JSONResponse({"status": "ok", "engine": "ray", "replica_pid": os.getpid(),
-                                 "node_id": ray.get_runtime_context().get_node_id()})
+                                 "node_id": ray.get_runtime_context().get_node_id(), **self.health()})
         if path == "/info":
             return JSONResponse({"model": {"model": self.cfg.model, "config": as_dict(self.cfg)}})
         routes = self.get_routes()
@@ -165,6 +168,9 @@ class LLMReplica(_Replica):
 
     def get_routes(self) -> dict:
         return {"/v1/models": {"object": "list", "data": self.cards}}
+
+    def health(self) -> dict:  # Ray exports its own metrics, not ours: the count of cancelled generations is here
+        return {"generations_stopped": self.api.stopped[0]}
 
     async def answer(self, payload: dict, started: float):
         from roofserve.server.http import Rejection, error_response
