@@ -375,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = serve.add_parser(
         "llm",
         help="Llama-family chat model, OpenAI-compatible (POST /v1/chat/completions, GET /v1/models)",
-        description="Serve a Llama-family chat model with an OpenAI-compatible API, one request at a time "
-        "(no batching), streaming (SSE) and not. The default is SmolLM2-135M-Instruct from the bundled GGUF.",
+        description="Serve a Llama-family chat model with an OpenAI-compatible API, streaming (SSE) and not: "
+        "many requests in a continuous batch (--max-batch-size), or one at a time (--max-batch-size 1). "
+        "The default is SmolLM2-135M-Instruct from the bundled GGUF.",
     )
     p.add_argument("--config", metavar="TOML", help="config file; its [server] table (or top level) sets these flags")
     add_config_args(p, LLMConfig)

@@ -236,8 +236,8 @@ class LLMConfig(ServerConfig):
     static_cache: bool = _help("preallocated KV cache (needed for compile)", default=True)
     compile: bool = _help("torch.compile the one-token decode step (CUDA graphs on GPU)", default=False)
     compile_prefill: bool = _help("torch.compile the prompt's prefill too (with --max-batch-size > 1): one graph "
-                                  "for every prompt length; about halves the time to first token on a small CPU, "
-                                  "and adds minutes to the first start", default=False)
+                                  "for every prompt length; a shorter time to first token, minutes more at the first "
+                                  "start", default=False)
     quantize: str = _help(
         "weight-only quantization: none, int8 / int4 (torchao), bnb4 (bitsandbytes NF4, CUDA only, eager)",
         default="none",
@@ -256,8 +256,8 @@ class LLMConfig(ServerConfig):
     group_size: int = _help("int4 group size (must divide the hidden size; 64 fits SmolLM2)", default=64)
     max_batch_size: int = _help("sequences that decode together (vLLM's --max-num-seqs, llama.cpp's --parallel): "
                                 "requests join the running batch between steps and leave when done; 1 serves one "
-                                "request at a time; 0: auto = 8 on the torch backend (at one user within 3 percent of "
-                                "one at a time, measured), 1 for llamacpp and bnb4", default=0)
+                                "request at a time; 0: auto = 8 on the torch backend, 1 for llamacpp and bnb4",
+                                default=0)
     prefill_chunk: int = _help("prompt tokens prefilled per step while others decode (with --max-batch-size > 1): "
                                "a newcomer delays the running sequences by one chunk per step", default=256)
     stream_interval: int = _help("tokens per streamed message (vLLM's --stream-interval): 1 sends each token as it "
@@ -599,3 +599,40 @@ def _check_types(cfg: Any) -> None:
 def as_dict(cfg: Any, hide: tuple[str, ...] = ("api_key",)) -> dict[str, Any]:
     """The config as a plain dict for result files, with secrets removed."""
     return {k: ("***" if k in hide and v else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+KNOB_SECTIONS = (  # (heading, config class, where it is set): docs/knobs.md, written by scripts/write_knobs.py
+    ("Vision server", "VisionConfig", "`roofserve serve vision`, a vision ladder's `[server]`"),
+    ("Chat server", "LLMConfig", "`roofserve serve llm`, an LLM ladder's `[server]`"),
+    ("Kubernetes manifests", "K8sConfig", "`roofserve deploy k8s`, a config file's `[k8s]`"),
+    ("Vision load", "VisionLoadConfig", "`roofserve bench vision-api`, a vision ladder's `[bench]`"),
+    ("Vision ceilings", "VisionCeilingsConfig", "`roofserve bench vision-model`, a vision ladder's `[model]`"),
+    ("LLM load", "LLMLadderConfig", "`roofserve bench llm`, an LLM ladder's `[bench]` (rounds and below: ladders only)"),
+    ("vLLM-style serving benchmark", "LLMServeBenchConfig", "`roofserve bench llm-serve`"),
+    ("In-process LLM engine benchmark", "LLMEngineBenchConfig", "`roofserve bench llm-engine`"),
+)
+
+
+def knob_reference() -> str:
+    """Every knob of every config dataclass as Markdown tables: its flag (each is also a TOML key), its
+    default and its help text, read from the dataclasses themselves so that the page cannot drift."""
+    out = ["# Knob reference", "",
+           "Generated from the config dataclasses in `src/roofserve/config.py` by `scripts/write_knobs.py`; a test",
+           "fails when this page and the code disagree. Every knob is a CLI flag and the same key (with `_`) in a",
+           "TOML file (`--config FILE`; CLI flags win over the file, the file over the default).", ""]
+    for heading, name, where in KNOB_SECTIONS:
+        cls = globals()[name]
+        out += [f"## {heading}", "", f"{(cls.__doc__ or '').split(chr(10))[0].strip()} Set in: {where}.", "",
+                "| flag | default | what it does |", "|---|---|---|"]
+        defaults = dataclasses.asdict(cls())
+        for f in dataclasses.fields(cls):
+            text = f.metadata.get("help", "").replace("|", "\\|")
+            value = defaults[f.name]
+            if isinstance(value, bool):
+                flag, shown = f"`{_flag(f.name)}` / `--no-{f.name.replace('_', '-')}`", f"`{str(value).lower()}`"
+            else:
+                flag = f"`{_flag(f.name)}`"
+                shown = "unset" if value is None else ("empty" if value == [] else f"`{_show(value)}`")
+            out.append(f"| {flag} | {shown} | {text} |")
+        out.append("")
+    return "\n".join(out)
