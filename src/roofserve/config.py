@@ -233,7 +233,8 @@ class LLMConfig(ServerConfig):
     max_queued_requests: int = _help("admitted requests at once; beyond it the server answers 503 + Retry-After",
                                      default=32)
     precision: str = _help("fp32, bf16 or fp16 (fp16 only on cuda)", default="bf16")
-    static_cache: bool = _help("preallocated KV cache (needed for compile)", default=True)
+    static_cache: bool = _help("preallocated KV cache (needed for compile); --no-static-cache only with "
+                               "--max-batch-size 1 (the batch engine always has its slot cache)", default=True)
     compile: bool = _help("torch.compile the one-token decode step (CUDA graphs on GPU)", default=False)
     compile_prefill: bool = _help("torch.compile the prompt's prefill too (with --max-batch-size > 1): one graph "
                                   "for every prompt length; a shorter time to first token, minutes more at the first "
@@ -245,7 +246,8 @@ class LLMConfig(ServerConfig):
     lora: str | None = _help("a PEFT LoRA adapter folder, or random:RANK (for speed work), applied unmerged "
                              "as the reference deployment served it", default=None)
     attention: str = _help("auto, sdpa, eager or roofserve (our CPU bf16 decode kernel: reads only the filled "
-                           "part of the cache); auto = sdpa, but the fused matmul-softmax when compiled on CPU",
+                           "part of the cache); auto = sdpa, but the fused matmul-softmax when compiled on CPU; "
+                           "sdpa and eager only with --max-batch-size 1 (the batch engine has its own)",
                            default="auto")
     gemv: str = _help("matmuls of bf16 weights on CPU: torch (oneDNN) or roofserve (our streaming AVX512-BF16 "
                       "kernel, AMX tiles where the CPU has them, built with g++ on first use) for decode steps, "
@@ -294,6 +296,12 @@ class LLMConfig(ServerConfig):
             raise UserError("--attention roofserve is a bf16 kernel: it needs --precision bf16 and the torch backend")
         if self.compile and not self.static_cache:
             raise UserError("compile needs the static KV cache: drop --no-static-cache")
+        if self.max_batch_size > 1 and not self.static_cache:
+            raise UserError("--no-static-cache is for the one-at-a-time engine (--max-batch-size 1): the batch "
+                            "engine always decodes from its own slot cache")
+        if self.max_batch_size > 1 and self.attention in ("sdpa", "eager"):
+            raise UserError(f"--attention {self.attention} is for the one-at-a-time engine (--max-batch-size 1): "
+                            "the batch engine runs its own slot attention (or roofserve's kernel)")
         if self.compile_prefill and self.max_batch_size == 1:
             raise UserError("--compile-prefill compiles the batch engine's prefill: it needs --max-batch-size > 1 "
                             "(the default on the torch backend)")

@@ -61,7 +61,7 @@ def test_llm_sweep_of_two_steps_writes_rows_and_report(tmp_path):
     key.write_text("llm-sweep-key\n")
     ladder.write_text(
         "[bench]\nruns = 2\nrounds = 2\nmax_tokens = 8\nprompt_lengths = [16]\n"
-        '[server]\nmax_seq_len = 256\nprecision = "fp32"\nstatic_cache = false\n'
+        '[server]\nmax_seq_len = 256\nprecision = "fp32"\nstatic_cache = false\nmax_batch_size = 1\n'
         f'api_key_file = "{key}"\n'  # the servers require the key in this file, and the load sends it
         '[[step]]\nname = "fp32"\n[[step]]\nname = "bf16 kernels"\n'
         'server = { precision = "bf16", static_cache = true, gemv = "roofserve", attention = "roofserve", '

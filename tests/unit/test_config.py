@@ -48,7 +48,13 @@ def test_llm_config_refuses_combinations_that_cannot_run():
     from roofserve.config import LLMConfig
 
     with pytest.raises(UserError, match="compile needs the static KV cache"):
-        make_config(LLMConfig, {"compile": True, "static_cache": False})
+        make_config(LLMConfig, {"compile": True, "static_cache": False, "max_batch_size": 1})
+    # knobs of the one-at-a-time engine that would do nothing in the batch engine (the default) say so
+    with pytest.raises(UserError, match="no-static-cache is for the one-at-a-time engine"):
+        make_config(LLMConfig, {"static_cache": False})
+    with pytest.raises(UserError, match="attention sdpa is for the one-at-a-time engine"):
+        make_config(LLMConfig, {"attention": "sdpa", "max_batch_size": 4})
+    assert make_config(LLMConfig, {"static_cache": False, "attention": "eager", "max_batch_size": 1}).attention == "eager"
     with pytest.raises(UserError, match="bnb4 runs eager"):
         make_config(LLMConfig, {"quantize": "bnb4", "compile": True})
     with pytest.raises(UserError, match="attention must be one of"):
