@@ -221,6 +221,9 @@ def test_two_node_cluster_survives_a_dead_worker_node(images, tmp_path):
                 "--timeout-s", str(DEADLINE_S)]
         server = start_server(args, ready_timeout_s=240)
         url = server.url
+        deadline = time.monotonic() + 60  # healthy once one replica answers; the other may still be starting
+        while time.monotonic() < deadline and len({h["node_id"] for h in health(url, 10)}) < 2:
+            time.sleep(2)
         assert len({h["node_id"] for h in health(url, 40)}) == 2, "one replica on each node"
         photo = {"content": images["dalmatian"], "headers": {"Content-Type": "image/jpeg"}}
         load_through(url, photo, nodes[1].kill, 30, 60)
