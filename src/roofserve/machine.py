@@ -51,6 +51,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cache_bytes() -> int | None:
+    """The CPU's last-level cache in bytes (Linux sysfs; None where unknown): the size a model's bytes per
+    token must exceed before a decode step reads them from DRAM rather than from the cache."""
+    from pathlib import Path
+
+    levels = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            size = (index / "size").read_text().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+            levels.append((int((index / "level").read_text()), int(size.rstrip("KMG")) * scale))
+        except (OSError, ValueError):
+            continue
+    return max(levels)[1] if levels else None
+
+
 def describe_machine() -> dict:
     """CPU, cores, memory and GPU of this machine, for every result file."""
     import psutil
@@ -62,6 +80,7 @@ def describe_machine() -> dict:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "cache_mb": round(cache_bytes() / 2**20) if cache_bytes() else None,
         "gpu": gpu,
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "platform": platform.platform(),

@@ -91,3 +91,40 @@ def test_prefill_roof_by_hand():
     # a 1-token prompt is bound by reading the weights, not by its FLOPs
     assert prefill_roof(linear, head, 269_031_168, 1, 0.74, 50.0)["prefill_roof_ms"] == pytest.approx(5.38, abs=0.01)
     assert prefill_roof(linear, head, 269_031_168, 64, None, None)["prefill_roof_ms"] is None
+
+
+def test_a_working_set_the_caches_hold_gets_its_own_roof_not_drams():
+    from roofserve.config import LLMConfig, make_config
+    from roofserve.measure.llm_roof import step_roof
+
+    small = make_config(LLMConfig, {"model": "random:smollm2-135m", "precision": "bf16"})
+    dram = step_roof(small, 256, bandwidth_gb_s=50.0)  # no working-set rate: the DRAM roof, as before
+    assert dram["memory_level"] == "DRAM" and dram["bandwidth_gb_s"] == 50.0
+    resident = step_roof(small, 256, bandwidth_gb_s=50.0, working_set_gb_s=200.0)
+    assert resident["memory_level"] == "cache" and resident["bandwidth_gb_s"] == 200.0
+    assert resident["roof_tokens_per_s"] == pytest.approx(4 * dram["roof_tokens_per_s"], rel=0.01)
+    assert resident["dram_bandwidth_gb_s"] == 50.0
+    # read no more than 20% faster than DRAM: read from DRAM (the difference is noise)
+    assert step_roof(small, 256, bandwidth_gb_s=50.0, working_set_gb_s=55.0)["memory_level"] == "DRAM"
+
+
+def test_the_read_rate_is_measured_at_any_size():
+    import torch
+
+    from roofserve.measure.peaks import measure_read_gb_s
+
+    assert measure_read_gb_s(1 << 20, torch.device("cpu")) > 0 and measure_read_gb_s(64 << 20, torch.device("cpu")) > 0
+
+
+def test_the_dram_buffer_is_several_times_the_cache():
+    import os
+
+    import torch
+
+    from roofserve.machine import cache_bytes
+    from roofserve.measure.peaks import dram_buffer_bytes
+
+    size, cache = dram_buffer_bytes(torch.device("cpu")), cache_bytes() or 0
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert size >= 512 << 20 and (size >= 4 * cache or size >= memory // 8)  # 4x the cache, unless memory is short
+    assert dram_buffer_bytes(torch.device("cuda")) == 2 << 30

@@ -53,10 +53,11 @@ class EngineProcess:
         return self._call(cmd="bench", prompt_lengths=prompt_lengths, max_tokens=max_tokens, runs=runs,
                           chat=chat)["rows"]
 
-    def bandwidth_gb_s(self) -> dict:
-        """{"read_gb_s": plain reads, "gemv_gb_s": torch's one-token bf16 linear layers, and with
-        `--gemv roofserve` "kernel_gemv_gb_s": ours} measured now."""
-        return self._call(cmd="bandwidth")
+    def bandwidth_gb_s(self, working_set_bytes: int | None = None) -> dict:
+        """{"read_gb_s": plain reads from DRAM, "gemv_gb_s": torch's one-token bf16 linear layers, with
+        `--gemv roofserve` "kernel_gemv_gb_s": ours, and given a working set smaller than the DRAM test's
+        buffer "working_set_read_gb_s": reads of a buffer that size} measured now."""
+        return self._call(cmd="bandwidth", working_set_bytes=working_set_bytes)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -81,7 +82,7 @@ def main() -> None:
     from roofserve.load.llm import LONG_PROMPT
     from roofserve.measure.llm import bench_llm_engine
     from roofserve.config import LLMConfig, make_config
-    from roofserve.measure.peaks import measure_bandwidth_gb_s
+    from roofserve.measure.peaks import dram_buffer_bytes, measure_bandwidth_gb_s, measure_read_gb_s
     from roofserve.llm.runtime import build_in_process
 
     cfg = make_config(LLMConfig, None, json.loads(sys.argv[1]))
@@ -97,8 +98,11 @@ def main() -> None:
                                     LONG_PROMPT if command["chat"] else None)
             reply = {"rows": rows}
         elif command["cmd"] == "bandwidth":
-            peaks = {p.name: p.value for p in measure_bandwidth_gb_s(torch.device(device))}
+            peaks = {p.name: p.value for p in measure_bandwidth_gb_s(torch.device(device), copy=False)}
             reply = {"read_gb_s": peaks["read"], "gemv_gb_s": peaks["gemv-bf16"]}
+            working_set = command.get("working_set_bytes")
+            if working_set and working_set < dram_buffer_bytes(torch.device(device)):
+                reply["working_set_read_gb_s"] = measure_read_gb_s(working_set, torch.device(device))
             if cfg.gemv == "roofserve":
                 from roofserve.llm.kernels import measure_gemv_peak
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from roofserve.measure import roofline
 from roofserve.config import LLMConfig
-from roofserve.machine import datasheet_for
+from roofserve.machine import cache_bytes, datasheet_for
 
 
 def model_shape(model: str) -> dict:
@@ -31,8 +31,12 @@ def weight_format(cfg: LLMConfig) -> str:
     return cfg.quantize if cfg.quantize != "none" else cfg.precision
 
 
-def step_roof(cfg: LLMConfig, context_len: int, bandwidth_gb_s: float | None, gpu_name: str | None = None) -> dict:
-    """Bytes per token (weights at storage size + KV cache at context_len) and the tokens/s roof."""
+def step_roof(cfg: LLMConfig, context_len: int, bandwidth_gb_s: float | None, gpu_name: str | None = None,
+              working_set_gb_s: float | None = None) -> dict:
+    """Bytes per token (weights at storage size + KV cache at context_len) and the tokens/s roof: at the
+    DRAM read bandwidth, or, given the measured read rate of a buffer of about these bytes per token
+    (`working_set_gb_s`, measured where they are smaller than the DRAM test's buffer), at that rate:
+    a model the caches hold, even in part, reads faster than DRAM, and a DRAM roof would flatter it."""
     shape = model_shape(cfg.model)
     fmt = weight_format(cfg)
     if fmt == "gguf":
@@ -46,9 +50,13 @@ def step_roof(cfg: LLMConfig, context_len: int, bandwidth_gb_s: float | None, gp
         kv_bytes = 4 if cfg.precision == "fp32" else 2
     kv = roofline.kv_bytes_per_token(shape, context_len, kv_bytes)
     total = weights + kv
+    # a working set read no more than 20% faster than DRAM (noise) is read from DRAM
+    small = bool(working_set_gb_s and bandwidth_gb_s and working_set_gb_s > 1.2 * bandwidth_gb_s)
+    used = working_set_gb_s if small else bandwidth_gb_s
     out = {"weight_format": fmt, "weight_bytes_per_token": weights, "kv_bytes_per_token": kv,
-           "bytes_per_token": total, "bandwidth_gb_s": bandwidth_gb_s,
-           "roof_tokens_per_s": round(roofline.memory_roof_per_s(total, bandwidth_gb_s), 1) if bandwidth_gb_s else None}
+           "bytes_per_token": total, "memory_level": "cache" if small else "DRAM", "cache_bytes": cache_bytes(),
+           "bandwidth_gb_s": used, "dram_bandwidth_gb_s": bandwidth_gb_s, "working_set_read_gb_s": working_set_gb_s,
+           "roof_tokens_per_s": round(roofline.memory_roof_per_s(total, used), 1) if used else None}
     sheet = datasheet_for(gpu_name)
     if sheet:
         out["datasheet_roof_tokens_per_s"] = round(roofline.memory_roof_per_s(total, sheet[1]["bandwidth_gb_s"]), 1)
@@ -56,13 +64,14 @@ def step_roof(cfg: LLMConfig, context_len: int, bandwidth_gb_s: float | None, gp
 
 
 def batch_roofs(cfg: LLMConfig, context_len: int, batch_sizes: list[int], bandwidth_gb_s: float | None,
-                peak_tflops: float | None) -> dict:
+                peak_tflops: float | None, working_set_gb_s: float | None = None) -> dict:
     """Per batch size: the bandwidth roof (weights once per step + each sequence's KV cache at
     context_len) and the compute roof (2 x linear parameters x B FLOPs per step at the measured matmul
     peak) of aggregate decode tokens/s, and the batch size where compute starts to bind."""
     shape = model_shape(cfg.model)
-    one = step_roof(cfg, context_len, bandwidth_gb_s)
+    one = step_roof(cfg, context_len, bandwidth_gb_s, working_set_gb_s=working_set_gb_s)
     weights, kv = one["weight_bytes_per_token"], one["kv_bytes_per_token"]
+    bandwidth_gb_s = one["bandwidth_gb_s"]  # the level one sequence's bytes come from (batches add KV only)
     linear, _ = roofline.llm_shapes(shape)
     rows = {b: roofline.batch_roof(b, weights, kv, linear, bandwidth_gb_s, peak_tflops) for b in batch_sizes}
     crossover = (roofline.crossover_batch_size(weights, kv, linear, bandwidth_gb_s, peak_tflops)

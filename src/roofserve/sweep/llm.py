@@ -50,7 +50,9 @@ def sweep_llm(path: str, overrides: dict[str, Any] | None = None,
 
 def run_step(step: Step, index: int, bandwidth_gb_s: float | None, progress: bool = True,
              peaks: list[dict] | None = None) -> list[dict]:
-    """Served rows (one per concurrency level) and in-process rows of one step, measured alternately."""
+    """Served rows (one per concurrency level) and in-process rows of one step, measured alternately;
+    its roofs at the DRAM read bandwidth, or at the rate a buffer of its bytes per token reads at where
+    that is faster (the caches hold it, at least in part)."""
     from roofserve.measure.engine_process import EngineProcess
     from roofserve.measure.llm_roof import batch_roofs, prefill_roof, step_roof
     from roofserve.measure.peaks import peak_lookup
@@ -62,6 +64,9 @@ def run_step(step: Step, index: int, bandwidth_gb_s: float | None, progress: boo
     per_round = max(1, b.runs // rounds)
     levels = {c: {"results": [], "wall_s": 0.0, "rates": [], "row": None} for c in b.concurrency}
     engine_chat, bandwidths = [], []
+    # the bytes a decode step reads (weights, KV cache at the output's middle): each round also times
+    # reading a buffer that size, which the caches may hold
+    working_set = step_roof(cfg, context_len=b.max_tokens // 2, bandwidth_gb_s=None)["bytes_per_token"]
     engine = EngineProcess(cfg) if in_process else None  # loads (and compiles) while the server does
     try:
         with running_server(["llm", *config_flags(cfg)], ready_timeout_s=900, env=secret_env(cfg)) as url:
@@ -69,7 +74,7 @@ def run_step(step: Step, index: int, bandwidth_gb_s: float | None, progress: boo
                 engine.wait_ready()
             for i in range(rounds):
                 if engine:
-                    bandwidths.append(engine.bandwidth_gb_s())
+                    bandwidths.append(engine.bandwidth_gb_s(working_set))
                 for level, acc in levels.items():
                     row, results = bench_llm_api(f"{url}/v1/chat/completions", "", max_tokens=b.max_tokens,
                                                  runs=per_round * level, concurrency=level, ignore_eos=b.ignore_eos,
@@ -86,8 +91,11 @@ def run_step(step: Step, index: int, bandwidth_gb_s: float | None, progress: boo
         if engine:
             engine.close()
     bandwidth = statistics.median(m["read_gb_s"] for m in bandwidths) if bandwidths else bandwidth_gb_s
+    rates = [m["working_set_read_gb_s"] for m in bandwidths if m.get("working_set_read_gb_s")]
+    working_set_bandwidth = statistics.median(rates) if rates else None
     prompt_tokens = next((r.prompt_tokens for acc in levels.values() for r in acc["results"] if r.ok), 0) or 0
-    roof = step_roof(cfg, context_len=prompt_tokens + b.max_tokens // 2, bandwidth_gb_s=bandwidth)
+    roof = step_roof(cfg, context_len=prompt_tokens + b.max_tokens // 2, bandwidth_gb_s=bandwidth,
+                     working_set_gb_s=working_set_bandwidth)
     roof["sweep_bandwidth_gb_s"] = bandwidth_gb_s
     roof["rounds_bandwidth_gb_s"] = [round(m["read_gb_s"], 1) for m in bandwidths]
     roof["gemv_gb_s"] = round(statistics.median(m["gemv_gb_s"] for m in bandwidths), 1) if bandwidths else None
@@ -97,11 +105,12 @@ def run_step(step: Step, index: int, bandwidth_gb_s: float | None, progress: boo
     sizes = {level: min(level, cfg.max_batch_size) for level in levels}
     matmul_peak = peak_lookup(peaks or [], "matmul", cfg.precision)
     peak = matmul_peak if cfg.max_batch_size > 1 else None
-    batch = batch_roofs(cfg, prompt_tokens + b.max_tokens // 2, sorted(set(sizes.values())), bandwidth, peak)
+    batch = batch_roofs(cfg, prompt_tokens + b.max_tokens // 2, sorted(set(sizes.values())), bandwidth, peak,
+                        working_set_bandwidth)
 
     def prefill(tokens: int) -> dict:
         return {**prefill_roof(batch["linear_params"], batch["lm_head_params"], roof["weight_bytes_per_token"], tokens,
-                             matmul_peak, bandwidth),
+                             matmul_peak, roof["bandwidth_gb_s"]),
                 "prefill_matmul_tflops": matmul_peak}
 
     rows = []
