@@ -2,10 +2,10 @@
 
 LitServe 0.2.19 sends every answer (every streamed message) through a multiprocessing Manager queue:
 the worker's put is a round trip to the manager process, and the HTTP process's get is another one,
-made from a thread-pool thread for each message. Measured on 2 cores with a model that costs almost
-nothing (random:tiny, one token per message): the manager process alone spent 0.25 ms of CPU per
-message and the HTTP process 0.28 ms. (Its `fast_queue=True`, ZeroMQ, is not used by 0.2.19: the
-server builds its TransportConfig with a misspelled field and always gets Manager queues.)
+made from a thread-pool thread for each message: with a model that costs almost nothing, that hop is
+most of a streamed message's CPU (measured: docs/many-users.md). (Its `fast_queue=True`, ZeroMQ, is
+not used by 0.2.19: the server builds its TransportConfig with a misspelled field and always gets
+Manager queues.)
 
 Here a worker writes each answer straight into a pipe that the HTTP process's event loop watches
 (`add_reader`): one write in the worker, one read and one unpickle in the HTTP process, no third
