@@ -26,14 +26,11 @@ from roofserve.llm.protocol import Formatter, parse_body, validate_chat_request,
 from roofserve.llm.text import Coalescer, TextStream, coalesce
 from roofserve.server.app import worker_threads
 from roofserve.server.env import worker_logging
-from roofserve.server.http import Rejection, error_response
+from roofserve.server.http import FAILED_MID_ANSWER, Rejection, error_response
 from roofserve.server.lit import StepLoop
 
 log = logging.getLogger(__name__)
 _CANCEL_SLOTS = 64
-
-
-_CUT = (500, "the worker failed while generating this answer")  # its items ended with no end item
 
 
 @dataclass
@@ -109,6 +106,7 @@ class LLMAPI(ls.LitAPI):
             try:
                 async for item, _status in items:
                     if isinstance(item, Rejection):
+                        finished = True  # the worker ended it: nothing left to cancel
                         return error_response(item.status, item.message)
                     if item["t"] == "delta":
                         if not parts:
@@ -123,8 +121,8 @@ class LLMAPI(ls.LitAPI):
                 if not finished:  # the client went away (the handler was cancelled): stop generating
                     self.cancel(payload["request_id"])
                 close()
-            if end is None:
-                return error_response(*_CUT)
+            if end is None:  # the items ended with no end item: the worker failed without saying so
+                return error_response(FAILED_MID_ANSWER.status, FAILED_MID_ANSWER.message)
             return JSONResponse(out.whole("".join(parts), end["finish_reason"], end["usage"], scored))
 
         async def events():
@@ -151,7 +149,7 @@ class LLMAPI(ls.LitAPI):
                             yield event
                         break
                 else:  # the items ended with no end item: the worker failed without saying so
-                    yield out.error(*_CUT)
+                    yield out.error(FAILED_MID_ANSWER.status, FAILED_MID_ANSWER.message)
                 yield "data: [DONE]\n\n"
                 finished = True
             finally:

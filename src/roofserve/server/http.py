@@ -22,6 +22,11 @@ class Rejection:
     message: str
 
 
+# A worker that failed after an answer began (server.lit passes LitServe's error on as this; the LLM API
+# also answers it for items that end without an end item).
+FAILED_MID_ANSWER = Rejection(500, "the worker failed while generating this answer")
+
+
 def error_body(status: int, message: str, code: str | None = None) -> dict:
     """The one error shape of every roofserve answer (OpenAI's; `code` a name such as model_not_found,
     else the status)."""

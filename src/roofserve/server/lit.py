@@ -40,6 +40,7 @@ from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, W
 
 from roofserve.server import connections
 from roofserve.server.http import (
+    FAILED_MID_ANSWER,
     Rejection,
     error_response,
     http_exception,
@@ -238,7 +239,7 @@ async def _failures_as_rejections(items: AsyncIterator) -> AsyncIterator:
     async for item, status in items:
         if status == LitAPIStatus.ERROR:
             log.error("a worker failed while answering: %r", item)
-            yield Rejection(500, "the worker failed while generating this answer"), status
+            yield FAILED_MID_ANSWER, status
             return
         yield item, status
 
