@@ -125,10 +125,12 @@ class Connection:
             await self.close()
 
     async def _timed(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """The body's chunks, each waited for at most read_timeout_s (TimeoutError past it)."""
+        """The body's chunks, each waited for at most read_timeout_s (TimeoutError past it). A timer per
+        chunk (asyncio.timeout), not wait_for's task per chunk: this runs once per streamed message."""
         while True:
             try:
-                chunk = await asyncio.wait_for(anext(chunks), self.read_timeout_s)
+                async with asyncio.timeout(self.read_timeout_s):
+                    chunk = await anext(chunks)
             except StopAsyncIteration:
                 return
             yield chunk
