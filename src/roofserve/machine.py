@@ -76,11 +76,12 @@ def describe_machine() -> dict:
     torch = sys.modules.get("torch")  # a client-side run (no torch loaded) reports no GPU: it uses none
     cuda = torch is not None and torch.cuda.is_available()
     gpu = torch.cuda.get_device_name(0) if cuda else None
+    cache = cache_bytes()
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
-        "cache_mb": round(cache_bytes() / 2**20) if cache_bytes() else None,
+        "cache_mb": round(cache / 2**20) if cache else None,
         "gpu": gpu,
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "platform": platform.platform(),
