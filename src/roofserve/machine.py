@@ -52,8 +52,9 @@ def cpu_model() -> str:
 
 
 def cache_bytes() -> int | None:
-    """The CPU's last-level cache in bytes (Linux sysfs; None where unknown): the size a model's bytes per
-    token must exceed before a decode step reads them from DRAM rather than from the cache."""
+    """The CPU's last-level cache in bytes as the OS reports it (Linux sysfs; None where unknown): what a
+    bandwidth test's buffer must exceed to read from DRAM. On a shared VM it can be far more than a
+    process gets, so which roof a model gets is measured (measure.peaks.measure_read_gb_s), not read here."""
     from pathlib import Path
 
     levels = []

@@ -77,7 +77,7 @@ def batch_roofs(cfg: LLMConfig, context_len: int, batch_sizes: list[int], bandwi
     crossover = (roofline.crossover_batch_size(weights, kv, linear, bandwidth_gb_s, peak_tflops)
                  if bandwidth_gb_s and peak_tflops else None)
     return {"per_batch": rows, "crossover_batch_size": crossover, "linear_params": linear,
-            "lm_head_params": shape["vocab_size"] * shape["hidden_size"]}
+            "lm_head_params": roofline.lm_head_params(shape)}
 
 
 def prefill_roof(linear_params: int, lm_head_params: int, weight_bytes: int, prompt_tokens: int,

@@ -46,13 +46,18 @@ def memory_roof_per_s(bytes_per_item: float, bandwidth_gb_s: float) -> float:
 DENSE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
+def lm_head_params(config: dict) -> int:
+    """Parameters of the LM head (vocab x hidden; with tied embeddings, the embedding table it reads)."""
+    return config["vocab_size"] * config["hidden_size"]
+
+
 def llm_shapes(config: dict) -> tuple[int, int]:
     """(parameters in linear layers incl. the LM head, parameters in norms + one embedding row)."""
     h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     head_dim = config.get("head_dim") or h // heads
     per_layer = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2 + 3 * h * inter
-    linear = layers * per_layer + config["vocab_size"] * h
+    linear = layers * per_layer + lm_head_params(config)
     other = (2 * layers + 1) * h + h
     return linear, other
 
