@@ -210,6 +210,7 @@ QUANTIZATIONS = ("none", "int8", "int4", "bnb4")
 ATTENTIONS = ("auto", "sdpa", "eager", "roofserve")
 BACKENDS = ("torch", "llamacpp", "llama-server")
 GEMVS = ("torch", "roofserve")
+GGUF_WEIGHTS = ("bf16", "packed")
 # --max-batch-size auto on the torch backend: experiments/llm-users-cpu.toml put batch 16 within 3% of one at
 # a time at one user and 4x it at 8 users; 8 halves the buckets to compile and the KV cache of 16
 AUTO_LLM_BATCH = 8
@@ -255,6 +256,10 @@ class LLMConfig(ServerConfig):
     gemv_rows: int = _help("with --gemv roofserve: the most rows (tokens) per matmul that go to our kernel; 0: "
                            "auto, up to where it beat torch's matmul when measured at start (1 to 256 rows)",
                            default=0)
+    gguf_weights: str = _help("a .gguf model's weights: bf16 (dequantized once into a cached folder; --quantize, "
+                              "--gemv and --lora apply) or packed (its own 4- and 8-bit blocks in memory, read by "
+                              "our int8 kernel: one copy about the file's size; Q4_0, Q4_1, Q4_K and Q8_0 natively, "
+                              "other types requantized to 8 bits)", default="bf16")
     group_size: int = _help("int4 group size (must divide the hidden size; 64 fits SmolLM2)", default=64)
     max_batch_size: int = _help("sequences that decode together (vLLM's --max-num-seqs, llama.cpp's --parallel): "
                                 "requests join the running batch between steps and leave when done; 1 serves one "
@@ -279,6 +284,14 @@ class LLMConfig(ServerConfig):
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("attention", self.attention, ATTENTIONS)
         _check_choice("gemv", self.gemv, GEMVS)
+        _check_choice("gguf_weights", self.gguf_weights, GGUF_WEIGHTS)
+        if self.gguf_weights == "packed":
+            if not (self.model.endswith(".gguf") or self.model in (DEFAULT_LLM_MODEL, "default")):
+                raise UserError("--gguf-weights packed reads a .gguf file: pass --model FILE.gguf (or the default "
+                                "model)")
+            if self.quantize != "none" or self.lora or self.backend != "torch" or self.gemv != "torch":
+                raise UserError("--gguf-weights packed serves the file's own quantized blocks: drop --quantize, "
+                                "--lora and --gemv roofserve, and use the torch backend")
         if self.quantize == "bnb4" and self.compile:
             raise UserError("bnb4 runs eager, as the reference deployment did: drop --compile")
         if self.max_batch_size == 0:  # auto, resolved here so that results record what ran

@@ -64,7 +64,7 @@ class SlotModel(torch.nn.Module):
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.scale = self.head_dim ** -0.5
         self.kernel_attention = kernel_attention
-        weight = base.model.embed_tokens.weight
+        weight = base.model.norm.weight  # the model's dtype and device (the embedding may be packed, llm/gguf.py)
         shape = (slots + 1, self.kv_heads, max_seq_len, self.head_dim)
         for i in range(len(self.layers)):  # buffers, so that compiled code treats them as state, not constants
             self.register_buffer(f"k{i}", torch.zeros(shape, dtype=weight.dtype, device=weight.device), persistent=False)

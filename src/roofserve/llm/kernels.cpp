@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
-#ifdef __AVX512BF16__
+#if defined(__AVX512BF16__) || defined(__AVX512VNNI__)
 #include <immintrin.h>
 #endif
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
@@ -492,6 +492,208 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return slot_attention(q, k.contiguous(), v.contiguous(), slot, position.reshape({1}), scale);
 }
 
+// ---- Quantized weights (GGUF's 4- and 8-bit block formats, repacked once at load) ----
+// Every format becomes w[n, k] = d[n, b] * u[n, k] + m[n, b] for blocks b of 32 k, with u unsigned (4 or 8
+// bits): Q4_0 is u = q (0..15), m = -8d; Q8_0 is u = q + 128, m = -128d; Q4_1 and Q4_K keep a stored m.
+// The inputs are quantized per row and block of 32 to int8 (xq, scale dx), as llama.cpp does, so a block's
+// dot product is an integer one: sum_k w x = d dx sum(u xq) + m dx sum(xq).
+// Layout (pack_quant in Python): per block of 16 output columns, per block of 32 k, the 16 x 32 values as
+// 64-byte vectors of 16 columns x 4 consecutive k, which is what AVX512-VNNI's vpdpbusd multiplies by a
+// broadcast group of 4 input bytes: vector j holds k = 4j..4j+3 (8 bits: 8 vectors, 512 bytes) or, 4 bits,
+// k = 4j.. in the low nibbles and k = 16 + 4j.. in the high ones (4 vectors, 256 bytes). d and m:
+// (N/16, K/32, 16) fp16. Accumulators hold 16 outputs, so no horizontal sums are left, and each loaded
+// weight vector serves every input row of the tile.
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  uint32_t bits;
+  if (exp == 0x1F) bits = sign | 0x7F800000 | (man << 13);
+  else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+  else if (man) {  // subnormal
+    int e = -1;
+    uint32_t m = man;
+    do { ++e; m <<= 1; } while (!(m & 0x400));
+    bits = sign | (uint32_t(112 - e) << 23) | ((m & 0x3FF) << 13);
+  } else bits = sign;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+// x (M x K fp32) -> xq (M x K int8), dx (M x K/32): each block's absolute maximum / 127, and
+// cx = dx * sum(xq) of the block (what the m term multiplies).
+template <typename T>
+void quantize_inputs(const T* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* cx) {
+  const int64_t blocks = K / 32;
+  for (int64_t i = 0; i < M * blocks; ++i) {
+    float v[32];
+    for (int t = 0; t < 32; ++t) v[t] = float(x[i * 32 + t]);
+    float top = 0.f;
+    for (int t = 0; t < 32; ++t) top = std::max(top, std::fabs(v[t]));
+    const float scale = top / 127.f, inv = top > 0.f ? 127.f / top : 0.f;
+    int sum = 0;
+    for (int t = 0; t < 32; ++t) {
+      const int q = int(std::nearbyint(v[t] * inv));
+      xq[i * 32 + t] = int8_t(q);
+      sum += q;
+    }
+    dx[i] = scale;
+    cx[i] = scale * float(sum);
+  }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#ifndef QPF_BLOCKS
+#define QPF_BLOCKS 8  // software prefetch, in blocks of 32 k ahead (2-4 KB)
+#endif
+// Rows [0, MB) of the inputs by column block cb, all of K.
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+template <int MB, int BITS, bool MIN, typename OUT>
+inline void quant_tile(const int8_t* xq, const float* dx, const float* cx, int64_t K, const uint8_t* u,
+                       const uint16_t* d, const uint16_t* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
+  const int64_t blocks = K / 32, bytes = BITS * 64;
+  const uint8_t* ub = u + cb * blocks * bytes;
+  const uint16_t* db = d + cb * blocks * 16;
+  const uint16_t* mb = MIN ? mn + cb * blocks * 16 : nullptr;
+  __m512 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* w = ub + b * bytes;
+    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 128), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 192), _MM_HINT_T0);
+    if (BITS == 8) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 256), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 320), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 384), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 448), _MM_HINT_T0);
+    }
+    __m512i wv[8];
+    if (BITS == 4) {
+      for (int j = 0; j < 4; ++j) {
+        const __m512i v = _mm512_loadu_si512(w + 64 * j);
+        wv[j] = _mm512_and_si512(v, low);
+        wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      }
+    } else {
+      for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(w + 64 * j);
+    }
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(db + b * 16)));
+    const __m512 mw = MIN ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mb + b * 16)))
+                          : _mm512_mul_ps(dw, _mm512_set1_ps(mfac));
+    for (int i = 0; i < MB; ++i) {
+      const int8_t* xb = xq + i * K + b * 32;
+      __m512i isum = _mm512_setzero_si512();
+      for (int j = 0; j < 8; ++j) {
+        int32_t group;
+        __builtin_memcpy(&group, xb + 4 * j, 4);
+        isum = _mm512_dpbusd_epi32(isum, wv[j], _mm512_set1_epi32(group));
+      }
+      const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dx[i * blocks + b]));
+      acc[i] = _mm512_fmadd_ps(scaled, dw, acc[i]);
+      acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(cx[i * blocks + b]), acc[i]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) store16(out + i * N + cb * 16, acc[i]);
+}
+
+template <int BITS, bool MIN, typename OUT>
+void quant_rows(const int8_t* xq, const float* dx, const float* cx, int64_t M, int64_t K, const uint8_t* u,
+                const uint16_t* d, const uint16_t* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
+  const int64_t blocks = K / 32;
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4)
+    quant_tile<4, BITS, MIN>(xq + m * K, dx + m * blocks, cx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb);
+  switch (M - m) {
+    case 3: quant_tile<3, BITS, MIN>(xq + m * K, dx + m * blocks, cx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
+    case 2: quant_tile<2, BITS, MIN>(xq + m * K, dx + m * blocks, cx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
+    case 1: quant_tile<1, BITS, MIN>(xq + m * K, dx + m * blocks, cx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
+  }
+}
+#else
+// Plain loops over the same layout, for CPUs without AVX512-VNNI.
+template <int BITS, bool MIN, typename OUT>
+void quant_rows(const int8_t* xq, const float* dx, const float* cx, int64_t M, int64_t K, const uint8_t* u,
+                const uint16_t* d, const uint16_t* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
+  const int64_t blocks = K / 32, bytes = BITS * 64;
+  for (int64_t i = 0; i < M; ++i) {
+    float acc[16] = {0};
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* w = u + (cb * blocks + b) * bytes;
+      const int8_t* xb = xq + i * K + b * 32;
+      int32_t isum[16] = {0};
+      for (int j = 0; j < 8; ++j)
+        for (int c = 0; c < 16; ++c)
+          for (int t = 0; t < 4; ++t) {
+            const int v = BITS == 8 ? w[j * 64 + 4 * c + t]
+                                    : (w[(j & 3) * 64 + 4 * c + t] >> (j < 4 ? 0 : 4)) & 0x0F;
+            isum[c] += v * int(xb[4 * j + t]);
+          }
+      for (int c = 0; c < 16; ++c) {
+        const float dw = half_to_float(d[(cb * blocks + b) * 16 + c]);
+        const float mw = MIN ? half_to_float(mn[(cb * blocks + b) * 16 + c]) : dw * mfac;
+        acc[c] += dw * dx[i * blocks + b] * float(isum[c]) + mw * cx[i * blocks + b];
+      }
+    }
+    for (int c = 0; c < 16; ++c) out[i * N + cb * 16 + c] = acc[c];
+  }
+}
+#endif
+
+// x (..., K) with M rows; u, d, m as laid out above (m empty: m = mfac * d); bits 4 or 8 -> (..., N) in x's
+// dtype. Any row count: decode steps (few rows) and prompt chunks (each 4-row tile re-reads the column
+// block's weights from the core's cache).
+at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& u, const at::Tensor& d, const at::Tensor& m,
+                      int64_t bits, double mfac) {
+  TORCH_CHECK(bits == 4 || bits == 8, "gemm_quant: bits must be 4 or 8");
+  TORCH_CHECK(u.scalar_type() == at::kByte && u.dim() == 3 && u.size(2) == bits * 64 && u.is_contiguous(),
+              "gemm_quant: u must be (N/16, K/32, bits * 64) uint8");
+  const int64_t cblocks = u.size(0), blocks = u.size(1), N = cblocks * 16, K = blocks * 32;
+  TORCH_CHECK(x.size(-1) == K, "gemm_quant: x's last dimension must be the weights' K");
+  TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.numel() == N * blocks, "gemm_quant: bad d");
+  const bool has_min = m.numel() > 0;
+  TORCH_CHECK(!has_min || (m.scalar_type() == at::kHalf && m.is_contiguous() && m.numel() == N * blocks),
+              "gemm_quant: bad m");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "gemm_quant: bf16 or fp32 inputs");
+  const int64_t M = x.numel() / K;
+  auto xc = x.contiguous();
+  // per-thread scratch for the quantized inputs, kept between calls (no allocation per decode step)
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> dx, cx;
+  xq.resize(M * K);
+  dx.resize(M * blocks);
+  cx.resize(M * blocks);
+  if (x.scalar_type() == at::kBFloat16)
+    quantize_inputs(xc.data_ptr<at::BFloat16>(), M, K, xq.data(), dx.data(), cx.data());
+  else
+    quantize_inputs(xc.data_ptr<float>(), M, K, xq.data(), dx.data(), cx.data());
+  auto out = out_like(xc, N);
+  const uint8_t* up = u.data_ptr<uint8_t>();
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
+  const uint16_t* mp = has_min ? reinterpret_cast<const uint16_t*>(m.data_ptr()) : nullptr;
+  const float mf = float(mfac);
+  const int8_t* q = xq.data();
+  const float *dxp = dx.data(), *cxp = cx.data();
+  auto run = [&](auto* op) {
+    at::parallel_for(0, cblocks, 4, [&](int64_t c0, int64_t c1) {
+      for (int64_t cb = c0; cb < c1; ++cb) {
+        if (bits == 4 && has_min) quant_rows<4, true>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
+        else if (bits == 4) quant_rows<4, false>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
+        else if (has_min) quant_rows<8, true>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
+        else quant_rows<8, false>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
+      }
+    });
+  };
+  if (x.scalar_type() == at::kBFloat16) run(out.data_ptr<at::BFloat16>());
+  else run(out.data_ptr<float>());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(roofserve, m) {
@@ -501,6 +703,7 @@ TORCH_LIBRARY(roofserve, m) {
   m.def("set_amx_min_rows(int rows) -> int", &set_amx_min_rows);  // no tensors: a catch-all kernel
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor position, float scale) -> Tensor");
   m.def("slot_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor positions, float scale) -> Tensor");
+  m.def("gemm_quant(Tensor x, Tensor u, Tensor d, Tensor m, int bits, float mfac) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(roofserve, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
@@ -508,4 +711,5 @@ TORCH_LIBRARY_IMPL(roofserve, CPU, m) {
   m.impl("gemm_packed_bf16", &gemm_packed_bf16);
   m.impl("decode_attention", &decode_attention);
   m.impl("slot_attention", &slot_attention);
+  m.impl("gemm_quant", &gemm_quant);
 }

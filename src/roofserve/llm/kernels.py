@@ -24,7 +24,8 @@ tasks split over threads. Head sizes that are not a multiple of 32 take a plain 
 
 Both are built from source on first use (a C++ compiler is needed, as torch.compile on CPU needs one)
 and registered as the operators `roofserve::gemv_bf16`, `gemm_bf16`, `gemm_packed_bf16`,
-`decode_attention` and `slot_attention`, so compiled code calls them without Python.
+`decode_attention`, `slot_attention` and `gemm_quant` (GGUF's 4- and 8-bit blocks, llm/gguf.py), so
+compiled code calls them without Python.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def load_kernel() -> None:
     torch.library.register_fake("roofserve::gemm_packed_bf16")(_packed_shape)
     torch.library.register_fake("roofserve::decode_attention")(_attention_shape)
     torch.library.register_fake("roofserve::slot_attention")(_slot_attention_shape)
+    torch.library.register_fake("roofserve::gemm_quant")(_quant_shape)
     log.info("CPU kernels ready in %.1f s (AVX512-BF16: %s)", time.perf_counter() - start, " avx512_bf16" in cpu)
 
 
@@ -105,6 +107,10 @@ def _gemv_shape(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _packed_shape(x: torch.Tensor, wp: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], wp.shape[0] * 16))
+
+
+def _quant_shape(x, u, d, m, bits, mfac):
+    return x.new_empty((*x.shape[:-1], u.shape[0] * 16))
 
 
 def pack_pairs(w: torch.Tensor) -> torch.Tensor:

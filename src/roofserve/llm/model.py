@@ -43,6 +43,8 @@ class Loaded:
     name: str
     random_weights: bool
     source: str
+    packed_bytes: dict[str, int] | None = None  # --gguf-weights packed: bytes in memory by GGUF type
+    dense_bytes: int = 0  # and the dense tensors (norms, any F16/F32 matrices)
 
 
 def bundled_gguf() -> Path:
@@ -145,13 +147,25 @@ def _from_gguf(path: Path, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
 
 
-def load(source: str, precision: str = "bf16", device: str | torch.device = "cpu") -> Loaded:
-    """Model in eval mode on `device` in `precision`, with its tokenizer."""
+def load(source: str, precision: str = "bf16", device: str | torch.device = "cpu", gguf_weights: str = "bf16") -> Loaded:
+    """Model in eval mode on `device` in `precision`, with its tokenizer; a GGUF's weights dequantized
+    (gguf_weights "bf16") or kept in their blocks ("packed", llm/gguf.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     check_source(source)
     dtype = DTYPES[precision]
     random_weights = False
+    if gguf_weights == "packed":
+        from roofserve.llm.gguf import load_packed
+
+        if torch.device(device).type != "cpu":
+            raise UserError("--gguf-weights packed runs on CPU only; use --gguf-weights bf16 on a GPU")
+        path = bundled_gguf() if source in (DEFAULT_MODEL, "default") else Path(source)
+        model, plan_bytes, dense = load_packed(path, dtype)
+        loaded = Loaded(model, _load_tokenizer(path), DEFAULT_MODEL if path != Path(source) else path.stem, False,
+                        source)
+        loaded.packed_bytes, loaded.dense_bytes = plan_bytes, dense
+        return loaded
     if source in (DEFAULT_MODEL, "default"):
         path = bundled_gguf()
         model, tokenizer, name = _from_gguf(path, dtype), _load_tokenizer(path), DEFAULT_MODEL

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from roofserve.config import LLMConfig
+from roofserve.device import DTYPES
 from roofserve.errors import UserError
 from roofserve.llm.generator import Generator
 
@@ -90,7 +91,13 @@ class TorchGenerator(Generator):
         from roofserve.llm.model import load
 
         device = torch.device(device)
-        loaded = load(cfg.model, cfg.precision, device)
+        loaded = load(cfg.model, cfg.precision, device, cfg.gguf_weights)
+        if loaded.packed_bytes is not None:
+            from roofserve.llm.gguf import MemoryPlan, kv_bytes_per_slot
+
+            kv = kv_bytes_per_slot(loaded.model.config, cfg.max_seq_len, DTYPES[cfg.precision])
+            for line in MemoryPlan(loaded.packed_bytes, loaded.dense_bytes, kv, cfg.max_seq_len).lines():
+                log.info("memory plan: %s", line)
         quantize(loaded.model, cfg.quantize, cfg.group_size, device)
         if cfg.gemv == "roofserve":
             from roofserve.llm.kernels import measure_gemm_crossover, use_gemv_kernel

@@ -28,6 +28,8 @@ def model_shape(model: str) -> dict:
 def weight_format(cfg: LLMConfig) -> str:
     if cfg.backend in ("llamacpp", "llama-server"):
         return "gguf"
+    if cfg.gguf_weights == "packed":
+        return "gguf-packed"
     return cfg.quantize if cfg.quantize != "none" else cfg.precision
 
 
@@ -44,6 +46,11 @@ def step_roof(cfg: LLMConfig, context_len: int, bandwidth_gb_s: float | None, gp
 
         weights = roofline.gguf_bytes_per_token(str(gguf_path(cfg.model)))
         kv_bytes = 2  # llama.cpp's default f16 KV cache
+    elif fmt == "gguf-packed":
+        from roofserve.llm.llamacpp import gguf_path
+
+        kv_bytes = 4 if cfg.precision == "fp32" else 2
+        weights = roofline.packed_gguf_bytes_per_token(str(gguf_path(cfg.model)), kv_bytes)
     else:
         weights = roofline.weight_bytes_per_token(shape, fmt, cfg.group_size,
                                                   "bf16" if cfg.precision != "fp32" else "fp32")

@@ -98,6 +98,21 @@ def gguf_bytes_per_token(path: str) -> int:
     return int(sum(int(t.n_bytes) for t in GGUFReader(path).tensors))
 
 
+def packed_gguf_bytes_per_token(path: str, dense_bytes: int = 2) -> int:
+    """Bytes per token of a GGUF file's weights as `--gguf-weights packed` holds them (llm/gguf.py): Q4_0 and
+    Q8_0 as stored, Q4_1 and Q4_K at 20 bytes per 32 weights, other quantized types at 34 (8 bits),
+    F32/F16/BF16 tensors at the model's precision (dense_bytes per weight)."""
+    from gguf import GGUFReader
+
+    per_32 = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 20, "Q8_0": 34}
+    total = 0
+    for t in GGUFReader(path).tensors:
+        kind = t.tensor_type.name
+        n = int(t.n_elements)
+        total += n * dense_bytes if kind in ("F32", "F16", "BF16") else n * per_32.get(kind, 34) // 32
+    return total
+
+
 def kv_bytes_per_token(config: dict, context_len: int, dtype_bytes: int = 2) -> int:
     """KV cache bytes read for one decoded token at a context of context_len tokens."""
     h, heads = config["hidden_size"], config["num_attention_heads"]

@@ -1,0 +1,314 @@
+"""GGUF weights served as they are stored: 4- and 8-bit blocks repacked once, at load, for our kernel.
+
+`--gguf-weights packed` reads each tensor of a Llama-family .gguf file, turns its blocks into the layout
+`roofserve::gemm_quant` streams (kernels.cpp: w = d * u + m per block of 32, u unsigned, grouped for
+AVX512-VNNI) and drops the file's bytes: one copy of the weights, about the file's size, and no fp32
+folder. Formats and what they become:
+- Q4_0, Q8_0: the same bytes per weight (4.5, 8.5 bits); d as stored, m = -8d or -128d.
+- Q4_1 and Q4_K (each 32 weights with a scale and a minimum): 5 bits per weight (Q4_K stores 4.5:
+  its 6-bit sub-block scales become fp16 ones, exact to fp16's precision).
+- other quantized types (Q5_*, Q6_K, the 6-bit tensors of a Q4_K_M file, ...): dequantized by gguf's
+  reference code and requantized to 8 bits per weight (8.5 bits; each weight moves by at most 1/254 of
+  its block's largest magnitude).
+- F32, F16, BF16 matrices: dense weights in the model's precision (torch's matmul).
+The token embedding stays packed too; a lookup dequantizes only the rows it needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from roofserve.errors import UserError
+
+log = logging.getLogger(__name__)
+
+QK = 32  # weights per block of our layout
+ROWS_PER_CHUNK = 4096  # rows decoded at once (bounds the temporary float copies of a big tensor)
+
+# GGUF tensor names (llama.cpp's "llama" architecture) -> transformers' LlamaForCausalLM names
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+@dataclass
+class Packed:
+    """One weight matrix (N x K) in gemm_quant's layout: w = d * u + m per block of 32."""
+
+    u: torch.Tensor  # (N/16, K/32, bits * 64) uint8
+    d: torch.Tensor  # (N/16, K/32, 16) fp16
+    m: torch.Tensor  # same, or empty: m = mfac * d
+    bits: int
+    mfac: float
+    source: str  # the GGUF type it came from, e.g. "Q4_K"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.u.shape[0] * 16, self.u.shape[1] * QK
+
+    @property
+    def nbytes(self) -> int:
+        return self.u.numel() + 2 * self.d.numel() + 2 * self.m.numel()
+
+
+def pack(u: np.ndarray, d: np.ndarray, m: np.ndarray | None, bits: int) -> tuple[np.ndarray, ...]:
+    """u (N, K) unsigned values, d and m (N, K/32) -> the layout of kernels.cpp (see its comment)."""
+    n, k = u.shape
+    blocks = k // QK
+    if bits == 8:  # (N/16, 16 c, B, 8 j, 4 t) -> (N/16, B, 8 j, 16 c, 4 t)
+        out = u.reshape(n // 16, 16, blocks, 8, 4).transpose(0, 2, 3, 1, 4)
+    else:  # k = 16 h + 4 j + t; h = 0 low nibble, h = 1 high
+        v = u.reshape(n // 16, 16, blocks, 2, 4, 4).transpose(0, 2, 3, 4, 1, 5)
+        out = v[:, :, 0] | (v[:, :, 1] << 4)
+    out = np.ascontiguousarray(out, dtype=np.uint8).reshape(n // 16, blocks, bits * 64)
+
+    def scales(s):
+        return np.ascontiguousarray(s.reshape(n // 16, 16, blocks).transpose(0, 2, 1), dtype=np.float16)
+
+    return out, scales(d), (scales(m) if m is not None else None)
+
+
+def _requantize8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
+    """fp32 (N, K) -> 8-bit blocks of 32: d = max |w| / 127, u = round(w / d) + 128."""
+    blocks = w.reshape(w.shape[0], -1, QK)
+    d = np.abs(blocks).max(axis=-1) / 127.0
+    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+    q = np.rint(blocks * inv[..., None]).clip(-127, 127).astype(np.int16) + 128
+    return q.astype(np.uint8).reshape(w.shape), d, None
+
+
+def _q4_k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 scale bytes per 256 weights -> 8 six-bit scales and 8 six-bit minimums (llama.cpp's
+    get_scale_min_k4)."""
+    s = s.astype(np.uint8)
+    sc = np.empty(s.shape[:-1] + (8,), np.uint8)
+    mn = np.empty_like(sc)
+    sc[..., :4] = s[..., 0:4] & 63
+    mn[..., :4] = s[..., 4:8] & 63
+    sc[..., 4:] = (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)
+    mn[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return sc, mn
+
+
+def decode(raw: np.ndarray, kind: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, float]:
+    """GGUF blocks of rows (N, bytes per row) -> u (N, K), d, m (N, K/32) or None, bits, mfac."""
+    n = raw.shape[0]
+    if kind == "Q4_0":
+        b = raw.reshape(n, k // 32, 18)
+        d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        qs = b[..., 2:]
+        u = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(n, k)
+        return u, d, None, 4, -8.0
+    if kind == "Q4_1":
+        b = raw.reshape(n, k // 32, 20)
+        dm = b[..., :4].copy().view(np.float16).astype(np.float32)
+        qs = b[..., 4:]
+        u = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(n, k)
+        return u, dm[..., 0], dm[..., 1], 4, 0.0
+    if kind == "Q8_0":
+        b = raw.reshape(n, k // 32, 34)
+        d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        u = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8).reshape(n, k)
+        return u, d, None, 8, -128.0
+    if kind == "Q4_K":
+        b = raw.reshape(n, k // 256, 144)
+        dd = b[..., :4].copy().view(np.float16).astype(np.float32)  # (n, S, 2): d, dmin
+        sc, mn = _q4_k_scales(b[..., 4:16])
+        qs = b[..., 16:].reshape(n, k // 256, 4, 32)  # chunk c: low nibbles -> sub-block 2c, high -> 2c + 1
+        u = np.stack([qs & 0xF, qs >> 4], axis=3).reshape(n, k)
+        d = (dd[..., :1] * sc).reshape(n, k // 32)
+        m = (-dd[..., 1:] * mn).reshape(n, k // 32)
+        return u, d, m, 4, 0.0
+    from gguf.quants import dequantize
+    from gguf import GGMLQuantizationType
+
+    w = dequantize(raw, GGMLQuantizationType[kind]).reshape(n, k).astype(np.float32)
+    return (*_requantize8(w), 8, -128.0)
+
+
+DENSE = ("F32", "F16", "BF16")
+
+
+def pack_tensor(raw: np.ndarray, kind: str, shape: tuple[int, int], permute: int | None = None) -> Packed:
+    """A GGUF matrix's raw bytes (N rows) -> Packed, decoded in chunks of rows; permute: the head count of
+    llama.cpp's rotary reordering of Q and K rows (undone here, as transformers does)."""
+    n, k = shape
+    if n % 16 or k % QK:
+        raise UserError(f"a {n}x{k} {kind} matrix does not fit the packed layout (rows a multiple of 16, "
+                        "columns of 32); load it with --gguf-weights bf16")
+    raw = raw.reshape(n, -1)
+    if permute:
+        dim = n // permute // 2
+        raw = raw.reshape(permute, dim, 2, -1).swapaxes(2, 1).reshape(n, -1)
+    parts = [decode(raw[i:i + ROWS_PER_CHUNK], kind, k) for i in range(0, n, ROWS_PER_CHUNK)]
+    bits, mfac = parts[0][3], parts[0][4]
+    packed = [pack(u, d, m, bits) for u, d, m, _, _ in parts]
+    del parts
+    u = torch.from_numpy(np.concatenate([p[0] for p in packed]))
+    d = torch.from_numpy(np.concatenate([p[1] for p in packed]))
+    m = torch.from_numpy(np.concatenate([p[2] for p in packed])) if packed[0][2] is not None else torch.empty(0, dtype=torch.float16)
+    return Packed(u, d, m, bits, mfac, kind)
+
+
+def dequantize_packed(p: Packed, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 weights (rows: only those rows) back from the packed layout."""
+    nb, blocks, _ = p.u.shape
+    rows = torch.arange(nb * 16) if rows is None else rows
+    cb, c = rows // 16, rows % 16
+    if p.bits == 8:
+        u = p.u.view(nb, blocks, 8, 16, 4)[cb, :, :, c, :].reshape(len(rows), blocks, QK)
+    else:
+        v = p.u.view(nb, blocks, 4, 16, 4)[cb, :, :, c, :].reshape(len(rows), blocks, 16)
+        u = torch.cat([v & 0xF, v >> 4], dim=-1)
+    d = p.d[cb, :, c].float()
+    m = p.m[cb, :, c].float() if p.m.numel() else p.mfac * d
+    return (u.float() * d[..., None] + m[..., None]).reshape(len(rows), blocks * QK)
+
+
+class QuantLinear(torch.nn.Module):
+    """A bias-free linear layer over packed weights: every call goes to roofserve::gemm_quant."""
+
+    def __init__(self, p: Packed):
+        super().__init__()
+        self.out_features, self.in_features = p.shape
+        self.bits, self.mfac, self.source = p.bits, p.mfac, p.source
+        self.register_buffer("u", p.u, persistent=False)
+        self.register_buffer("d", p.d, persistent=False)
+        self.register_buffer("m", p.m, persistent=False)
+
+    def packed(self) -> Packed:
+        return Packed(self.u, self.d, self.m, self.bits, self.mfac, self.source)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.roofserve.gemm_quant(x, self.u, self.d, self.m, self.bits, self.mfac)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.source} as {self.bits}-bit"
+
+
+class QuantEmbedding(torch.nn.Module):
+    """The token embedding over packed weights (shared with a tied LM head): a lookup dequantizes its rows."""
+
+    def __init__(self, linear: QuantLinear, dtype: torch.dtype):
+        super().__init__()
+        self.table = linear  # a module reference: tied, not copied
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = dequantize_packed(self.table.packed(), ids.reshape(-1))
+        return rows.to(self.dtype).view(*ids.shape, -1)
+
+
+@dataclass
+class MemoryPlan:
+    """What a packed GGUF model holds in memory, by source format, and its KV cache per sequence."""
+
+    weight_bytes: dict[str, int]
+    dense_bytes: int
+    kv_bytes_per_slot: int
+    max_seq_len: int
+
+    def lines(self) -> list[str]:
+        gb = 1e9
+        parts = ", ".join(f"{kind} {n / gb:.2f} GB" for kind, n in sorted(self.weight_bytes.items()))
+        total = sum(self.weight_bytes.values()) + self.dense_bytes
+        return [f"weights {total / gb:.2f} GB ({parts}; dense {self.dense_bytes / gb:.2f} GB)",
+                f"KV cache {self.kv_bytes_per_slot / gb:.3f} GB per sequence slot of {self.max_seq_len} tokens"]
+
+
+def kv_bytes_per_slot(config, max_seq_len: int, dtype: torch.dtype) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * max_seq_len * dtype.itemsize
+
+
+def load_packed(path: Path, dtype: torch.dtype = torch.bfloat16):
+    """A LlamaForCausalLM whose matrices are QuantLinear modules, straight from a GGUF file (one copy of the
+    weights in memory); returns (model, {gguf type: packed bytes}, dense bytes)."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from roofserve.llm.kernels import load_kernel
+
+    load_kernel()
+    try:
+        parsed = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+        reader = GGUFReader(str(path))
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"cannot read {path} as GGUF ({type(e).__name__}: {str(e)[:120]})") from None
+    if parsed.get("model_type") != "llama":
+        raise UserError(f"{path.name}: architecture {parsed.get('model_type')!r}; --gguf-weights packed reads "
+                        "Llama-family files only (use --gguf-weights bf16)")
+    config = LlamaConfig(**{k: v for k, v in parsed.items() if k not in ("model_type", "architectures")})
+    tensors = {t.name: t for t in reader.tensors}
+    config.tie_word_embeddings = "output.weight" not in tensors
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    weight_bytes: dict[str, int] = {}
+    dense = 0
+
+    def raw(t) -> np.ndarray:  # a file read, not the reader's memory map: its pages would count as ours
+        return np.fromfile(path, dtype=np.uint8, count=int(t.n_bytes), offset=int(t.data_offset))
+
+    def matrix(name: str, permute: int | None = None) -> torch.nn.Module:
+        nonlocal dense
+        t = tensors[name]
+        k, n = (int(x) for x in t.shape[:2])  # ggml order: row length first
+        kind = t.tensor_type.name
+        if kind in DENSE:
+            from gguf.quants import dequantize
+
+            w = torch.from_numpy(dequantize(raw(t), t.tensor_type).reshape(n, k).astype(np.float32))
+            if permute:
+                w = w.reshape(permute, n // permute // 2, 2, k).transpose(1, 2).reshape(n, k)
+            layer = torch.nn.Linear(k, n, bias=False, dtype=dtype)
+            layer.weight = torch.nn.Parameter(w.to(dtype), requires_grad=False)
+            dense += layer.weight.numel() * dtype.itemsize
+            return layer
+        p = pack_tensor(raw(t), kind, (n, k), permute)
+        weight_bytes[kind] = weight_bytes.get(kind, 0) + p.nbytes
+        return QuantLinear(p)
+
+    def vector(name: str) -> torch.nn.Parameter:
+        nonlocal dense
+        from gguf.quants import dequantize
+
+        t = tensors[name]
+        v = torch.from_numpy(dequantize(raw(t), t.tensor_type).reshape(-1).astype(np.float32)).to(dtype)
+        dense += v.numel() * dtype.itemsize
+        return torch.nn.Parameter(v, requires_grad=False)
+
+    try:
+        inner = model.model
+        table = matrix("token_embd.weight")
+        if not isinstance(table, QuantLinear):
+            embed = torch.nn.Embedding.from_pretrained(table.weight.data, freeze=True)
+        else:
+            embed = QuantEmbedding(table, dtype)
+        inner.embed_tokens = embed
+        model.lm_head = table if config.tie_word_embeddings else matrix("output.weight")
+        inner.norm.weight = vector("output_norm.weight")
+        for i, layer in enumerate(inner.layers):
+            for short, long in _LAYER_NAMES.items():
+                name = f"blk.{i}.{short}.weight"
+                if short.endswith("norm"):
+                    layer.get_submodule(long).weight = vector(name)
+                else:
+                    owner, attr = long.split(".")
+                    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(short)
+                    setattr(layer.get_submodule(owner), attr, matrix(name, heads))
+    except KeyError as e:
+        raise UserError(f"{path.name} has no tensor {e.args[0]}: not a Llama-family GGUF file we can read") from None
+    inner.rotary_emb = type(inner.rotary_emb)(config=config)  # its frequencies were built on meta
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise UserError(f"{path.name}: no weights in the file for {', '.join(left[:3])}")
+    return model.eval(), weight_bytes, dense
