@@ -11,6 +11,8 @@ import argparse
 import logging
 import os
 import sys
+import time
+from pathlib import Path
 
 from roofserve.config import (
     DEFAULT_VISION_MODEL,
@@ -240,13 +242,40 @@ def cmd_bench_llm_engine(args: argparse.Namespace) -> int:
 
     cfg = _server_config(args, LLMConfig)
     bench = make_config(LLMEngineBenchConfig, config_from_args(args, LLMEngineBenchConfig))
+    start = time.perf_counter()
     generator, _ = build_in_process(cfg)
+    startup_s = round(time.perf_counter() - start, 1)  # load, and compile where asked (the warm-up)
     rows = bench_llm_engine(generator, bench.prompt_lengths, bench.max_tokens, bench.runs)
     roof = step_roof(cfg, max(bench.prompt_lengths) + bench.max_tokens // 2, args.bandwidth_gb_s)
-    rows = [{**r, **roof, "step": args.label} for r in rows]
+    rows = [{**r, **roof, "startup_s": startup_s, "step": args.label} for r in rows]
     _table(rows, ["prompt", "prompt_tokens", "ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "weight_format",
                   "roof_tokens_per_s"])
     _save(args.out, "bench llm-engine", {"server": as_dict(cfg), **as_dict(bench), "label": args.label}, rows)
+    return 0
+
+
+def cmd_bench_gguf(args: argparse.Namespace) -> int:
+    from roofserve.measure.gguf_bench import bench_gguf, random_file, summarize
+
+    files = [Path(f) for f in args.files]
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"GGUF file not found: {f}")
+    files += [random_file(shape, kind) for shape in args.shapes for kind in args.types]
+    if not files:
+        raise UserError("nothing to run: pass GGUF files, or --shapes and --types")
+
+    def progress(row):
+        print(f"  {row['file']} round {row['round']} {row['engine']}: decode {row['decode_tokens_per_s']} tok/s, "
+              f"prefill {row['prefill_tokens_per_s']} tok/s, peak RSS {row['peak_rss_gb']} GB", flush=True)
+
+    rows = bench_gguf(files, args.prompt_tokens, args.max_tokens, args.rounds, args.threads, progress=progress)
+    summary = summarize(rows)
+    _table(summary, ["file", "decode_ours", "decode_llama_cpp", "decode_x", "prefill_ours", "prefill_llama_cpp",
+                     "prefill_x", "rss_gb_ours", "rss_gb_llama_cpp"])
+    _save(args.out, "bench gguf", {"files": [str(f) for f in files], "prompt_tokens": args.prompt_tokens,
+                                   "max_tokens": args.max_tokens, "rounds": args.rounds, "threads": args.threads},
+          rows + [{"kind": "summary", **r} for r in summary])
     return 0
 
 
@@ -458,6 +487,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default="manual")
     p.add_argument("--out", default="results/llm-engine.json")
     p.set_defaults(func=cmd_bench_llm_engine)
+
+    p = bench.add_parser(
+        "gguf", help="ours (--gguf-weights packed) against llama.cpp's llama-bench on the same GGUF files, alternated",
+        description="Per file and round, as separate processes on --threads cores: `roofserve bench llm-engine "
+        "--gguf-weights packed --compile --attention roofserve` (prefill of a --prompt-tokens prompt, then "
+        "--max-tokens of decode) and llama.cpp's `llama-bench -p P -n N` (`make llama-server` builds it), with "
+        "each process's peak RSS. --shapes x --types add random-weight files of known shapes (written once "
+        "into .cache/gguf-random/; K-quant mixes such as Q4_K_M need llama-quantize).",
+    )
+    p.add_argument("files", nargs="*", help="GGUF files to run")
+    p.add_argument("--shapes", type=lambda s: [x for x in s.split(",") if x], default=[],
+                   help="random-weight shapes, comma-separated: llama-3.2-1b, llama-3.1-8b, smollm2-135m")
+    p.add_argument("--types", type=lambda s: [x for x in s.split(",") if x], default=["Q4_0"],
+                   help="their GGUF types, comma-separated: Q4_0, Q8_0, Q4_1, F16, or llama-quantize's Q4_K_M, ... "
+                   "(default: Q4_0)")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default: 512)")
+    p.add_argument("--max-tokens", type=int, default=64, help="decoded tokens (default: 64)")
+    p.add_argument("--rounds", type=int, default=2, help="alternations of the two engines (default: 2)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp's threads (default: all cores; "
+                   "ours uses torch's, all cores)")
+    p.add_argument("--out", default="results/bench-gguf.json", help="JSON rows (default: %(default)s)")
+    p.set_defaults(func=cmd_bench_gguf)
 
     p = bench.add_parser(
         "soak", help="mixed good and bad requests for a while against a server it starts; checks 5xx and memory",

@@ -210,7 +210,7 @@ QUANTIZATIONS = ("none", "int8", "int4", "bnb4")
 ATTENTIONS = ("auto", "sdpa", "eager", "roofserve")
 BACKENDS = ("torch", "llamacpp", "llama-server")
 GEMVS = ("torch", "roofserve")
-GGUF_WEIGHTS = ("bf16", "packed")
+GGUF_WEIGHTS = ("auto", "bf16", "packed")
 # --max-batch-size auto on the torch backend: experiments/llm-users-cpu.toml put batch 16 within 3% of one at
 # a time at one user and 4x it at 8 users; 8 halves the buckets to compile and the KV cache of 16
 AUTO_LLM_BATCH = 8
@@ -256,10 +256,12 @@ class LLMConfig(ServerConfig):
     gemv_rows: int = _help("with --gemv roofserve: the most rows (tokens) per matmul that go to our kernel; 0: "
                            "auto, up to where it beat torch's matmul when measured at start (1 to 256 rows)",
                            default=0)
-    gguf_weights: str = _help("a .gguf model's weights: bf16 (dequantized once into a cached folder; --quantize, "
-                              "--gemv and --lora apply) or packed (its own 4- and 8-bit blocks in memory, read by "
-                              "our int8 kernel: one copy about the file's size; Q4_0, Q4_1, Q4_K and Q8_0 natively, "
-                              "other types requantized to 8 bits)", default="bf16")
+    gguf_weights: str = _help("a .gguf model's weights: packed (its own 4- and 8-bit blocks in memory, read by our "
+                              "int8 kernel on CPU, as llama.cpp does: one copy about the file's size; Q4_0, Q4_1, "
+                              "Q4_K and Q8_0 natively, other types requantized to 8 bits), bf16 (dequantized once "
+                              "into a cached folder; --quantize, --gemv and --lora apply), or auto: packed for a "
+                              ".gguf file on CPU without those flags, bf16 otherwise (the bundled demo model too)",
+                              default="auto")
     group_size: int = _help("int4 group size (must divide the hidden size; 64 fits SmolLM2)", default=64)
     max_batch_size: int = _help("sequences that decode together (vLLM's --max-num-seqs, llama.cpp's --parallel): "
                                 "requests join the running batch between steps and leave when done; 1 serves one "
@@ -285,6 +287,9 @@ class LLMConfig(ServerConfig):
         _check_choice("attention", self.attention, ATTENTIONS)
         _check_choice("gemv", self.gemv, GEMVS)
         _check_choice("gguf_weights", self.gguf_weights, GGUF_WEIGHTS)
+        if self.gguf_weights == "auto":  # resolved here so that results record what ran
+            plain = (self.quantize == "none" and not self.lora and self.backend == "torch" and self.gemv == "torch")
+            self.gguf_weights = "packed" if plain and self.model.endswith(".gguf") and not _on_gpu(self.device) else "bf16"
         if self.gguf_weights == "packed":
             if not (self.model.endswith(".gguf") or self.model in (DEFAULT_LLM_MODEL, "default")):
                 raise UserError("--gguf-weights packed reads a .gguf file: pass --model FILE.gguf (or the default "
@@ -321,6 +326,14 @@ class LLMConfig(ServerConfig):
         if self.max_batch_size > 1 and (self.backend == "llamacpp" or self.quantize == "bnb4"):
             raise UserError("--max-batch-size > 1 is continuous batching: our engine (the torch backend, not with "
                             "bnb4) or --backend llama-server")
+
+
+def _on_gpu(device: str) -> bool:
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
 
 
 PAYLOADS = ("raw", "base64", "multipart")

@@ -7,9 +7,9 @@ folder. Formats and what they become:
 - Q4_0, Q8_0: the same bytes per weight (4.5, 8.5 bits); d as stored, m = -8d or -128d.
 - Q4_1 and Q4_K (each 32 weights with a scale and a minimum): 5 bits per weight (Q4_K stores 4.5:
   its 6-bit sub-block scales become fp16 ones, exact to fp16's precision).
-- other quantized types (Q5_*, Q6_K, the 6-bit tensors of a Q4_K_M file, ...): dequantized by gguf's
-  reference code and requantized to 8 bits per weight (8.5 bits; each weight moves by at most 1/254 of
-  its block's largest magnitude).
+- other quantized types (Q6_K, the 6-bit tensors of a Q4_K_M file, in C++; Q5_* and the rest through
+  gguf-py's reference dequantization): requantized to 8 bits per weight (8.5 bits; each weight moves by at
+  most 1/254 of its block's largest magnitude).
 - F32, F16, BF16 matrices: dense weights in the model's precision (torch's matmul).
 The token embedding stays packed too; a lookup dequantizes only the rows it needs.
 """
@@ -135,27 +135,76 @@ def decode(raw: np.ndarray, kind: str, k: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 DENSE = ("F32", "F16", "BF16")
+NATIVE = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4}  # the types kernels.cpp's pack_gguf decodes
+FOUR_BITS = ("Q4_0", "Q4_1", "Q4_K")
+WITH_MIN = ("Q4_1", "Q4_K")
 
 
-def pack_tensor(raw: np.ndarray, kind: str, shape: tuple[int, int], permute: int | None = None) -> Packed:
-    """A GGUF matrix's raw bytes (N rows) -> Packed, decoded in chunks of rows; permute: the head count of
-    llama.cpp's rotary reordering of Q and K rows (undone here, as transformers does)."""
-    n, k = shape
+def empty_packed(kind: str, n: int, k: int) -> Packed:
+    """The packed tensors of an N x K matrix of `kind`, to be filled."""
+    bits = 4 if kind in FOUR_BITS else 8
+    u = torch.empty((n // 16, k // QK, bits * 64), dtype=torch.uint8)
+    d = torch.empty((n // 16, k // QK, 16), dtype=torch.float16)
+    m = torch.empty_like(d) if kind in WITH_MIN else torch.empty(0, dtype=torch.float16)
+    return Packed(u, d, m, bits, 0.0 if kind in WITH_MIN else (-8.0 if bits == 4 else -128.0), kind)
+
+
+def pack_rows(raw: np.ndarray, kind: str, k: int, into: Packed, row: int) -> None:
+    """Rows [row, row + len(raw)) of a matrix (GGUF blocks, a multiple of 16 rows) into `into`."""
+    s = slice(row // 16, (row + raw.shape[0]) // 16)
+    m = into.m[s] if into.m.numel() else into.m
+    if kind in NATIVE:
+        torch.ops.roofserve.pack_gguf(torch.from_numpy(np.ascontiguousarray(raw)), NATIVE[kind], k, into.u[s],
+                                      into.d[s], m)
+        return
+    u, d, mm, bits, _ = decode(raw, kind, k)  # gguf-py's reference dequantization, then 8 bits
+    pu, pd, _ = pack(u, d, mm, bits)
+    into.u[s] = torch.from_numpy(pu)
+    into.d[s] = torch.from_numpy(pd)
+
+
+def _check_shape(kind: str, n: int, k: int) -> None:
     if n % 16 or k % QK:
         raise UserError(f"a {n}x{k} {kind} matrix does not fit the packed layout (rows a multiple of 16, "
                         "columns of 32); load it with --gguf-weights bf16")
+
+
+def _unpermute(raw: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's converter's rotary reordering of Q and K rows (as transformers does)."""
+    n = raw.shape[0]
+    return raw.reshape(heads, n // heads // 2, 2, -1).swapaxes(2, 1).reshape(n, -1)
+
+
+def pack_tensor(raw: np.ndarray, kind: str, shape: tuple[int, int], permute: int | None = None) -> Packed:
+    """A GGUF matrix's raw bytes (N rows) -> Packed; permute: the head count of a Q or K matrix."""
+    n, k = shape
+    _check_shape(kind, n, k)
     raw = raw.reshape(n, -1)
     if permute:
-        dim = n // permute // 2
-        raw = raw.reshape(permute, dim, 2, -1).swapaxes(2, 1).reshape(n, -1)
-    parts = [decode(raw[i:i + ROWS_PER_CHUNK], kind, k) for i in range(0, n, ROWS_PER_CHUNK)]
-    bits, mfac = parts[0][3], parts[0][4]
-    packed = [pack(u, d, m, bits) for u, d, m, _, _ in parts]
-    del parts
-    u = torch.from_numpy(np.concatenate([p[0] for p in packed]))
-    d = torch.from_numpy(np.concatenate([p[1] for p in packed]))
-    m = torch.from_numpy(np.concatenate([p[2] for p in packed])) if packed[0][2] is not None else torch.empty(0, dtype=torch.float16)
-    return Packed(u, d, m, bits, mfac, kind)
+        raw = _unpermute(raw, permute)
+    out = empty_packed(kind, n, k)
+    for row in range(0, n, ROWS_PER_CHUNK):
+        pack_rows(raw[row:row + ROWS_PER_CHUNK], kind, k, out, row)
+    return out
+
+
+def pack_from_file(path: Path, offset: int, nbytes: int, kind: str, shape: tuple[int, int],
+                   permute: int | None = None) -> Packed:
+    """pack_tensor of a tensor in a file, read a chunk of rows at a time (file reads, not a memory map,
+    whose pages would count as this process's memory next to the packed copy)."""
+    n, k = shape
+    _check_shape(kind, n, k)
+    row_bytes = nbytes // n
+    if permute:  # Q and K matrices are small: whole
+        return pack_tensor(np.fromfile(path, np.uint8, nbytes, offset=offset), kind, shape, permute)
+    out = empty_packed(kind, n, k)
+    with open(path, "rb") as f:
+        for row in range(0, n, ROWS_PER_CHUNK):
+            rows = min(ROWS_PER_CHUNK, n - row)
+            f.seek(offset + row * row_bytes)
+            raw = np.fromfile(f, np.uint8, rows * row_bytes).reshape(rows, row_bytes)
+            pack_rows(raw, kind, k, out, row)
+    return out
 
 
 def dequantize_packed(p: Packed, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -208,6 +257,112 @@ class QuantEmbedding(torch.nn.Module):
 
 
 @dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order: row length first
+    kind: str  # GGUF type name, e.g. "Q4_K"
+    offset: int  # from the file's start
+    nbytes: int
+
+
+def read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
+    """A GGUF file's metadata (arrays left out: the tokenizer's 100k+ strings) and tensor table, read in a
+    fraction of a second where gguf-py's reader builds a numpy view per field (about 9 s for a 128k vocab
+    on this VM)."""
+    import struct
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    scalars = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    with open(path, "rb") as f:
+        data = f.read(1 << 20)
+        pos = 0
+
+        def take(fmt: str):
+            nonlocal data, pos
+            size = struct.calcsize("<" + fmt)
+            while pos + size > len(data):  # the header runs past what was read: read more
+                more = f.read(max(1 << 20, size))
+                if not more:
+                    raise ValueError("the file ends inside its header")
+                data += more
+            value = struct.unpack_from("<" + fmt, data, pos)
+            pos += size
+            return value[0] if len(value) == 1 else value
+
+        def string() -> str:
+            n = take("Q")
+            return take(f"{n}s").decode("utf-8", errors="replace")
+
+        def value(vtype: int, keep: bool = True):
+            if vtype == 8:
+                return string()
+            if vtype == 9:
+                item, count = take("I"), take("Q")
+                if item in scalars and item != 8:
+                    take(f"{count}{scalars[item]}")  # skipped
+                else:
+                    for _ in range(count):
+                        value(item)
+                return None
+            return take(scalars[vtype])
+
+        if data[:4] != b"GGUF":
+            raise ValueError("no GGUF magic")
+        pos = 4
+        version, n_tensors, n_kv = take("I"), take("Q"), take("Q")
+        if version < 2:
+            raise ValueError(f"GGUF version {version}")
+        meta = {}
+        for _ in range(n_kv):
+            key = string()
+            meta[key] = value(take("I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            dims = tuple(take("Q") for _ in range(take("I")))
+            kind, offset = take("I"), take("Q")
+            infos.append((name, dims, kind, offset))
+    align = int(meta.get("general.alignment") or 32)
+    start = (pos + align - 1) // align * align
+    tensors = {}
+    for name, dims, kind, offset in infos:
+        qtype = GGMLQuantizationType(kind)
+        block, size = GGML_QUANT_SIZES[qtype]
+        count = 1
+        for d in dims:
+            count *= d
+        tensors[name] = TensorInfo(name, dims, qtype.name, start + offset, count // block * size)
+    return meta, tensors
+
+
+def llama_config(meta: dict, tensors: dict[str, TensorInfo]):
+    """transformers' LlamaConfig from a llama-architecture GGUF's metadata."""
+    from transformers import LlamaConfig
+
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise UserError(f"architecture {arch!r}: --gguf-weights packed reads Llama-family files only "
+                        "(use --gguf-weights bf16)")
+
+    def key(name, default=None):
+        return meta.get(f"llama.{name}", default)
+
+    heads = key("attention.head_count")
+    hidden = key("embedding_length")
+    vocab = key("vocab_size") or tensors["token_embd.weight"].shape[1]
+    rope = {"rope_type": "default", "rope_theta": float(key("rope.freq_base", 10000.0))}
+    return LlamaConfig(
+        hidden_size=hidden, intermediate_size=key("feed_forward_length"), num_hidden_layers=key("block_count"),
+        num_attention_heads=heads, num_key_value_heads=key("attention.head_count_kv", heads),
+        head_dim=key("attention.key_length") or hidden // heads, vocab_size=vocab,
+        max_position_embeddings=key("context_length", 2048), rms_norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_parameters=rope, bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"), pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+        tie_word_embeddings="output.weight" not in tensors)
+
+
+@dataclass
 class MemoryPlan:
     """What a packed GGUF model holds in memory, by source format, and its KV cache per sequence."""
 
@@ -229,60 +384,65 @@ def kv_bytes_per_slot(config, max_seq_len: int, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * max_seq_len * dtype.itemsize
 
 
+def _dense(raw: np.ndarray, kind: str) -> np.ndarray:
+    """F32 / F16 / BF16 bytes -> fp32 (any other type through gguf-py's reference dequantization)."""
+    if kind == "F32":
+        return raw.view(np.float32).copy()
+    if kind == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    if kind == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return dequantize(raw, GGMLQuantizationType[kind]).astype(np.float32)
+
+
 def load_packed(path: Path, dtype: torch.dtype = torch.bfloat16):
     """A LlamaForCausalLM whose matrices are QuantLinear modules, straight from a GGUF file (one copy of the
     weights in memory); returns (model, {gguf type: packed bytes}, dense bytes)."""
-    from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers import AutoModelForCausalLM
 
     from roofserve.llm.kernels import load_kernel
 
     load_kernel()
     try:
-        parsed = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
-        reader = GGUFReader(str(path))
-    except (ValueError, KeyError, OSError) as e:
+        meta, tensors = read_header(path)
+    except (ValueError, KeyError, OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path} as GGUF ({type(e).__name__}: {str(e)[:120]})") from None
-    if parsed.get("model_type") != "llama":
-        raise UserError(f"{path.name}: architecture {parsed.get('model_type')!r}; --gguf-weights packed reads "
-                        "Llama-family files only (use --gguf-weights bf16)")
-    config = LlamaConfig(**{k: v for k, v in parsed.items() if k not in ("model_type", "architectures")})
-    tensors = {t.name: t for t in reader.tensors}
-    config.tie_word_embeddings = "output.weight" not in tensors
+    try:
+        config = llama_config(meta, tensors)
+    except UserError as e:
+        raise UserError(f"{path.name}: {e}") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     weight_bytes: dict[str, int] = {}
     dense = 0
 
-    def raw(t) -> np.ndarray:  # a file read, not the reader's memory map: its pages would count as ours
-        return np.fromfile(path, dtype=np.uint8, count=int(t.n_bytes), offset=int(t.data_offset))
+    def raw(t: TensorInfo) -> np.ndarray:  # small tensors (norms, dense matrices): one read
+        return np.fromfile(path, dtype=np.uint8, count=t.nbytes, offset=t.offset)
 
     def matrix(name: str, permute: int | None = None) -> torch.nn.Module:
         nonlocal dense
         t = tensors[name]
-        k, n = (int(x) for x in t.shape[:2])  # ggml order: row length first
-        kind = t.tensor_type.name
+        k, n = t.shape[:2]  # ggml order: row length first
+        kind = t.kind
         if kind in DENSE:
-            from gguf.quants import dequantize
-
-            w = torch.from_numpy(dequantize(raw(t), t.tensor_type).reshape(n, k).astype(np.float32))
+            w = torch.from_numpy(_dense(raw(t), kind).reshape(n, k))
             if permute:
                 w = w.reshape(permute, n // permute // 2, 2, k).transpose(1, 2).reshape(n, k)
             layer = torch.nn.Linear(k, n, bias=False, dtype=dtype)
             layer.weight = torch.nn.Parameter(w.to(dtype), requires_grad=False)
             dense += layer.weight.numel() * dtype.itemsize
             return layer
-        p = pack_tensor(raw(t), kind, (n, k), permute)
+        p = pack_from_file(path, t.offset, t.nbytes, kind, (n, k), permute)
         weight_bytes[kind] = weight_bytes.get(kind, 0) + p.nbytes
         return QuantLinear(p)
 
     def vector(name: str) -> torch.nn.Parameter:
         nonlocal dense
-        from gguf.quants import dequantize
-
         t = tensors[name]
-        v = torch.from_numpy(dequantize(raw(t), t.tensor_type).reshape(-1).astype(np.float32)).to(dtype)
+        v = torch.from_numpy(_dense(raw(t), t.kind).reshape(-1)).to(dtype)
         dense += v.numel() * dtype.itemsize
         return torch.nn.Parameter(v, requires_grad=False)
 

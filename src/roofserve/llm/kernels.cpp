@@ -694,6 +694,100 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& u, const at::Tensor
   return out;
 }
 
+// ---- Packing GGUF blocks into that layout (at load; llm/gguf.py) ----
+// One block of 32 weights of one row, decoded: u unsigned, w = d * u + m.
+struct Decoded {
+  uint8_t u[32];
+  float d, m;
+};
+
+inline float read_half(const uint8_t* p) {
+  uint16_t h;
+  __builtin_memcpy(&h, p, 2);
+  return half_to_float(h);
+}
+
+// GGUF types by the codes llm/gguf.py passes: 0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4_K, 4 Q6_K (requantized to 8 bits)
+inline void decode_block(const uint8_t* row, int64_t b, int64_t kind, Decoded& out) {
+  if (kind == 0 || kind == 1) {  // d (, m), 16 bytes: low nibbles are weights 0-15, high nibbles 16-31
+    const uint8_t* blk = row + b * (kind == 0 ? 18 : 20);
+    out.d = read_half(blk);
+    out.m = kind == 0 ? -8.f * out.d : read_half(blk + 2);
+    const uint8_t* qs = blk + (kind == 0 ? 2 : 4);
+    for (int i = 0; i < 16; ++i) out.u[i] = qs[i] & 0xF, out.u[16 + i] = qs[i] >> 4;
+  } else if (kind == 2) {  // d, 32 int8
+    const uint8_t* blk = row + b * 34;
+    out.d = read_half(blk);
+    out.m = -128.f * out.d;
+    for (int i = 0; i < 32; ++i) out.u[i] = uint8_t(int(int8_t(blk[2 + i])) + 128);
+  } else if (kind == 3) {  // 256 weights: d, dmin, 12 bytes of 6-bit scales and minimums, 128 bytes of nibbles
+    const uint8_t* blk = row + (b / 8) * 144;
+    const int j = int(b % 8);
+    const uint8_t* sc = blk + 4;
+    int scale, minimum;
+    if (j < 4) scale = sc[j] & 63, minimum = sc[j + 4] & 63;
+    else scale = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4), minimum = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+    out.d = read_half(blk) * float(scale);
+    out.m = -read_half(blk + 2) * float(minimum);
+    const uint8_t* q = blk + 16 + 32 * (j / 2);  // 64 weights per 32 bytes: low nibbles first
+    for (int l = 0; l < 32; ++l) out.u[l] = j % 2 ? q[l] >> 4 : q[l] & 0xF;
+  } else {  // Q6_K, 256 weights: 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales, d
+    const uint8_t* blk = row + (b / 8) * 210;
+    const int j = int(b % 8), half = j / 4, quarter = j % 4;  // 128 weights per half, 32 per quarter
+    const uint8_t* ql = blk + 64 * half;
+    const uint8_t* qh = blk + 128 + 32 * half;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192) + 8 * half;
+    const float d = read_half(blk + 208);
+    float w[32], top = 0.f;
+    for (int l = 0; l < 32; ++l) {
+      const int low = ql[l + 32 * (quarter & 1)];
+      const int q = ((quarter < 2 ? low & 0xF : low >> 4) | (((qh[l] >> (2 * quarter)) & 3) << 4)) - 32;
+      w[l] = d * float(sc[l / 16 + 2 * quarter]) * float(q);
+      top = std::max(top, std::fabs(w[l]));
+    }
+    out.d = top / 127.f;
+    out.m = -128.f * out.d;
+    const float inv = top > 0.f ? 127.f / top : 0.f;
+    for (int l = 0; l < 32; ++l) out.u[l] = uint8_t(int(std::nearbyint(w[l] * inv)) + 128);
+  }
+}
+
+// raw (rows, bytes per row) of `kind`, rows a multiple of 16, into u (rows/16, K/32, bits * 64), d and m
+// ((rows/16, K/32, 16) fp16; m is written for Q4_1 and Q4_K only).
+void pack_gguf(const at::Tensor& raw, int64_t kind, int64_t k, const at::Tensor& u, const at::Tensor& d,
+               const at::Tensor& m) {
+  TORCH_CHECK(raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.is_contiguous(), "pack_gguf: raw bytes");
+  const int64_t rows = raw.size(0), row_bytes = raw.size(1), blocks = k / 32;
+  const int64_t bits = kind <= 1 || kind == 3 ? 4 : 8;
+  const bool has_min = kind == 1 || kind == 3;
+  TORCH_CHECK(rows % 16 == 0 && u.numel() == rows * blocks * bits * 4 && d.numel() == rows * blocks,
+              "pack_gguf: output sizes do not match");
+  const uint8_t* rp = raw.data_ptr<uint8_t>();
+  uint8_t* up = u.data_ptr<uint8_t>();
+  at::Half* dp = d.data_ptr<at::Half>();
+  at::Half* mp = has_min ? m.data_ptr<at::Half>() : nullptr;
+  at::parallel_for(0, rows / 16, 1, [&](int64_t c0, int64_t c1) {
+    Decoded blk;
+    for (int64_t cb = c0; cb < c1; ++cb)
+      for (int64_t c = 0; c < 16; ++c) {
+        const uint8_t* row = rp + (cb * 16 + c) * row_bytes;
+        for (int64_t b = 0; b < blocks; ++b) {
+          decode_block(row, b, kind, blk);
+          uint8_t* out = up + (cb * blocks + b) * bits * 64;
+          if (bits == 8) {
+            for (int j = 0; j < 8; ++j)
+              for (int t = 0; t < 4; ++t) out[j * 64 + 4 * c + t] = blk.u[4 * j + t];
+          } else {
+            for (int j = 0; j < 4; ++j)
+              for (int t = 0; t < 4; ++t) out[j * 64 + 4 * c + t] = blk.u[4 * j + t] | (blk.u[16 + 4 * j + t] << 4);
+          }
+          dp[(cb * blocks + b) * 16 + c] = at::Half(blk.d);
+          if (has_min) mp[(cb * blocks + b) * 16 + c] = at::Half(blk.m);
+        }
+      }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(roofserve, m) {
@@ -704,6 +798,7 @@ TORCH_LIBRARY(roofserve, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor position, float scale) -> Tensor");
   m.def("slot_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor positions, float scale) -> Tensor");
   m.def("gemm_quant(Tensor x, Tensor u, Tensor d, Tensor m, int bits, float mfac) -> Tensor");
+  m.def("pack_gguf(Tensor raw, int kind, int k, Tensor(a!) u, Tensor(b!) d, Tensor(c!) m) -> ()");
 }
 TORCH_LIBRARY_IMPL(roofserve, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
@@ -712,4 +807,5 @@ TORCH_LIBRARY_IMPL(roofserve, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("slot_attention", &slot_attention);
   m.impl("gemm_quant", &gemm_quant);
+  m.impl("pack_gguf", &pack_gguf);
 }

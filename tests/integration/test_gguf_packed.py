@@ -1,0 +1,186 @@
+"""GGUF weights packed as stored (llm/gguf.py) and read by our int8 kernel (roofserve::gemm_quant): each
+format against llama.cpp's reference dequantization (gguf-py's port), the kernel against the same math
+in torch, and whole models (the bundled GGUF, random-weight files) loaded without dequantizing."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize, quantize
+
+from roofserve.config import LLMConfig
+from roofserve.errors import UserError
+from roofserve.llm import gguf as packed_gguf
+from roofserve.llm.gguf import QuantLinear, dequantize_packed, load_packed, pack_tensor
+from roofserve.llm.kernels import load_kernel
+from roofserve.llm.model import bundled_gguf, load
+from roofserve.llm.random_gguf import write_random
+from tests.integration.conftest import chat_ids
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    torch.set_num_threads(2)
+    load_kernel()
+
+
+def random_blocks(kind: str, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Raw GGUF blocks of n rows of k weights: quantized by gguf-py where it can, random bytes with small
+    fp16 scales for the K-quants (any bytes are a valid block)."""
+    rng = np.random.default_rng(seed)
+    if kind in ("Q4_0", "Q4_1", "Q8_0", "Q5_0"):
+        return quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), T[kind])
+    if kind == "Q4_K":
+        b = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+        b[..., :4] = rng.uniform(1e-4, 1e-3, (n, k // 256, 2)).astype(np.float16).view(np.uint8)
+        return b.reshape(n, -1)
+    if kind == "Q6_K":
+        b = rng.integers(0, 256, (n, k // 256, 210), dtype=np.uint8)
+        b[..., 208:] = rng.uniform(1e-4, 1e-3, (n, k // 256, 1)).astype(np.float16).view(np.uint8)
+        return b.reshape(n, -1)
+    raise ValueError(kind)
+
+
+def q8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What the kernel computes, in fp32 torch: inputs rounded to int8 per block of 32 (scale: the block's
+    largest magnitude / 127, as llama.cpp's Q8 activations), times the dequantized weights."""
+    b = x.float().reshape(*x.shape[:-1], -1, 32)
+    scale = b.abs().amax(-1, keepdim=True) / 127
+    xq = (torch.round(b / scale.clamp_min(1e-30)) * scale).reshape(x.shape)
+    return xq @ w.T
+
+
+FORMATS = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q6_K"]
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_packed_weights_are_llama_cpps_dequantized_ones(kind):
+    n, k = 48, 512
+    raw = random_blocks(kind, n, k)
+    reference = dequantize(raw, T[kind]).reshape(n, k)
+    got = dequantize_packed(pack_tensor(raw, kind, (n, k))).numpy()
+    top = np.abs(reference).max()
+    if kind in ("Q4_0", "Q4_1", "Q8_0"):
+        assert np.array_equal(got, reference)  # the same blocks, relaid
+    elif kind == "Q4_K":  # d * sub-block scale rounded to fp16: 2^-11 of each weight
+        assert np.abs(got - reference).max() <= 2 ** -10 * top
+    else:  # requantized to 8 bits: half a step of 1/127 of the block's largest magnitude, and the fp16 step
+        blocks = np.abs(reference.reshape(n, -1, 32)).max(-1, keepdims=True)
+        assert (np.abs(got - reference).reshape(n, -1, 32) <= blocks * (1 / 254 + 2 ** -10)).all()
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 17, 64])
+def test_kernel_matches_the_same_math_in_torch(kind, rows):
+    n, k = 64, 768 if kind not in ("Q4_K", "Q6_K") else 512
+    p = pack_tensor(random_blocks(kind, n, k, seed=rows), kind, (n, k))
+    w = dequantize_packed(p)
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k)
+    expected = q8_reference(x, w)
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
+        got = QuantLinear(p)(x.to(dtype).view(rows, 1, k))
+        assert got.shape == (rows, 1, n) and got.dtype == dtype
+        exact = q8_reference(x.to(dtype).float(), w)  # bf16 inputs: the same rounding first
+        assert (got.float().view(rows, n) - exact).abs().max() <= tolerance * exact.abs().max()
+    # and the int8 inputs cost little against exact fp32 inputs
+    assert (expected - x @ w.T).norm() <= 0.02 * (x @ w.T).norm()
+
+
+def test_shapes_that_do_not_pack_are_one_line_errors():
+    with pytest.raises(UserError, match="multiple of 16"):
+        pack_tensor(random_blocks("Q8_0", 8, 64), "Q8_0", (8, 64))
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """fp32 activations: the reference below then differs from the kernel by summation order alone (bf16
+    would round both to bf16 after every layer, and a value near a rounding edge can flip a greedy token)."""
+    return load("default", "fp32", "cpu", "packed")
+
+
+def test_the_bundled_gguf_loads_packed_with_one_copy_of_its_weights(bundled):
+    assert bundled.packed_bytes == {"Q4_1": 66_355_200, "Q8_0": 30_081_024}  # the file's own block bytes
+    linears = [m for m in bundled.model.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 30 * 7 + 1  # every matrix of every layer, and the tied embedding / LM head
+    assert bundled.model.lm_head is bundled.model.model.embed_tokens.table  # tied: one table
+    assert not any(type(m) is torch.nn.Linear for m in bundled.model.modules())
+
+
+def test_the_bundled_gguf_packed_generates_what_its_math_in_torch_generates(bundled):
+    """The loader (names, the undone Q/K row order, the tied table) and the kernel in a whole model: greedy
+    tokens equal those of the same model whose layers compute q8_reference in torch."""
+    ids = torch.tensor([chat_ids(bundled.tokenizer, "Name three colours of the rainbow.")])
+    with torch.no_grad():
+        ours = bundled.model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
+        originals = {}
+        for m in bundled.model.modules():
+            if isinstance(m, QuantLinear):
+                w = dequantize_packed(m.packed())
+                originals[m] = m.forward
+                m.forward = (lambda w: lambda x: q8_reference(x, w).to(x.dtype))(w)
+        try:
+            reference = bundled.model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
+        finally:
+            for m, f in originals.items():
+                m.forward = f
+    assert ours.tolist() == reference.tolist()
+
+
+def test_packed_logits_stay_near_the_dequantized_fp32_model(bundled, fp32_model):
+    """int8 inputs move the logits a little (llama.cpp's do too); a wrong row order or scale would move them
+    by their own size."""
+    ids = torch.tensor([chat_ids(bundled.tokenizer, "What is the capital of France?")])
+    with torch.no_grad():
+        ours = bundled.model(ids).logits.float()
+        exact = fp32_model.model(ids).logits.float()
+    assert (ours - exact).norm() <= 0.1 * exact.norm()
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gguf")
+    return {kind: write_random("tiny", kind, folder / f"tiny-{kind}.gguf") for kind in ("Q4_0", "Q8_0", "F16")}
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0", "F16"])
+def test_random_weight_files_load_packed_in_their_own_format(tiny_files, kind):
+    model, packed_bytes, dense = load_packed(tiny_files[kind])
+    config = model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (64, 2, 49152)
+    if kind == "F16":
+        assert packed_bytes == {} and dense > 0  # dense matrices stay dense
+    else:
+        assert set(packed_bytes) == {kind}
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, 49152) and torch.isfinite(logits).all()
+
+
+def test_what_cannot_be_read_packed_is_a_one_line_error(tmp_path):
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_bytes(b"not a gguf file at all")
+    with pytest.raises(UserError, match="cannot read"):
+        load_packed(not_gguf)
+    with pytest.raises(UserError, match="reads a .gguf file"):
+        LLMConfig(model="random:tiny", gguf_weights="packed").validate()
+    with pytest.raises(UserError, match="drop --quantize"):
+        LLMConfig(model=str(bundled_gguf()), gguf_weights="packed", quantize="int8").validate()
+
+
+def test_auto_packs_a_users_gguf_file_and_keeps_the_demo_model_in_bf16():
+    for model, expected in ((str(bundled_gguf()), "packed"), ("smollm2-135m-instruct", "bf16")):
+        cfg = LLMConfig(model=model, device="cpu")
+        cfg.validate()
+        assert cfg.gguf_weights == expected
+    cfg = LLMConfig(model=str(bundled_gguf()), device="cpu", quantize="int8")
+    cfg.validate()
+    assert cfg.gguf_weights == "bf16"  # torchao quantizes dequantized weights
+
+
+def test_memory_plan_names_each_format_and_the_kv_cache(bundled):
+    plan = packed_gguf.MemoryPlan(bundled.packed_bytes, bundled.dense_bytes,
+                                  packed_gguf.kv_bytes_per_slot(bundled.model.config, 2048, torch.bfloat16), 2048)
+    lines = plan.lines()
+    assert lines[0].startswith("weights 0.10 GB (Q4_1 0.07 GB, Q8_0 0.03 GB")
+    assert lines[1] == "KV cache 0.047 GB per sequence slot of 2048 tokens"  # 2 x 30 layers x 3 x 64 x 2048 x 2 B
