@@ -266,16 +266,17 @@ def cmd_bench_gguf(args: argparse.Namespace) -> int:
         raise UserError("nothing to run: pass GGUF files, or --shapes and --types")
 
     def progress(row):
-        print(f"  {row['file']} round {row['round']} {row['engine']}: decode {row['decode_tokens_per_s']} tok/s, "
-              f"prefill {row['prefill_tokens_per_s']} tok/s, peak RSS {row['peak_rss_gb']} GB", flush=True)
+        print(f"  {row['file']} round {row['round']} {row['engine']}: decode {row['decode_tokens_per_s']} tok/s "
+              f"({row['share_of_dram']:.0%} of {row['dram_read_gb_s']} GB/s), prefill {row['prefill_tokens_per_s']} "
+              f"tok/s, peak RSS {row['peak_rss_gb']} GB", flush=True)
 
     rows = bench_gguf(files, args.prompt_tokens, args.max_tokens, args.rounds, args.threads, progress=progress)
     summary = summarize(rows)
     _table(summary, ["file", "decode_ours", "decode_llama_cpp", "decode_x", "prefill_ours", "prefill_llama_cpp",
-                     "prefill_x", "rss_gb_ours", "rss_gb_llama_cpp"])
+                     "prefill_x", "dram_share_ours", "dram_share_llama_cpp", "rss_gb_ours", "rss_gb_llama_cpp"])
     _save(args.out, "bench gguf", {"files": [str(f) for f in files], "prompt_tokens": args.prompt_tokens,
                                    "max_tokens": args.max_tokens, "rounds": args.rounds, "threads": args.threads},
-          rows + [{"kind": "summary", **r} for r in summary])
+          rows + summary)
     return 0
 
 

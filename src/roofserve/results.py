@@ -42,11 +42,14 @@ ROW_SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "fleet": {"replicas": (int,), "requests": (int,), "ok": (int,), "errors": (int,), "status_5xx": (int,),
               "restarts": (list,), "passed": (bool,)},
     "crowd-summary": {"stalled": (int,), "p99_ratio": OPT_NUM, "passed": (bool,)},
+    "gguf-engine": {"file": (str,), "engine": (str,), "round": (int,), "prefill_tokens_per_s": NUM,
+                    "decode_tokens_per_s": NUM, "peak_rss_gb": NUM},
+    "gguf-summary": {"file": (str,), "decode_x": NUM, "prefill_x": NUM},
 }
 # command -> the suite its rows belong to
 SUITES = {"peak": "machine", "bench vision-model": "vision", "bench vision-api": "vision", "sweep vision": "vision",
           "bench llm": "llm", "bench llm-engine": "llm", "sweep llm": "llm", "bench soak": "soak", "bench llm-serve": "llm",
-          "bench crowd": "soak", "bench fleet": "soak"}
+          "bench crowd": "soak", "bench fleet": "soak", "bench gguf": "llm"}
 
 
 def check_row(row: dict) -> None:

@@ -62,8 +62,8 @@ def test_packed_weights_are_llama_cpps_dequantized_ones(kind):
     top = np.abs(reference).max()
     if kind in ("Q4_0", "Q4_1", "Q8_0"):
         assert np.array_equal(got, reference)  # the same blocks, relaid
-    elif kind == "Q4_K":  # d * sub-block scale rounded to fp16: 2^-11 of each weight
-        assert np.abs(got - reference).max() <= 2 ** -10 * top
+    elif kind == "Q4_K":  # its own scales: fp32 products of the same fp16 and 6-bit numbers
+        assert np.abs(got - reference).max() <= 1e-6 * top
     else:  # requantized to 8 bits: half a step of 1/127 of the block's largest magnitude, and the fp16 step
         blocks = np.abs(reference.reshape(n, -1, 32)).max(-1, keepdims=True)
         assert (np.abs(got - reference).reshape(n, -1, 32) <= blocks * (1 / 254 + 2 ** -10)).all()
@@ -184,3 +184,34 @@ def test_memory_plan_names_each_format_and_the_kv_cache(bundled):
     lines = plan.lines()
     assert lines[0].startswith("weights 0.10 GB (Q4_1 0.07 GB, Q8_0 0.03 GB")
     assert lines[1] == "KV cache 0.047 GB per sequence slot of 2048 tokens"  # 2 x 30 layers x 3 x 64 x 2048 x 2 B
+
+
+def test_our_header_reader_finds_what_gguf_py_finds():
+    from gguf import GGUFReader
+
+    from roofserve.llm.gguf import read_header
+
+    path = bundled_gguf()
+    meta, tensors = read_header(path)
+    theirs = GGUFReader(str(path))
+    assert meta["llama.block_count"] == 30 and meta["general.architecture"] == "llama"
+    assert len(tensors) == len(theirs.tensors)
+    for t in theirs.tensors:
+        ours = tensors[t.name]
+        assert (ours.offset, ours.nbytes, ours.kind) == (int(t.data_offset), int(t.n_bytes), t.tensor_type.name)
+        assert ours.shape == tuple(int(x) for x in t.shape)
+
+
+def test_the_planned_bytes_are_what_loading_holds(bundled):
+    from roofserve.llm.gguf import packed_bytes, read_header
+    from roofserve.measure.roofline import packed_gguf_bytes_per_token
+
+    planned = packed_bytes(read_header(bundled_gguf())[1], 4)  # the fixture is fp32
+    assert planned == sum(bundled.packed_bytes.values()) + bundled.dense_bytes
+    assert packed_gguf_bytes_per_token(str(bundled_gguf()), 4) == planned
+
+
+def test_a_file_larger_than_free_memory_is_refused_before_loading(monkeypatch):
+    monkeypatch.setattr(packed_gguf, "available_bytes", lambda: 10 << 20)  # 10 MiB free
+    with pytest.raises(UserError, match=r"needs 0\.1 GB for its weights and 0\.0 GB of memory is available"):
+        load_packed(bundled_gguf())

@@ -5,8 +5,9 @@
 AVX512-VNNI) and drops the file's bytes: one copy of the weights, about the file's size, and no fp32
 folder. Formats and what they become:
 - Q4_0, Q8_0: the same bytes per weight (4.5, 8.5 bits); d as stored, m = -8d or -128d.
-- Q4_1 and Q4_K (each 32 weights with a scale and a minimum): 5 bits per weight (Q4_K stores 4.5:
-  its 6-bit sub-block scales become fp16 ones, exact to fp16's precision).
+- Q4_1: 5 bits per weight, as stored (an fp16 minimum per block of 32).
+- Q4_K: its own scales (a 6-bit scale and minimum per 32 weights, fp16 d and dmin per 256), each held in
+  a byte: 4.625 bits per weight where the file has 4.5.
 - other quantized types (Q6_K, the 6-bit tensors of a Q4_K_M file, in C++; Q5_* and the rest through
   gguf-py's reference dequantization): requantized to 8 bits per weight (8.5 bits; each weight moves by at
   most 1/254 of its block's largest magnitude).
@@ -44,8 +45,8 @@ class Packed:
     """One weight matrix (N x K) in gemm_quant's layout: w = d * u + m per block of 32."""
 
     u: torch.Tensor  # (N/16, K/32, bits * 64) uint8
-    d: torch.Tensor  # (N/16, K/32, 16) fp16
-    m: torch.Tensor  # same, or empty: m = mfac * d
+    d: torch.Tensor  # (N/16, K/32, 16) fp16; Q4_K: (N/16, K/256, 2, 16) fp16, super-block d and dmin
+    m: torch.Tensor  # like d, or empty (m = mfac * d); Q4_K: (N/16, K/32, 2, 16) uint8, 6-bit scales and minimums
     bits: int
     mfac: float
     source: str  # the GGUF type it came from, e.g. "Q4_K"
@@ -56,7 +57,7 @@ class Packed:
 
     @property
     def nbytes(self) -> int:
-        return self.u.numel() + 2 * self.d.numel() + 2 * self.m.numel()
+        return self.u.numel() + 2 * self.d.numel() + self.m.element_size() * self.m.numel()
 
 
 def pack(u: np.ndarray, d: np.ndarray, m: np.ndarray | None, bits: int) -> tuple[np.ndarray, ...]:
@@ -76,74 +77,39 @@ def pack(u: np.ndarray, d: np.ndarray, m: np.ndarray | None, bits: int) -> tuple
     return out, scales(d), (scales(m) if m is not None else None)
 
 
-def _requantize8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
+def _requantize8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """fp32 (N, K) -> 8-bit blocks of 32: d = max |w| / 127, u = round(w / d) + 128."""
     blocks = w.reshape(w.shape[0], -1, QK)
     d = np.abs(blocks).max(axis=-1) / 127.0
     inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
     q = np.rint(blocks * inv[..., None]).clip(-127, 127).astype(np.int16) + 128
-    return q.astype(np.uint8).reshape(w.shape), d, None
+    return q.astype(np.uint8).reshape(w.shape), d
 
 
-def _q4_k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K's 12 scale bytes per 256 weights -> 8 six-bit scales and 8 six-bit minimums (llama.cpp's
-    get_scale_min_k4)."""
-    s = s.astype(np.uint8)
-    sc = np.empty(s.shape[:-1] + (8,), np.uint8)
-    mn = np.empty_like(sc)
-    sc[..., :4] = s[..., 0:4] & 63
-    mn[..., :4] = s[..., 4:8] & 63
-    sc[..., 4:] = (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)
-    mn[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
-    return sc, mn
-
-
-def decode(raw: np.ndarray, kind: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, float]:
-    """GGUF blocks of rows (N, bytes per row) -> u (N, K), d, m (N, K/32) or None, bits, mfac."""
-    n = raw.shape[0]
-    if kind == "Q4_0":
-        b = raw.reshape(n, k // 32, 18)
-        d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        qs = b[..., 2:]
-        u = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(n, k)
-        return u, d, None, 4, -8.0
-    if kind == "Q4_1":
-        b = raw.reshape(n, k // 32, 20)
-        dm = b[..., :4].copy().view(np.float16).astype(np.float32)
-        qs = b[..., 4:]
-        u = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(n, k)
-        return u, dm[..., 0], dm[..., 1], 4, 0.0
-    if kind == "Q8_0":
-        b = raw.reshape(n, k // 32, 34)
-        d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        u = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8).reshape(n, k)
-        return u, d, None, 8, -128.0
-    if kind == "Q4_K":
-        b = raw.reshape(n, k // 256, 144)
-        dd = b[..., :4].copy().view(np.float16).astype(np.float32)  # (n, S, 2): d, dmin
-        sc, mn = _q4_k_scales(b[..., 4:16])
-        qs = b[..., 16:].reshape(n, k // 256, 4, 32)  # chunk c: low nibbles -> sub-block 2c, high -> 2c + 1
-        u = np.stack([qs & 0xF, qs >> 4], axis=3).reshape(n, k)
-        d = (dd[..., :1] * sc).reshape(n, k // 32)
-        m = (-dd[..., 1:] * mn).reshape(n, k // 32)
-        return u, d, m, 4, 0.0
-    from gguf.quants import dequantize
+def requantize(raw: np.ndarray, kind: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a type pack_gguf does not decode (Q5_*, Q2_K, ...) -> 8-bit u (N, K) and d (N, K/32), through
+    gguf-py's reference dequantization."""
     from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
 
-    w = dequantize(raw, GGMLQuantizationType[kind]).reshape(n, k).astype(np.float32)
-    return (*_requantize8(w), 8, -128.0)
+    w = dequantize(raw, GGMLQuantizationType[kind]).reshape(raw.shape[0], k).astype(np.float32)
+    return _requantize8(w)
 
 
 DENSE = ("F32", "F16", "BF16")
 NATIVE = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4}  # the types kernels.cpp's pack_gguf decodes
 FOUR_BITS = ("Q4_0", "Q4_1", "Q4_K")
-WITH_MIN = ("Q4_1", "Q4_K")
+WITH_MIN = ("Q4_1",)
 
 
 def empty_packed(kind: str, n: int, k: int) -> Packed:
     """The packed tensors of an N x K matrix of `kind`, to be filled."""
     bits = 4 if kind in FOUR_BITS else 8
     u = torch.empty((n // 16, k // QK, bits * 64), dtype=torch.uint8)
+    if kind == "Q4_K":
+        d = torch.empty((n // 16, k // 256, 2, 16), dtype=torch.float16)
+        m = torch.empty((n // 16, k // QK, 2, 16), dtype=torch.uint8)
+        return Packed(u, d, m, 4, 0.0, kind)
     d = torch.empty((n // 16, k // QK, 16), dtype=torch.float16)
     m = torch.empty_like(d) if kind in WITH_MIN else torch.empty(0, dtype=torch.float16)
     return Packed(u, d, m, bits, 0.0 if kind in WITH_MIN else (-8.0 if bits == 4 else -128.0), kind)
@@ -157,8 +123,8 @@ def pack_rows(raw: np.ndarray, kind: str, k: int, into: Packed, row: int) -> Non
         torch.ops.roofserve.pack_gguf(torch.from_numpy(np.ascontiguousarray(raw)), NATIVE[kind], k, into.u[s],
                                       into.d[s], m)
         return
-    u, d, mm, bits, _ = decode(raw, kind, k)  # gguf-py's reference dequantization, then 8 bits
-    pu, pd, _ = pack(u, d, mm, bits)
+    u, d = requantize(raw, kind, k)
+    pu, pd, _ = pack(u, d, None, 8)
     into.u[s] = torch.from_numpy(pu)
     into.d[s] = torch.from_numpy(pd)
 
@@ -217,8 +183,13 @@ def dequantize_packed(p: Packed, rows: torch.Tensor | None = None) -> torch.Tens
     else:
         v = p.u.view(nb, blocks, 4, 16, 4)[cb, :, :, c, :].reshape(len(rows), blocks, 16)
         u = torch.cat([v & 0xF, v >> 4], dim=-1)
-    d = p.d[cb, :, c].float()
-    m = p.m[cb, :, c].float() if p.m.numel() else p.mfac * d
+    if p.m.dtype == torch.uint8:  # Q4_K: super-block d, dmin times each block's 6-bit scale, minimum
+        sup = p.d[cb, :, :, c].float().repeat_interleave(8, dim=1)  # (rows, blocks, 2)
+        sub = p.m[cb, :, :, c].float()
+        d, m = sup[..., 0] * sub[..., 0], -sup[..., 1] * sub[..., 1]
+    else:
+        d = p.d[cb, :, c].float()
+        m = p.m[cb, :, c].float() if p.m.numel() else p.mfac * d
     return (u.float() * d[..., None] + m[..., None]).reshape(len(rows), blocks * QK)
 
 
@@ -286,15 +257,15 @@ def read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
                 if not more:
                     raise ValueError("the file ends inside its header")
                 data += more
-            value = struct.unpack_from("<" + fmt, data, pos)
+            got = struct.unpack_from("<" + fmt, data, pos)
             pos += size
-            return value[0] if len(value) == 1 else value
+            return got[0] if len(got) == 1 else got
 
         def string() -> str:
             n = take("Q")
             return take(f"{n}s").decode("utf-8", errors="replace")
 
-        def value(vtype: int, keep: bool = True):
+        def value(vtype: int):
             if vtype == 8:
                 return string()
             if vtype == 9:
@@ -334,6 +305,32 @@ def read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
             count *= d
         tensors[name] = TensorInfo(name, dims, qtype.name, start + offset, count // block * size)
     return meta, tensors
+
+
+PACKED_BYTES_PER_256 = {"Q4_0": 144, "Q4_1": 160, "Q4_K": 148, "Q8_0": 272}  # any other quantized type: 272 (8 bits)
+
+
+def packed_bytes(tensors: dict[str, TensorInfo], dense_bytes: int = 2) -> int:
+    """What load_packed will hold for these tensors: packed blocks, and F32/F16/BF16 ones at dense_bytes
+    per weight (the model's precision)."""
+    total = 0
+    for t in tensors.values():
+        n = 1
+        for d in t.shape:
+            n *= d
+        total += n * dense_bytes if t.kind in DENSE else n * PACKED_BYTES_PER_256.get(t.kind, 272) // 256
+    return total
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def llama_config(meta: dict, tensors: dict[str, TensorInfo]):
@@ -414,6 +411,10 @@ def load_packed(path: Path, dtype: torch.dtype = torch.bfloat16):
         config = llama_config(meta, tensors)
     except UserError as e:
         raise UserError(f"{path.name}: {e}") from None
+    need, free = packed_bytes(tensors, dtype.itemsize), available_bytes()
+    if free is not None and need > free:
+        raise UserError(f"{path.name} needs {need / 1e9:.1f} GB for its weights and {free / 1e9:.1f} GB of memory is "
+                        "available: free memory, or pick a smaller file or quantization")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     weight_bytes: dict[str, int] = {}

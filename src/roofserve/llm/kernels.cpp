@@ -551,13 +551,17 @@ inline void store16(at::BFloat16* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-template <int MB, int BITS, bool MIN, typename OUT>
+// SCALES: 0, fp16 d per block (m = mfac * d); 1, fp16 d and m per block; 2 (Q4_K as stored): per block a
+// 6-bit scale and minimum (uint8, (N/16, K/32, 2, 16)), per 256 weights fp16 d and dmin ((N/16, K/256, 2, 16)):
+// w = d * scale * u - dmin * minimum.
+template <int MB, int BITS, int SCALES, typename OUT>
 inline void quant_tile(const int8_t* xq, const float* dx, const float* cx, int64_t K, const uint8_t* u,
-                       const uint16_t* d, const uint16_t* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
+                       const uint16_t* d, const void* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
   const int64_t blocks = K / 32, bytes = BITS * 64;
   const uint8_t* ub = u + cb * blocks * bytes;
-  const uint16_t* db = d + cb * blocks * 16;
-  const uint16_t* mb = MIN ? mn + cb * blocks * 16 : nullptr;
+  const uint16_t* db = d + cb * (SCALES == 2 ? blocks / 8 * 32 : blocks * 16);
+  const uint16_t* mb = SCALES == 1 ? static_cast<const uint16_t*>(mn) + cb * blocks * 16 : nullptr;
+  const uint8_t* sb = SCALES == 2 ? static_cast<const uint8_t*>(mn) + cb * blocks * 32 : nullptr;
   __m512 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
@@ -583,9 +587,20 @@ inline void quant_tile(const int8_t* xq, const float* dx, const float* cx, int64
     } else {
       for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(w + 64 * j);
     }
-    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(db + b * 16)));
-    const __m512 mw = MIN ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mb + b * 16)))
-                          : _mm512_mul_ps(dw, _mm512_set1_ps(mfac));
+    __m512 dw, mw;
+    if (SCALES == 2) {
+      const uint16_t* sup = db + (b / 8) * 32;
+      const __m512 sd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sup)));
+      const __m512 smin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sup + 16)));
+      const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + b * 32))));
+      const __m512 mc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + b * 32 + 16))));
+      dw = _mm512_mul_ps(sd, sc);
+      mw = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(smin, mc));
+    } else {
+      dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(db + b * 16)));
+      mw = SCALES == 1 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mb + b * 16)))
+                       : _mm512_mul_ps(dw, _mm512_set1_ps(mfac));
+    }
     for (int i = 0; i < MB; ++i) {
       const int8_t* xb = xq + i * K + b * 32;
       __m512i isum = _mm512_setzero_si512();
@@ -602,25 +617,27 @@ inline void quant_tile(const int8_t* xq, const float* dx, const float* cx, int64
   for (int i = 0; i < MB; ++i) store16(out + i * N + cb * 16, acc[i]);
 }
 
-template <int BITS, bool MIN, typename OUT>
+template <int BITS, int SCALES, typename OUT>
 void quant_rows(const int8_t* xq, const float* dx, const float* cx, int64_t M, int64_t K, const uint8_t* u,
-                const uint16_t* d, const uint16_t* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
+                const uint16_t* d, const void* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
   const int64_t blocks = K / 32;
   int64_t m = 0;
   for (; m + 4 <= M; m += 4)
-    quant_tile<4, BITS, MIN>(xq + m * K, dx + m * blocks, cx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb);
+    quant_tile<4, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb);
   switch (M - m) {
-    case 3: quant_tile<3, BITS, MIN>(xq + m * K, dx + m * blocks, cx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
-    case 2: quant_tile<2, BITS, MIN>(xq + m * K, dx + m * blocks, cx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
-    case 1: quant_tile<1, BITS, MIN>(xq + m * K, dx + m * blocks, cx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
+    case 3: quant_tile<3, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
+    case 2: quant_tile<2, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
+    case 1: quant_tile<1, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
   }
 }
 #else
 // Plain loops over the same layout, for CPUs without AVX512-VNNI.
-template <int BITS, bool MIN, typename OUT>
+template <int BITS, int SCALES, typename OUT>
 void quant_rows(const int8_t* xq, const float* dx, const float* cx, int64_t M, int64_t K, const uint8_t* u,
-                const uint16_t* d, const uint16_t* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
+                const uint16_t* d, const void* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
   const int64_t blocks = K / 32, bytes = BITS * 64;
+  const uint16_t* mh = static_cast<const uint16_t*>(mn);
+  const uint8_t* sb = static_cast<const uint8_t*>(mn);
   for (int64_t i = 0; i < M; ++i) {
     float acc[16] = {0};
     for (int64_t b = 0; b < blocks; ++b) {
@@ -635,8 +652,15 @@ void quant_rows(const int8_t* xq, const float* dx, const float* cx, int64_t M, i
             isum[c] += v * int(xb[4 * j + t]);
           }
       for (int c = 0; c < 16; ++c) {
-        const float dw = half_to_float(d[(cb * blocks + b) * 16 + c]);
-        const float mw = MIN ? half_to_float(mn[(cb * blocks + b) * 16 + c]) : dw * mfac;
+        float dw, mw;
+        if (SCALES == 2) {
+          const uint16_t* sup = d + (cb * blocks / 8 + b / 8) * 32;
+          dw = half_to_float(sup[c]) * float(sb[(cb * blocks + b) * 32 + c]);
+          mw = -half_to_float(sup[16 + c]) * float(sb[(cb * blocks + b) * 32 + 16 + c]);
+        } else {
+          dw = half_to_float(d[(cb * blocks + b) * 16 + c]);
+          mw = SCALES == 1 ? half_to_float(mh[(cb * blocks + b) * 16 + c]) : dw * mfac;
+        }
         acc[c] += dw * dx[i * blocks + b] * float(isum[c]) + mw * cx[i * blocks + b];
       }
     }
@@ -655,9 +679,12 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& u, const at::Tensor
               "gemm_quant: u must be (N/16, K/32, bits * 64) uint8");
   const int64_t cblocks = u.size(0), blocks = u.size(1), N = cblocks * 16, K = blocks * 32;
   TORCH_CHECK(x.size(-1) == K, "gemm_quant: x's last dimension must be the weights' K");
-  TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.numel() == N * blocks, "gemm_quant: bad d");
-  const bool has_min = m.numel() > 0;
-  TORCH_CHECK(!has_min || (m.scalar_type() == at::kHalf && m.is_contiguous() && m.numel() == N * blocks),
+  // m: empty (SCALES 0), fp16 per block (1), or uint8 6-bit scales and minimums with fp16 super-blocks in d (2)
+  const int scales = m.numel() == 0 ? 0 : m.scalar_type() == at::kByte ? 2 : 1;
+  TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous()
+              && d.numel() == (scales == 2 ? N * (blocks / 8) * 2 : N * blocks), "gemm_quant: bad d");
+  TORCH_CHECK(scales == 0 || (m.is_contiguous() && m.numel() == N * blocks * (scales == 2 ? 2 : 1)
+                              && (scales == 2 ? blocks % 8 == 0 && bits == 4 : m.scalar_type() == at::kHalf)),
               "gemm_quant: bad m");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "gemm_quant: bf16 or fp32 inputs");
   const int64_t M = x.numel() / K;
@@ -675,17 +702,18 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& u, const at::Tensor
   auto out = out_like(xc, N);
   const uint8_t* up = u.data_ptr<uint8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
-  const uint16_t* mp = has_min ? reinterpret_cast<const uint16_t*>(m.data_ptr()) : nullptr;
+  const void* mp = scales ? m.data_ptr() : nullptr;
   const float mf = float(mfac);
   const int8_t* q = xq.data();
   const float *dxp = dx.data(), *cxp = cx.data();
   auto run = [&](auto* op) {
     at::parallel_for(0, cblocks, 4, [&](int64_t c0, int64_t c1) {
       for (int64_t cb = c0; cb < c1; ++cb) {
-        if (bits == 4 && has_min) quant_rows<4, true>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
-        else if (bits == 4) quant_rows<4, false>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
-        else if (has_min) quant_rows<8, true>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
-        else quant_rows<8, false>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
+        if (bits == 4 && scales == 2) quant_rows<4, 2>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
+        else if (bits == 4 && scales == 1) quant_rows<4, 1>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
+        else if (bits == 4) quant_rows<4, 0>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
+        else if (scales == 1) quant_rows<8, 1>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
+        else quant_rows<8, 0>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
       }
     });
   };
@@ -699,6 +727,8 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& u, const at::Tensor
 struct Decoded {
   uint8_t u[32];
   float d, m;
+  uint8_t scale, minimum;  // Q4_K: the block's 6-bit scale and minimum (d and m above: times the super-block's)
+  uint16_t sd, smin;       // Q4_K: the super-block's fp16 d and dmin, as stored
 };
 
 inline float read_half(const uint8_t* p) {
@@ -729,6 +759,9 @@ inline void decode_block(const uint8_t* row, int64_t b, int64_t kind, Decoded& o
     else scale = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4), minimum = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
     out.d = read_half(blk) * float(scale);
     out.m = -read_half(blk + 2) * float(minimum);
+    out.scale = uint8_t(scale), out.minimum = uint8_t(minimum);
+    __builtin_memcpy(&out.sd, blk, 2);
+    __builtin_memcpy(&out.smin, blk + 2, 2);
     const uint8_t* q = blk + 16 + 32 * (j / 2);  // 64 weights per 32 bytes: low nibbles first
     for (int l = 0; l < 32; ++l) out.u[l] = j % 2 ? q[l] >> 4 : q[l] & 0xF;
   } else {  // Q6_K, 256 weights: 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales, d
@@ -753,19 +786,23 @@ inline void decode_block(const uint8_t* row, int64_t b, int64_t kind, Decoded& o
 }
 
 // raw (rows, bytes per row) of `kind`, rows a multiple of 16, into u (rows/16, K/32, bits * 64), d and m
-// ((rows/16, K/32, 16) fp16; m is written for Q4_1 and Q4_K only).
+// ((rows/16, K/32, 16) fp16; m is written for Q4_1 only); Q4_K keeps its own scales: d (rows/16, K/256, 2,
+// 16) fp16 super-block d and dmin, m (rows/16, K/32, 2, 16) uint8 scales and minimums (SCALES 2 above).
 void pack_gguf(const at::Tensor& raw, int64_t kind, int64_t k, const at::Tensor& u, const at::Tensor& d,
                const at::Tensor& m) {
   TORCH_CHECK(raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.is_contiguous(), "pack_gguf: raw bytes");
   const int64_t rows = raw.size(0), row_bytes = raw.size(1), blocks = k / 32;
   const int64_t bits = kind <= 1 || kind == 3 ? 4 : 8;
-  const bool has_min = kind == 1 || kind == 3;
-  TORCH_CHECK(rows % 16 == 0 && u.numel() == rows * blocks * bits * 4 && d.numel() == rows * blocks,
+  const bool has_min = kind == 1, super = kind == 3;
+  TORCH_CHECK(rows % 16 == 0 && u.numel() == rows * blocks * bits * 4
+              && d.numel() == (super ? rows * (blocks / 8) * 2 : rows * blocks)
+              && (!super || m.numel() == rows * blocks * 2) && (!has_min || m.numel() == rows * blocks),
               "pack_gguf: output sizes do not match");
   const uint8_t* rp = raw.data_ptr<uint8_t>();
   uint8_t* up = u.data_ptr<uint8_t>();
-  at::Half* dp = d.data_ptr<at::Half>();
-  at::Half* mp = has_min ? m.data_ptr<at::Half>() : nullptr;
+  uint16_t* dp = reinterpret_cast<uint16_t*>(d.data_ptr());
+  uint16_t* mp = has_min ? reinterpret_cast<uint16_t*>(m.data_ptr()) : nullptr;
+  uint8_t* sp = super ? m.data_ptr<uint8_t>() : nullptr;
   at::parallel_for(0, rows / 16, 1, [&](int64_t c0, int64_t c1) {
     Decoded blk;
     for (int64_t cb = c0; cb < c1; ++cb)
@@ -781,8 +818,17 @@ void pack_gguf(const at::Tensor& raw, int64_t kind, int64_t k, const at::Tensor&
             for (int j = 0; j < 4; ++j)
               for (int t = 0; t < 4; ++t) out[j * 64 + 4 * c + t] = blk.u[4 * j + t] | (blk.u[16 + 4 * j + t] << 4);
           }
-          dp[(cb * blocks + b) * 16 + c] = at::Half(blk.d);
-          if (has_min) mp[(cb * blocks + b) * 16 + c] = at::Half(blk.m);
+          if (super) {
+            sp[(cb * blocks + b) * 32 + c] = blk.scale;
+            sp[(cb * blocks + b) * 32 + 16 + c] = blk.minimum;
+            if (b % 8 == 0) {
+              dp[(cb * blocks / 8 + b / 8) * 32 + c] = blk.sd;
+              dp[(cb * blocks / 8 + b / 8) * 32 + 16 + c] = blk.smin;
+            }
+            continue;
+          }
+          dp[(cb * blocks + b) * 16 + c] = at::Half(blk.d).x;
+          if (has_min) mp[(cb * blocks + b) * 16 + c] = at::Half(blk.m).x;
         }
       }
   });

@@ -95,16 +95,36 @@ def llama_cpp(path: Path, prompt_tokens: int, max_tokens: int, threads: int, tim
             "process_s": round(wall, 1)}
 
 
+def dram_read_gb_s() -> float:
+    """This machine's read bandwidth now (a buffer several times the last-level cache), measured before
+    each engine's run: the roof its decode is held against."""
+    import torch
+
+    from roofserve.measure.peaks import dram_buffer_bytes, measure_read_gb_s
+
+    cpu = torch.device("cpu")
+    return round(measure_read_gb_s(dram_buffer_bytes(cpu), cpu), 1)
+
+
 def bench_gguf(files: list[Path], prompt_tokens: int, max_tokens: int, rounds: int, threads: int,
                timeout_s: float = 1200.0, progress=None) -> list[dict]:
-    """Rows per file, engine and round, the two engines alternating within each round."""
+    """Rows per file, engine and round, the two engines alternating within each round; each row holds the
+    DRAM read rate measured just before it and the share of it its decode reached (weight bytes read per
+    token: ours as packed, llama.cpp's as stored in the file)."""
+    from roofserve.measure import roofline
+
     rows = []
     for path in files:
+        stored = roofline.gguf_bytes_per_token(str(path))
         for r in range(rounds):
             for name, run in (("roofserve", lambda: ours(path, prompt_tokens, max_tokens, timeout_s)),
                               ("llama.cpp", lambda: llama_cpp(path, prompt_tokens, max_tokens, threads, timeout_s))):
-                row = {"file": path.name, "round": r, **run(), "prompt_tokens": prompt_tokens,
-                       "max_tokens": max_tokens, "file_gb": round(path.stat().st_size / 1e9, 2)}
+                dram = dram_read_gb_s()
+                row = {"kind": "gguf-engine", "file": path.name, "round": r, **run(), "prompt_tokens": prompt_tokens,
+                       "max_tokens": max_tokens, "file_gb": round(path.stat().st_size / 1e9, 2),
+                       "dram_read_gb_s": dram}
+                row.setdefault("bytes_per_token", stored)
+                row["share_of_dram"] = round(row["decode_tokens_per_s"] * row["bytes_per_token"] / (dram * 1e9), 2)
                 rows.append(row)
                 if progress:
                     progress(row)
@@ -120,10 +140,12 @@ def summarize(rows: list[dict]) -> list[dict]:
             mine = [r for r in rows if r["file"] == name and r["engine"] == engine]
             best[engine] = {k: max(r[k] for r in mine) for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
             best[engine]["peak_rss_gb"] = max(r["peak_rss_gb"] for r in mine)
+            best[engine]["share_of_dram"] = max(r["share_of_dram"] for r in mine)
         a, b = best["roofserve"], best["llama.cpp"]
-        out.append({"file": name, "decode_ours": a["decode_tokens_per_s"], "decode_llama_cpp": b["decode_tokens_per_s"],
+        out.append({"kind": "gguf-summary", "file": name, "decode_ours": a["decode_tokens_per_s"], "decode_llama_cpp": b["decode_tokens_per_s"],
                     "decode_x": round(a["decode_tokens_per_s"] / b["decode_tokens_per_s"], 2),
                     "prefill_ours": a["prefill_tokens_per_s"], "prefill_llama_cpp": b["prefill_tokens_per_s"],
                     "prefill_x": round(a["prefill_tokens_per_s"] / b["prefill_tokens_per_s"], 2),
-                    "rss_gb_ours": a["peak_rss_gb"], "rss_gb_llama_cpp": b["peak_rss_gb"]})
+                    "rss_gb_ours": a["peak_rss_gb"], "rss_gb_llama_cpp": b["peak_rss_gb"],
+                    "dram_share_ours": a["share_of_dram"], "dram_share_llama_cpp": b["share_of_dram"]})
     return out

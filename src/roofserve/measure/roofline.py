@@ -100,17 +100,13 @@ def gguf_bytes_per_token(path: str) -> int:
 
 def packed_gguf_bytes_per_token(path: str, dense_bytes: int = 2) -> int:
     """Bytes per token of a GGUF file's weights as `--gguf-weights packed` holds them (llm/gguf.py): Q4_0 and
-    Q8_0 as stored, Q4_1 and Q4_K at 20 bytes per 32 weights, other quantized types at 34 (8 bits),
+    Q4_1 and Q8_0 as stored, Q4_K at 148 bytes per 256 weights, other quantized types at 34 per 32 (8 bits),
     F32/F16/BF16 tensors at the model's precision (dense_bytes per weight)."""
-    from gguf import GGUFReader
+    from pathlib import Path
 
-    per_32 = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 20, "Q8_0": 34}
-    total = 0
-    for t in GGUFReader(path).tensors:
-        kind = t.tensor_type.name
-        n = int(t.n_elements)
-        total += n * dense_bytes if kind in ("F32", "F16", "BF16") else n * per_32.get(kind, 34) // 32
-    return total
+    from roofserve.llm.gguf import packed_bytes, read_header
+
+    return packed_bytes(read_header(Path(path))[1], dense_bytes)
 
 
 def kv_bytes_per_token(config: dict, context_len: int, dtype_bytes: int = 2) -> int:
