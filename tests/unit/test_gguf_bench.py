@@ -9,9 +9,12 @@ from roofserve.measure.gguf_bench import _run, summarize
 
 
 def test_a_childs_peak_memory_is_its_own():
-    out, wall, rss_gb = _run([sys.executable, "-c", "b = bytearray(300 * 2**20); print(len(b))"], 60)
-    assert out.strip() == str(300 * 2**20)
-    assert 0.3 <= rss_gb < 1.0 and wall > 0
+    """Its own high-water mark: not this process's (which wait4's ru_maxrss would start from after fork)."""
+    ballast = b"\x01" * (800 * 2**20)  # this process: 800 MB more, written
+    child = "import time; b = b'\\x01' * (300 * 2**20); time.sleep(0.5); print(len(b))"
+    out, wall, rss_gb = _run([sys.executable, "-c", child], 60)
+    assert out.strip() == str(300 * 2**20) and ballast[0] == 1
+    assert 0.3 <= rss_gb < 0.6 and wall > 0
 
 
 def test_a_failing_or_hanging_child_is_a_one_line_error():

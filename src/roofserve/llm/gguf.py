@@ -367,13 +367,15 @@ class MemoryPlan:
     dense_bytes: int
     kv_bytes_per_slot: int
     max_seq_len: int
+    slots: int = 1  # the KV cache's sequence slots (the batch engine's: one per sequence and a scratch one)
 
     def lines(self) -> list[str]:
         gb = 1e9
         parts = ", ".join(f"{kind} {n / gb:.2f} GB" for kind, n in sorted(self.weight_bytes.items()))
         total = sum(self.weight_bytes.values()) + self.dense_bytes
         return [f"weights {total / gb:.2f} GB ({parts}; dense {self.dense_bytes / gb:.2f} GB)",
-                f"KV cache {self.kv_bytes_per_slot / gb:.3f} GB per sequence slot of {self.max_seq_len} tokens"]
+                f"KV cache {self.kv_bytes_per_slot / gb:.3f} GB per sequence slot of {self.max_seq_len} tokens, "
+                f"{self.slots} slot{'s' if self.slots != 1 else ''}: {self.slots * self.kv_bytes_per_slot / gb:.2f} GB"]
 
 
 def kv_bytes_per_slot(config, max_seq_len: int, dtype: torch.dtype) -> int:

@@ -519,10 +519,10 @@ inline float half_to_float(uint16_t h) {
   return f;
 }
 
-// x (M x K fp32) -> xq (M x K int8), dx (M x K/32): each block's absolute maximum / 127, and
-// cx = dx * sum(xq) of the block (what the m term multiplies).
+// x (M x K fp32) -> xq (M x K int8), dx (M x K/32): each block's absolute maximum / 127, the block's
+// sum(xq) (sx) and cx = dx * sx (what a stored m multiplies).
 template <typename T>
-void quantize_inputs(const T* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* cx) {
+void quantize_inputs(const T* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* cx, int32_t* sx) {
   const int64_t blocks = K / 32;
   for (int64_t i = 0; i < M * blocks; ++i) {
     float v[32];
@@ -538,6 +538,7 @@ void quantize_inputs(const T* x, int64_t M, int64_t K, int8_t* xq, float* dx, fl
     }
     dx[i] = scale;
     cx[i] = scale * float(sum);
+    sx[i] = sum;
   }
 }
 
@@ -555,7 +556,7 @@ inline void store16(at::BFloat16* p, __m512 v) {
 // 6-bit scale and minimum (uint8, (N/16, K/32, 2, 16)), per 256 weights fp16 d and dmin ((N/16, K/256, 2, 16)):
 // w = d * scale * u - dmin * minimum.
 template <int MB, int BITS, int SCALES, typename OUT>
-inline void quant_tile(const int8_t* xq, const float* dx, const float* cx, int64_t K, const uint8_t* u,
+inline void quant_tile(const int8_t* xq, const float* dx, const float* cx, const int32_t* sx, int64_t K, const uint8_t* u,
                        const uint16_t* d, const void* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
   const int64_t blocks = K / 32, bytes = BITS * 64;
   const uint8_t* ub = u + cb * blocks * bytes;
@@ -609,31 +610,33 @@ inline void quant_tile(const int8_t* xq, const float* dx, const float* cx, int64
         __builtin_memcpy(&group, xb + 4 * j, 4);
         isum = _mm512_dpbusd_epi32(isum, wv[j], _mm512_set1_epi32(group));
       }
+      if (SCALES == 0)  // m = mfac d with mfac -8 or -128: the offset in integers, exact (no cancellation)
+        isum = _mm512_add_epi32(isum, _mm512_set1_epi32(int32_t(mfac) * sx[i * blocks + b]));
       const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dx[i * blocks + b]));
       acc[i] = _mm512_fmadd_ps(scaled, dw, acc[i]);
-      acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(cx[i * blocks + b]), acc[i]);
+      if (SCALES != 0) acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(cx[i * blocks + b]), acc[i]);
     }
   }
   for (int i = 0; i < MB; ++i) store16(out + i * N + cb * 16, acc[i]);
 }
 
 template <int BITS, int SCALES, typename OUT>
-void quant_rows(const int8_t* xq, const float* dx, const float* cx, int64_t M, int64_t K, const uint8_t* u,
+void quant_rows(const int8_t* xq, const float* dx, const float* cx, const int32_t* sx, int64_t M, int64_t K, const uint8_t* u,
                 const uint16_t* d, const void* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
   const int64_t blocks = K / 32;
   int64_t m = 0;
   for (; m + 4 <= M; m += 4)
-    quant_tile<4, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb);
+    quant_tile<4, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, sx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb);
   switch (M - m) {
-    case 3: quant_tile<3, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
-    case 2: quant_tile<2, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
-    case 1: quant_tile<1, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
+    case 3: quant_tile<3, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, sx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
+    case 2: quant_tile<2, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, sx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
+    case 1: quant_tile<1, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, sx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
   }
 }
 #else
 // Plain loops over the same layout, for CPUs without AVX512-VNNI.
 template <int BITS, int SCALES, typename OUT>
-void quant_rows(const int8_t* xq, const float* dx, const float* cx, int64_t M, int64_t K, const uint8_t* u,
+void quant_rows(const int8_t* xq, const float* dx, const float* cx, const int32_t* sx, int64_t M, int64_t K, const uint8_t* u,
                 const uint16_t* d, const void* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
   const int64_t blocks = K / 32, bytes = BITS * 64;
   const uint16_t* mh = static_cast<const uint16_t*>(mn);
@@ -661,7 +664,8 @@ void quant_rows(const int8_t* xq, const float* dx, const float* cx, int64_t M, i
           dw = half_to_float(d[(cb * blocks + b) * 16 + c]);
           mw = SCALES == 1 ? half_to_float(mh[(cb * blocks + b) * 16 + c]) : dw * mfac;
         }
-        acc[c] += dw * dx[i * blocks + b] * float(isum[c]) + mw * cx[i * blocks + b];
+        if (SCALES == 0) acc[c] += dw * dx[i * blocks + b] * float(isum[c] + int32_t(mfac) * sx[i * blocks + b]);
+        else acc[c] += dw * dx[i * blocks + b] * float(isum[c]) + mw * cx[i * blocks + b];
       }
     }
     for (int c = 0; c < 16; ++c) out[i * N + cb * 16 + c] = acc[c];
@@ -692,13 +696,15 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& u, const at::Tensor
   // per-thread scratch for the quantized inputs, kept between calls (no allocation per decode step)
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> dx, cx;
+  thread_local std::vector<int32_t> sx;
   xq.resize(M * K);
   dx.resize(M * blocks);
   cx.resize(M * blocks);
+  sx.resize(M * blocks);
   if (x.scalar_type() == at::kBFloat16)
-    quantize_inputs(xc.data_ptr<at::BFloat16>(), M, K, xq.data(), dx.data(), cx.data());
+    quantize_inputs(xc.data_ptr<at::BFloat16>(), M, K, xq.data(), dx.data(), cx.data(), sx.data());
   else
-    quantize_inputs(xc.data_ptr<float>(), M, K, xq.data(), dx.data(), cx.data());
+    quantize_inputs(xc.data_ptr<float>(), M, K, xq.data(), dx.data(), cx.data(), sx.data());
   auto out = out_like(xc, N);
   const uint8_t* up = u.data_ptr<uint8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
@@ -706,14 +712,15 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& u, const at::Tensor
   const float mf = float(mfac);
   const int8_t* q = xq.data();
   const float *dxp = dx.data(), *cxp = cx.data();
+  const int32_t* sxp = sx.data();
   auto run = [&](auto* op) {
     at::parallel_for(0, cblocks, 4, [&](int64_t c0, int64_t c1) {
       for (int64_t cb = c0; cb < c1; ++cb) {
-        if (bits == 4 && scales == 2) quant_rows<4, 2>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
-        else if (bits == 4 && scales == 1) quant_rows<4, 1>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
-        else if (bits == 4) quant_rows<4, 0>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
-        else if (scales == 1) quant_rows<8, 1>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
-        else quant_rows<8, 0>(q, dxp, cxp, M, K, up, dp, mp, mf, op, N, cb);
+        if (bits == 4 && scales == 2) quant_rows<4, 2>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N, cb);
+        else if (bits == 4 && scales == 1) quant_rows<4, 1>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N, cb);
+        else if (bits == 4) quant_rows<4, 0>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N, cb);
+        else if (scales == 1) quant_rows<8, 1>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N, cb);
+        else quant_rows<8, 0>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N, cb);
       }
     });
   };

@@ -5,13 +5,14 @@ Each round runs, as separate processes on all cores, `roofserve bench llm-engine
 (prefill of a P-token prompt, then decode) and `llama-bench -p P -n N` (prefill of P tokens; decode of N
 from an empty context), and records each process's peak RSS (its kernel counter, from wait4). Files
 missing from the list of shapes and types are written first with random weights (llm/random_gguf.py).
+Peak RSS is each process's own high-water mark (VmHWM), read while it runs; for llama.cpp it includes the
+pages of the file it memory-maps.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -39,22 +40,33 @@ def random_file(shape: str, kind: str) -> Path:
     return path
 
 
+def _peak_rss_gb(pid: int) -> float | None:
+    """VmHWM of a live process: its own peak. (wait4's ru_maxrss is no good here: after fork and exec it
+    starts from the parent's resident size, and this parent holds torch and a bandwidth buffer.)"""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6  # kB -> GB
+    except OSError:
+        pass
+    return None
+
+
 def _run(command: list[str], timeout_s: float) -> tuple[str, float, float]:
-    """(stdout, wall seconds, peak RSS in GB) of one process; a failure is a UserError with its last line."""
+    """(stdout, wall seconds, peak RSS in GB: the last VmHWM read, every 0.1 s) of one process; a failure
+    is a UserError with its last line."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(command, stdout=out, stderr=err, text=True)
         deadline = time.monotonic() + timeout_s
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, _peak_rss_gb(proc.pid) or 0.0)
             if time.monotonic() > deadline:
                 proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
+                proc.wait()
                 raise UserError(f"{Path(command[0]).name} ran past {timeout_s:.0f} s: stopped")
-            time.sleep(0.2)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+            time.sleep(0.1)
         wall = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
@@ -62,7 +74,7 @@ def _run(command: list[str], timeout_s: float) -> tuple[str, float, float]:
     if proc.returncode:
         tail = (errors or text).strip().splitlines()[-1:] or ["(no output)"]
         raise UserError(f"{' '.join(command[:3])} ... failed ({proc.returncode}): {tail[0][:200]}")
-    return text, wall, usage.ru_maxrss / 1e6  # kB -> GB
+    return text, wall, peak
 
 
 def ours(path: Path, prompt_tokens: int, max_tokens: int, timeout_s: float) -> dict:
@@ -95,15 +107,22 @@ def llama_cpp(path: Path, prompt_tokens: int, max_tokens: int, threads: int, tim
             "process_s": round(wall, 1)}
 
 
-def dram_read_gb_s() -> float:
-    """This machine's read bandwidth now (a buffer several times the last-level cache), measured before
-    each engine's run: the roof its decode is held against."""
+def measure_dram_read_gb_s() -> float:
+    """This machine's read bandwidth now (a buffer several times the last-level cache)."""
     import torch
 
     from roofserve.measure.peaks import dram_buffer_bytes, measure_read_gb_s
 
     cpu = torch.device("cpu")
     return round(measure_read_gb_s(dram_buffer_bytes(cpu), cpu), 1)
+
+
+def dram_read_gb_s(timeout_s: float = 120.0) -> float:
+    """measure_dram_read_gb_s in a child process, before each engine's run (the roof its decode is held
+    against), so that this process stays small and holds no buffer while the engines run."""
+    code = "from roofserve.measure.gguf_bench import measure_dram_read_gb_s as m; print(m())"
+    text, _, _ = _run([sys.executable, "-c", code], timeout_s)
+    return float(text.strip().splitlines()[-1])
 
 
 def bench_gguf(files: list[Path], prompt_tokens: int, max_tokens: int, rounds: int, threads: int,
