@@ -31,7 +31,8 @@ test: setup
 bench-vision: setup
 	$(PY) -m roofserve sweep vision experiments/vision-cpu.toml --out results/vision-sweep.json
 
-# llama.cpp's own server, the continuous-batching peer, built from the source llama-cpp-python vendors (~5 min).
+# llama.cpp's own server (the continuous-batching peer), llama-bench and llama-quantize, built from the source
+# llama-cpp-python vendors (~6 min).
 llama-server: setup
 	bash scripts/build_llama_server.sh
 
