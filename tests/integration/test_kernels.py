@@ -163,7 +163,7 @@ def test_decode_attention_matches_eager_over_the_filled_cache(position):
 _PORTABLE_CHECK = """
 import torch
 from roofserve.llm import kernels
-kernels.build("roofserve_kernels_portable_test", ("-mno-avx512bf16",))
+kernels.build("roofserve_kernels_portable_test", ("-mno-avx512bf16", "-mno-avx512vnni"))
 torch.manual_seed(0)
 w, x = torch.randn(97, 100).bfloat16(), torch.randn(1, 100).bfloat16()
 expected = x.float() @ w.float().T
@@ -180,11 +180,23 @@ kk, vv = k.float()[:, :, :10].repeat_interleave(2, 1), v.float()[:, :, :10].repe
 expected = (torch.softmax(q.float() @ kk.transpose(2, 3) * 0.2, -1) @ vv).transpose(1, 2)
 got = torch.ops.roofserve.decode_attention(q, k, v, torch.tensor([9]), 0.2)
 assert (got.float() - expected).abs().max() < 0.03
+import numpy as np
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+from roofserve.llm.gguf import QuantLinear, pack_tensor
+for kind in ("Q4_0", "Q4_1", "Q8_0"):
+    raw = quantize((np.random.default_rng(0).standard_normal((32, 64)) * 0.05).astype(np.float32), GGMLQuantizationType[kind])
+    w = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]).reshape(32, 64))
+    x = torch.randn(3, 64)
+    expected = x @ w.T
+    got = QuantLinear(pack_tensor(raw, kind, (32, 64)))(x.bfloat16()).float()
+    assert (got - expected).abs().max() <= 0.03 * expected.abs().max(), kind
 print("portable ok")
 """
 
 
 def test_the_portable_path_for_cpus_without_avx512_bf16_is_correct_too():
+    """Built without AVX512-BF16 and AVX512-VNNI: the plain loops of every operator, GGUF blocks included."""
     # a separate process: the operators' namespace can be registered once per process
     done = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], capture_output=True, text=True, timeout=300,
                           check=False)

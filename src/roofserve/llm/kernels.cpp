@@ -549,7 +549,13 @@ void quantize_inputs(const T* x, int64_t M, int64_t K, int8_t* xq, float* dx, fl
 // Rows [0, MB) of the inputs by column block cb, all of K.
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(at::BFloat16* p, __m512 v) {
+#ifdef __AVX512BF16__
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+#else  // VNNI without BF16 (e.g. Ice Lake): round each to nearest even
+  alignas(64) float f[16];
+  _mm512_store_ps(f, v);
+  for (int i = 0; i < 16; ++i) p[i] = at::BFloat16(f[i]);
+#endif
 }
 
 // SCALES: 0, fp16 d per block (m = mfac * d); 1, fp16 d and m per block; 2 (Q4_K as stored): per block a
