@@ -60,21 +60,14 @@ class Packed:
         return self.u.numel() + 2 * self.d.numel() + self.m.element_size() * self.m.numel()
 
 
-def pack(u: np.ndarray, d: np.ndarray, m: np.ndarray | None, bits: int) -> tuple[np.ndarray, ...]:
-    """u (N, K) unsigned values, d and m (N, K/32) -> the layout of kernels.cpp (see its comment)."""
+def pack8(u: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit u (N, K) and d (N, K/32) -> the layout of kernels.cpp (see its comment), for the types that
+    pack_gguf does not decode itself."""
     n, k = u.shape
     blocks = k // QK
-    if bits == 8:  # (N/16, 16 c, B, 8 j, 4 t) -> (N/16, B, 8 j, 16 c, 4 t)
-        out = u.reshape(n // 16, 16, blocks, 8, 4).transpose(0, 2, 3, 1, 4)
-    else:  # k = 16 h + 4 j + t; h = 0 low nibble, h = 1 high
-        v = u.reshape(n // 16, 16, blocks, 2, 4, 4).transpose(0, 2, 3, 4, 1, 5)
-        out = v[:, :, 0] | (v[:, :, 1] << 4)
-    out = np.ascontiguousarray(out, dtype=np.uint8).reshape(n // 16, blocks, bits * 64)
-
-    def scales(s):
-        return np.ascontiguousarray(s.reshape(n // 16, 16, blocks).transpose(0, 2, 1), dtype=np.float16)
-
-    return out, scales(d), (scales(m) if m is not None else None)
+    out = u.reshape(n // 16, 16, blocks, 8, 4).transpose(0, 2, 3, 1, 4)  # -> (N/16, B, 8 j, 16 c, 4 t)
+    out = np.ascontiguousarray(out, dtype=np.uint8).reshape(n // 16, blocks, 8 * 64)
+    return out, np.ascontiguousarray(d.reshape(n // 16, 16, blocks).transpose(0, 2, 1), dtype=np.float16)
 
 
 def _requantize8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,8 +116,7 @@ def pack_rows(raw: np.ndarray, kind: str, k: int, into: Packed, row: int) -> Non
         torch.ops.roofserve.pack_gguf(torch.from_numpy(np.ascontiguousarray(raw)), NATIVE[kind], k, into.u[s],
                                       into.d[s], m)
         return
-    u, d = requantize(raw, kind, k)
-    pu, pd, _ = pack(u, d, None, 8)
+    pu, pd = pack8(*requantize(raw, kind, k))
     into.u[s] = torch.from_numpy(pu)
     into.d[s] = torch.from_numpy(pd)
 
@@ -431,9 +423,8 @@ def load_packed(path: Path, dtype: torch.dtype = torch.bfloat16):
         k, n = t.shape[:2]  # ggml order: row length first
         kind = t.kind
         if kind in DENSE:
-            w = torch.from_numpy(_dense(raw(t), kind).reshape(n, k))
-            if permute:
-                w = w.reshape(permute, n // permute // 2, 2, k).transpose(1, 2).reshape(n, k)
+            w = _dense(raw(t), kind).reshape(n, k)
+            w = torch.from_numpy(np.ascontiguousarray(_unpermute(w, permute) if permute else w))
             layer = torch.nn.Linear(k, n, bias=False, dtype=dtype)
             layer.weight = torch.nn.Parameter(w.to(dtype), requires_grad=False)
             dense += layer.weight.numel() * dtype.itemsize
