@@ -15,23 +15,25 @@ from pathlib import Path
 from roofserve.config import LLMConfig
 from roofserve.errors import UserError
 
-BUILT = Path(".cache/llama-server/bin/llama-server")
+BUILT = Path(".cache/llama-server/bin")  # what `make llama-server` builds: llama-server, llama-bench, llama-quantize
 
 
-def find_llama_server() -> str:
-    """$ROOFSERVE_LLAMA_SERVER, the binary `make llama-server` builds, or llama-server on PATH."""
-    for candidate in (os.environ.get("ROOFSERVE_LLAMA_SERVER"), str(BUILT.resolve()), shutil.which("llama-server")):
+def find_llama_tool(name: str = "llama-server") -> str:
+    """$ROOFSERVE_LLAMA_SERVER (for llama-server; $ROOFSERVE_LLAMA_BENCH, ... for the others), the binary
+    `make llama-server` builds, or `name` on PATH."""
+    variable = "ROOFSERVE_" + name.upper().replace("-", "_")
+    for candidate in (os.environ.get(variable), str((BUILT / name).resolve()), shutil.which(name)):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
-    raise UserError("llama-server not found: build it with `make llama-server` (about 5 minutes), or set "
-                    "ROOFSERVE_LLAMA_SERVER to its path")
+    raise UserError(f"{name} not found: build it with `make llama-server` (about 6 minutes), or set "
+                    f"{variable} to its path")
 
 
 def command(cfg: LLMConfig) -> list[str]:
     from roofserve.llm.llamacpp import gguf_path
 
     threads = cfg.threads_per_worker or os.cpu_count() or 1
-    return [find_llama_server(), "-m", str(gguf_path(cfg.model)), "--host", cfg.host, "--port", str(cfg.port),
+    return [find_llama_tool(), "-m", str(gguf_path(cfg.model)), "--host", cfg.host, "--port", str(cfg.port),
             "-t", str(threads), "--parallel", str(cfg.max_batch_size),
             "-c", str(cfg.max_seq_len * cfg.max_batch_size),  # llama-server splits its context among the slots
             "-b", str(max(cfg.prefill_chunk, 64)), "--no-webui"]

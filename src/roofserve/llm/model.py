@@ -160,10 +160,10 @@ def load(source: str, precision: str = "bf16", device: str | torch.device = "cpu
 
         if torch.device(device).type != "cpu":
             raise UserError("--gguf-weights packed runs on CPU only; use --gguf-weights bf16 on a GPU")
-        path = bundled_gguf() if source in (DEFAULT_MODEL, "default") else Path(source)
+        bundled = source in (DEFAULT_MODEL, "default")
+        path = bundled_gguf() if bundled else Path(source)
         model, plan_bytes, dense = load_packed(path, dtype)
-        loaded = Loaded(model, _load_tokenizer(path), DEFAULT_MODEL if path != Path(source) else path.stem, False,
-                        source)
+        loaded = Loaded(model, _load_tokenizer(path), DEFAULT_MODEL if bundled else path.stem, False, source)
         loaded.packed_bytes, loaded.dense_bytes = plan_bytes, dense
         return loaded
     if source in (DEFAULT_MODEL, "default"):

@@ -11,7 +11,6 @@ which tokens exist). Weights are drawn per tensor, so memory holds one tensor at
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -143,10 +142,13 @@ def write_random(name: str, kind: str, path: Path, llama_quantize: str | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind in DIRECT:
         return write_direct(name, kind, path)
-    tool = llama_quantize or shutil.which("llama-quantize") or str(Path(".cache/llama-server/bin/llama-quantize"))
-    if not Path(tool).is_file():
-        raise UserError(f"{kind} is made by llama.cpp's llama-quantize: build it with `make llama-server`, or pass "
-                        "one of " + ", ".join(DIRECT))
+    from roofserve.llm.llama_server import find_llama_tool
+
+    try:
+        tool = llama_quantize or find_llama_tool("llama-quantize")
+    except UserError as e:
+        raise UserError(f"{kind} is made by llama.cpp's llama-quantize ({e}); or pass one of "
+                        + ", ".join(DIRECT)) from None
     source = path.with_name(path.stem + ".q8_0-source.gguf")
     write_direct(name, "Q8_0", source)
     try:

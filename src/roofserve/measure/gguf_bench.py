@@ -3,7 +3,7 @@ within minutes): `roofserve bench gguf`.
 
 Each round runs, as separate processes on all cores, `roofserve bench llm-engine --gguf-weights packed`
 (prefill of a P-token prompt, then decode) and `llama-bench -p P -n N` (prefill of P tokens; decode of N
-from an empty context), and records each process's peak RSS (its kernel counter, from wait4). Files
+from an empty context). Files
 missing from the list of shapes and types are written first with random weights (llm/random_gguf.py).
 Peak RSS is each process's own high-water mark (VmHWM), read while it runs; for llama.cpp it includes the
 pages of the file it memory-maps.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,6 @@ from roofserve.errors import UserError
 log = logging.getLogger(__name__)
 
 RANDOM_DIR = Path(".cache/gguf-random")
-LLAMA_BENCH = Path(".cache/llama-server/bin/llama-bench")
 OUR_FLAGS = ["--gguf-weights", "packed", "--compile", "--attention", "roofserve", "--max-batch-size", "1"]
 
 
@@ -42,7 +40,7 @@ def random_file(shape: str, kind: str) -> Path:
 
 def _peak_rss_gb(pid: int) -> float | None:
     """VmHWM of a live process: its own peak. (wait4's ru_maxrss is no good here: after fork and exec it
-    starts from the parent's resident size, and this parent holds torch and a bandwidth buffer.)"""
+    starts from the parent's resident size, torch included.)"""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -93,9 +91,9 @@ def ours(path: Path, prompt_tokens: int, max_tokens: int, timeout_s: float) -> d
 
 def llama_cpp(path: Path, prompt_tokens: int, max_tokens: int, threads: int, timeout_s: float,
               binary: str | None = None) -> dict:
-    tool = binary or shutil.which("llama-bench") or str(LLAMA_BENCH)
-    if not Path(tool).is_file():
-        raise UserError("llama-bench not found: build it with `make llama-server` (about 6 minutes)")
+    from roofserve.llm.llama_server import find_llama_tool
+
+    tool = binary or find_llama_tool("llama-bench")
     text, wall, rss = _run([tool, "-m", str(path), "-t", str(threads), "-p", str(prompt_tokens), "-n",
                             str(max_tokens), "-r", "1", "-o", "json"], timeout_s)
     tests = json.loads(text)
