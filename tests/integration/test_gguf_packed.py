@@ -88,6 +88,33 @@ def test_kernel_matches_the_same_math_in_torch(kind, rows):
     assert (expected - x @ w.T).norm() <= 0.02 * (x @ w.T).norm()
 
 
+def _has_amx_int8() -> bool:
+    with open("/proc/cpuinfo") as f:
+        return " amx_int8" in f.read()
+
+
+@pytest.mark.skipif(not _has_amx_int8(), reason="the CPU has no AMX int8 tiles: the vector path runs alone")
+@pytest.mark.parametrize("kind", FORMATS)
+@pytest.mark.parametrize("rows", [1, 5, 8, 16, 17, 40, 100])
+def test_amx_tiles_compute_what_the_vector_path_computes(kind, rows):
+    """The int8 tile path (prompt chunks) does the vector path's operations on the same integer sums, so
+    the outputs are equal, for every row count past the 4-, 8- and 16-row tiles and partial column groups
+    (N = 80: one group of 4 blocks and one of 1)."""
+    n, k = 80, 768 if kind not in ("Q4_K", "Q6_K") else 512
+    layer = QuantLinear(pack_tensor(random_blocks(kind, n, k, seed=rows), kind, (n, k)))
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 1, k)
+    for dtype in (torch.float32, torch.bfloat16):
+        outputs = []
+        for threshold in (1 << 30, 1):  # the vector path, then the tiles
+            previous = torch.ops.roofserve.set_amx_quant_min_rows(threshold)
+            try:
+                outputs.append(layer(x.to(dtype)))
+            finally:
+                torch.ops.roofserve.set_amx_quant_min_rows(previous)
+        assert torch.equal(*outputs), (outputs[0] - outputs[1]).abs().max()
+
+
 def test_shapes_that_do_not_pack_are_one_line_errors():
     with pytest.raises(UserError, match="multiple of 16"):
         pack_tensor(random_blocks("Q8_0", 8, 64), "Q8_0", (8, 64))

@@ -10,7 +10,7 @@
 #if defined(__AVX512BF16__) || defined(__AVX512VNNI__)
 #include <immintrin.h>
 #endif
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+#if defined(__AMX_TILE__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -178,10 +178,9 @@ inline void packed_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t*
 }
 #endif
 
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
-// AMX: the same packed weights are tiles as they lie (16 pairs x 16 columns, 1 KB each), so from
-// AMX_MIN_ROWS input rows one tile instruction does what 16 dot products per row do above, and the
-// kernel is left reading weights. Linux hands out the tile registers only on request (once per process).
+#if defined(__AMX_TILE__)
+// Linux hands out AMX's tile registers only on request, once per process (all its threads); where it
+// refuses (an old kernel, a hypervisor that hides the state), the tile paths below are not taken.
 bool amx_ready() {
   static const bool ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
   return ready;
@@ -192,6 +191,12 @@ struct TileConfig {
   uint16_t colsb[16];
   uint8_t rows[16];
 };
+#endif
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+// AMX: the same packed weights are tiles as they lie (16 pairs x 16 columns, 1 KB each), so from
+// AMX_MIN_ROWS input rows one tile instruction does what 16 dot products per row do above, and the
+// kernel is left reading weights.
 
 // rows [0, M) of x (M <= 16) by column blocks [block, block + count) (count <= 4) over all of K (a
 // multiple of 32): tiles 0-3 accumulate, 4 holds 32 k of the inputs, 5 the weights.
@@ -561,6 +566,35 @@ inline void store16(at::BFloat16* p, __m512 v) {
 // SCALES: 0, fp16 d per block (m = mfac * d); 1, fp16 d and m per block; 2 (Q4_K as stored): per block a
 // 6-bit scale and minimum (uint8, (N/16, K/32, 2, 16)), per 256 weights fp16 d and dmin ((N/16, K/256, 2, 16)):
 // w = d * scale * u - dmin * minimum.
+// The 16 columns' d and m of block b (db, mb, sb: the column block's scales).
+template <int SCALES>
+inline void block_scales(const uint16_t* db, const uint16_t* mb, const uint8_t* sb, int64_t b, float mfac, __m512& dw,
+                         __m512& mw) {
+  if (SCALES == 2) {
+    const uint16_t* sup = db + (b / 8) * 32;
+    const __m512 sd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sup)));
+    const __m512 smin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sup + 16)));
+    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + b * 32))));
+    const __m512 mc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + b * 32 + 16))));
+    dw = _mm512_mul_ps(sd, sc);
+    mw = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(smin, mc));
+  } else {
+    dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(db + b * 16)));
+    mw = SCALES == 1 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mb + b * 16)))
+                     : _mm512_mul_ps(dw, _mm512_set1_ps(mfac));
+  }
+}
+
+// One input row's block (index rb into dx, cx, sx) added to its 16 outputs: isum = sum(u xq) per column.
+template <int SCALES>
+inline __m512 add_block(__m512 acc, __m512i isum, __m512 dw, __m512 mw, float mfac, const float* dx, const float* cx,
+                        const int32_t* sx, int64_t rb) {
+  if (SCALES == 0)  // m = mfac d with mfac -8 or -128: the offset in integers, exact (no cancellation)
+    isum = _mm512_add_epi32(isum, _mm512_set1_epi32(int32_t(mfac) * sx[rb]));
+  acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dx[rb])), dw, acc);
+  return SCALES != 0 ? _mm512_fmadd_ps(mw, _mm512_set1_ps(cx[rb]), acc) : acc;
+}
+
 template <int MB, int BITS, int SCALES, typename OUT>
 inline void quant_tile(const int8_t* xq, const float* dx, const float* cx, const int32_t* sx, int64_t K, const uint8_t* u,
                        const uint16_t* d, const void* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
@@ -595,19 +629,7 @@ inline void quant_tile(const int8_t* xq, const float* dx, const float* cx, const
       for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(w + 64 * j);
     }
     __m512 dw, mw;
-    if (SCALES == 2) {
-      const uint16_t* sup = db + (b / 8) * 32;
-      const __m512 sd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sup)));
-      const __m512 smin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sup + 16)));
-      const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + b * 32))));
-      const __m512 mc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + b * 32 + 16))));
-      dw = _mm512_mul_ps(sd, sc);
-      mw = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(smin, mc));
-    } else {
-      dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(db + b * 16)));
-      mw = SCALES == 1 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mb + b * 16)))
-                       : _mm512_mul_ps(dw, _mm512_set1_ps(mfac));
-    }
+    block_scales<SCALES>(db, mb, sb, b, mfac, dw, mw);
     for (int i = 0; i < MB; ++i) {
       const int8_t* xb = xq + i * K + b * 32;
       __m512i isum = _mm512_setzero_si512();
@@ -616,11 +638,7 @@ inline void quant_tile(const int8_t* xq, const float* dx, const float* cx, const
         __builtin_memcpy(&group, xb + 4 * j, 4);
         isum = _mm512_dpbusd_epi32(isum, wv[j], _mm512_set1_epi32(group));
       }
-      if (SCALES == 0)  // m = mfac d with mfac -8 or -128: the offset in integers, exact (no cancellation)
-        isum = _mm512_add_epi32(isum, _mm512_set1_epi32(int32_t(mfac) * sx[i * blocks + b]));
-      const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dx[i * blocks + b]));
-      acc[i] = _mm512_fmadd_ps(scaled, dw, acc[i]);
-      if (SCALES != 0) acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(cx[i * blocks + b]), acc[i]);
+      acc[i] = add_block<SCALES>(acc[i], isum, dw, mw, mfac, dx, cx, sx, i * blocks + b);
     }
   }
   for (int i = 0; i < MB; ++i) store16(out + i * N + cb * 16, acc[i]);
@@ -639,6 +657,136 @@ void quant_rows(const int8_t* xq, const float* dx, const float* cx, const int32_
     case 1: quant_tile<1, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, sx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
   }
 }
+
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+// AMX: one tile instruction (tdpbsud: signed inputs, unsigned weights) multiplies up to 16 input rows by a
+// column block's 32 k; the 8-bit layout is such a tile as it lies (8 rows of 16 columns x 4 k), 4-bit
+// blocks are unpacked to one first. Each block has its own scales, so its 16 x 16 integer sums leave the
+// tile every block and are scaled as on the vector path (the same operations, so the same results).
+// Four blocks are in flight at once (tiles 0-3): while the vector units scale block b's sums, the tile
+// unit works on the blocks after it. Tiles 4-5 hold inputs, 6-7 weights.
+// Block b into sums tile t (0-3): inputs xq (the row tile's, row stride K), weights w (a 512-byte tile).
+inline void issue_block(int t, const int8_t* xq, int64_t K, int64_t b, const uint8_t* w) {
+  _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512 + 64), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512 + 128), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512 + 192), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512 + 256), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512 + 320), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512 + 384), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512 + 448), _MM_HINT_T0);
+  switch (t) {
+    case 0: _tile_loadd(4, xq + b * 32, K); _tile_loadd(6, w, 64); _tile_zero(0); _tile_dpbsud(0, 4, 6); break;
+    case 1: _tile_loadd(5, xq + b * 32, K); _tile_loadd(7, w, 64); _tile_zero(1); _tile_dpbsud(1, 5, 7); break;
+    case 2: _tile_loadd(4, xq + b * 32, K); _tile_loadd(6, w, 64); _tile_zero(2); _tile_dpbsud(2, 4, 6); break;
+    default: _tile_loadd(5, xq + b * 32, K); _tile_loadd(7, w, 64); _tile_zero(3); _tile_dpbsud(3, 5, 7); break;
+  }
+}
+
+inline void store_sums(int t, int32_t* sums) {
+  switch (t) {
+    case 0: _tile_stored(0, sums, 64); break;
+    case 1: _tile_stored(1, sums, 64); break;
+    case 2: _tile_stored(2, sums, 64); break;
+    default: _tile_stored(3, sums, 64); break;
+  }
+}
+
+// Rows [0, M) (M <= MB <= 16; the scratch holds MB rows) by column block cb, all of K; tiles: the column
+// block's weights as 8-bit tiles, 512 bytes per block of 32 k.
+template <int MB, int SCALES, typename OUT>
+void amx_quant_tile(const int8_t* xq, const float* dx, const float* cx, const int32_t* sx, int64_t M, int64_t K,
+                    const uint8_t* tiles, const uint16_t* d, const void* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
+  const int64_t blocks = K / 32;
+  const uint16_t* db = d + cb * (SCALES == 2 ? blocks / 8 * 32 : blocks * 16);
+  const uint16_t* mb = SCALES == 1 ? static_cast<const uint16_t*>(mn) + cb * blocks * 16 : nullptr;
+  const uint8_t* sb = SCALES == 2 ? static_cast<const uint8_t*>(mn) + cb * blocks * 32 : nullptr;
+  alignas(64) int32_t sums[16][16];
+  __m512 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < std::min<int64_t>(4, blocks); ++b) issue_block(int(b), xq, K, b, tiles + b * 512);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int t = int(b & 3);
+    store_sums(t, &sums[0][0]);
+    if (b + 4 < blocks) issue_block(t, xq, K, b + 4, tiles + (b + 4) * 512);
+    __m512 dw, mw;
+    block_scales<SCALES>(db, mb, sb, b, mfac, dw, mw);
+    for (int i = 0; i < MB; ++i)
+      acc[i] = add_block<SCALES>(acc[i], _mm512_load_si512(sums[i]), dw, mw, mfac, dx, cx, sx, i * blocks + b);
+  }
+  for (int i = 0; i < MB; ++i)
+    if (i < M) store16(out + i * N + cb * 16, acc[i]);
+}
+
+// A column block's 4-bit weights (blocks of 256 bytes) as 8-bit tiles (512 bytes), once for all row tiles.
+inline void unpack_tiles(const uint8_t* w, int64_t blocks, uint8_t* tiles) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < blocks; ++b, w += 256, tiles += 512) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 256), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 256 + 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 256 + 128), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 256 + 192), _MM_HINT_T0);
+    for (int r = 0; r < 4; ++r) {
+      const __m512i v = _mm512_loadu_si512(w + 64 * r);
+      _mm512_store_si512(tiles + 64 * r, _mm512_and_si512(v, low));
+      _mm512_store_si512(tiles + 64 * (r + 4), _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+    }
+  }
+}
+
+// Tiles 0-3 (sums) and 4-5 (inputs) of `rows` rows, 6-7 one block of weights.
+inline void configure_quant_tiles(int64_t rows) {
+  alignas(64) TileConfig cfg = {};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 4; ++t) cfg.rows[t] = uint8_t(rows), cfg.colsb[t] = 64;
+  for (int t = 4; t < 6; ++t) cfg.rows[t] = uint8_t(rows), cfg.colsb[t] = 32;
+  for (int t = 6; t < 8; ++t) cfg.rows[t] = 8, cfg.colsb[t] = 64;
+  asm volatile("" : : "r"(&cfg) : "memory");  // g++ 12 dropped the stores above (the config reads 64 bytes)
+  _tile_loadconfig(&cfg);
+}
+
+// All M rows: groups of 4 column blocks split among threads; per group, tiles of 16 rows one after the
+// other, each through the group's 4 blocks: the weights come from memory once (4-bit ones unpacked once)
+// and then from the core's cache, and each row tile's inputs are read once per 4 column blocks.
+template <int BITS, int SCALES, typename OUT>
+void amx_quant(const int8_t* xq, const float* dx, const float* cx, const int32_t* sx, int64_t M, int64_t K,
+               const uint8_t* u, const uint16_t* d, const void* mn, float mfac, OUT* out, int64_t N) {
+  constexpr int64_t G = 4;
+  const int64_t cblocks = N / 16, blocks = K / 32;
+  at::parallel_for(0, (cblocks + G - 1) / G, 1, [&](int64_t g0, int64_t g1) {
+    thread_local std::vector<uint8_t> unpacked;  // a group's tiles (4-bit weights), kept between calls
+    if (BITS == 4) unpacked.resize(G * blocks * 512 + 64);
+    uint8_t* buffer = BITS == 4 ? reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(unpacked.data()) + 63) & ~uintptr_t(63))
+                                : nullptr;
+    int64_t configured = 0;
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t first = g * G, count = std::min<int64_t>(G, cblocks - first);
+      const uint8_t* tiles[G];
+      for (int64_t j = 0; j < count; ++j) {
+        tiles[j] = u + (first + j) * blocks * BITS * 64;
+        if (BITS == 4) {
+          unpack_tiles(tiles[j], blocks, buffer + j * blocks * 512);
+          tiles[j] = buffer + j * blocks * 512;
+        }
+      }
+      for (int64_t m = 0; m < M; m += 16) {
+        const int64_t rows = std::min<int64_t>(16, M - m), r = m * blocks;
+        if (rows != configured) configure_quant_tiles(rows), configured = rows;
+        for (int64_t j = 0; j < count; ++j) {
+          if (rows > 8)
+            amx_quant_tile<16, SCALES>(xq + m * K, dx + r, cx + r, sx + r, rows, K, tiles[j], d, mn, mfac, out + m * N, N, first + j);
+          else if (rows > 4)
+            amx_quant_tile<8, SCALES>(xq + m * K, dx + r, cx + r, sx + r, rows, K, tiles[j], d, mn, mfac, out + m * N, N, first + j);
+          else
+            amx_quant_tile<4, SCALES>(xq + m * K, dx + r, cx + r, sx + r, rows, K, tiles[j], d, mn, mfac, out + m * N, N, first + j);
+        }
+      }
+    }
+    if (configured) _tile_release();
+  });
+}
+#define HAVE_AMX_QUANT 1
+#endif
 #else
 // Plain loops over the same layout, for CPUs without AVX512-VNNI.
 template <int BITS, int SCALES, typename OUT>
@@ -679,6 +827,19 @@ void quant_rows(const int8_t* xq, const float* dx, const float* cx, const int32_
 }
 #endif
 
+// From how many rows gemm_quant takes the int8 tile path (where the CPU has one and Linux grants it); a
+// runtime setting, as for the bf16 tiles (set_amx_quant_min_rows returns the previous value).
+#ifndef AMX_QUANT_MIN_ROWS
+#define AMX_QUANT_MIN_ROWS 16
+#endif
+int64_t amx_quant_min_rows = AMX_QUANT_MIN_ROWS;
+
+int64_t set_amx_quant_min_rows(int64_t rows) {
+  const int64_t previous = amx_quant_min_rows;
+  amx_quant_min_rows = rows;
+  return previous;
+}
+
 // x (..., K) with M rows; u, d, m as laid out above (m empty: m = mfac * d); bits 4 or 8 -> (..., N) in x's
 // dtype. Any row count: decode steps (few rows) and prompt chunks (each 4-row tile re-reads the column
 // block's weights from the core's cache).
@@ -703,10 +864,11 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& u, const at::Tensor
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> dx, cx;
   thread_local std::vector<int32_t> sx;
-  xq.resize(M * K);
-  dx.resize(M * blocks);
-  cx.resize(M * blocks);
-  sx.resize(M * blocks);
+  const int64_t padded = (M + 15) / 16 * 16;  // the tile path reads whole tiles of rows (the rest unused)
+  xq.resize(padded * K);
+  dx.resize(padded * blocks);
+  cx.resize(padded * blocks);
+  sx.resize(padded * blocks);
   if (x.scalar_type() == at::kBFloat16)
     quantize_inputs(xc.data_ptr<at::BFloat16>(), M, K, xq.data(), dx.data(), cx.data(), sx.data());
   else
@@ -720,6 +882,16 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& u, const at::Tensor
   const float *dxp = dx.data(), *cxp = cx.data();
   const int32_t* sxp = sx.data();
   auto run = [&](auto* op) {
+#ifdef HAVE_AMX_QUANT
+    if (M >= amx_quant_min_rows && amx_ready()) {
+      if (bits == 4 && scales == 2) amx_quant<4, 2>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N);
+      else if (bits == 4 && scales == 1) amx_quant<4, 1>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N);
+      else if (bits == 4) amx_quant<4, 0>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N);
+      else if (scales == 1) amx_quant<8, 1>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N);
+      else amx_quant<8, 0>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N);
+      return;
+    }
+#endif
     at::parallel_for(0, cblocks, 4, [&](int64_t c0, int64_t c1) {
       for (int64_t cb = c0; cb < c1; ++cb) {
         if (bits == 4 && scales == 2) quant_rows<4, 2>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N, cb);
@@ -854,6 +1026,7 @@ TORCH_LIBRARY(roofserve, m) {
   m.def("gemm_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("gemm_packed_bf16(Tensor x, Tensor wp) -> Tensor");
   m.def("set_amx_min_rows(int rows) -> int", &set_amx_min_rows);  // no tensors: a catch-all kernel
+  m.def("set_amx_quant_min_rows(int rows) -> int", &set_amx_quant_min_rows);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor position, float scale) -> Tensor");
   m.def("slot_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor positions, float scale) -> Tensor");
   m.def("gemm_quant(Tensor x, Tensor u, Tensor d, Tensor m, int bits, float mfac) -> Tensor");
