@@ -257,3 +257,20 @@ def test_compiled_bf16_prefill_through_our_kernel_is_one_graph_too():
         for case, got, want in _prefills(compiled, eager, [(2, 0, 0), (16, 0, 1), (7, 16, 3), (11, 40, 2)]):
             assert (got - want).abs().max() < 0.05 * want.abs().max(), case
     assert counters["stats"]["unique_graphs"] == graphs, "nothing compiled after warm-up"
+
+
+def test_the_slot_cache_takes_memory_only_as_far_as_it_is_written():
+    """zeros_on_demand: 256 MB of zeros cost no resident memory until written, then about what was written."""
+    from roofserve.llm.batch import zeros_on_demand
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+    before = rss_mb()
+    cache = zeros_on_demand((16, 8, 1024, 1024), torch.bfloat16, torch.device("cpu"))  # 256 MiB
+    assert rss_mb() - before < 16
+    cache[:2].fill_(1.0)  # two slots: 32 MiB
+    grown = rss_mb() - before
+    assert 28 < grown < 60, grown
+    assert bool((cache[:2] == 1).all()) and not cache[2:4].any()

@@ -50,6 +50,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros; on CPU an anonymous mapping, whose pages the OS backs on first touch: a slot's KV cache takes
+    memory as far as its sequences have reached (the slot kernel reads no position past a sequence's end),
+    not all max_seq_len tokens of every slot at start."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import math
+    import mmap
+
+    return torch.frombuffer(mmap.mmap(-1, math.prod(shape) * dtype.itemsize), dtype=dtype).view(shape)
+
+
 class SlotModel(torch.nn.Module):
     """A Hugging Face LlamaForCausalLM's modules with a slot-per-sequence KV cache. Slot `slots` (the
     last one) is scratch: padded decode rows write there."""
@@ -67,8 +79,8 @@ class SlotModel(torch.nn.Module):
         weight = base.model.norm.weight  # the model's dtype and device (the embedding may be packed, llm/gguf.py)
         shape = (slots + 1, self.kv_heads, max_seq_len, self.head_dim)
         for i in range(len(self.layers)):  # buffers, so that compiled code treats them as state, not constants
-            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=weight.dtype, device=weight.device), persistent=False)
-            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=weight.dtype, device=weight.device), persistent=False)
+            self.register_buffer(f"k{i}", zeros_on_demand(shape, weight.dtype, weight.device), persistent=False)
+            self.register_buffer(f"v{i}", zeros_on_demand(shape, weight.dtype, weight.device), persistent=False)
         self.scratch = slots
 
     def caches(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -360,6 +360,7 @@ class MemoryPlan:
     kv_bytes_per_slot: int
     max_seq_len: int
     slots: int = 1  # the KV cache's sequence slots (the batch engine's: one per sequence and a scratch one)
+    on_demand: bool = False  # the batch engine's cache takes memory as sequences fill it (batch.zeros_on_demand)
 
     def lines(self) -> list[str]:
         gb = 1e9
@@ -367,7 +368,9 @@ class MemoryPlan:
         total = sum(self.weight_bytes.values()) + self.dense_bytes
         return [f"weights {total / gb:.2f} GB ({parts}; dense {self.dense_bytes / gb:.2f} GB)",
                 f"KV cache {self.kv_bytes_per_slot / gb:.3f} GB per sequence slot of {self.max_seq_len} tokens, "
-                f"{self.slots} slot{'s' if self.slots != 1 else ''}: {self.slots * self.kv_bytes_per_slot / gb:.2f} GB"]
+                f"{self.slots} slot{'s' if self.slots != 1 else ''}: "
+                + (f"up to {self.slots * self.kv_bytes_per_slot / gb:.2f} GB, held as sequences fill them"
+                   if self.on_demand else f"{self.slots * self.kv_bytes_per_slot / gb:.2f} GB")]
 
 
 def kv_bytes_per_slot(config, max_seq_len: int, dtype: torch.dtype) -> int:
