@@ -72,7 +72,7 @@ def measure(url: str, root: int, long_tokens: int, short_tokens: int, requests: 
                    for k in spent[long_tokens]}
     long_row = rows[long_tokens]
     return {"ms_per_message": {k: round(v, 4) for k, v in per_message.items()},
-            "tpot_ms_p50": long_row["tpot_ms_p50"], "decode_tokens_per_s": long_row["decode_tokens_per_s"],
+            "tpot_p50_ms": long_row["tpot_p50_ms"], "decode_tokens_per_s": long_row["decode_tokens_per_s"],
             "errors": long_row["errors"] + rows[short_tokens]["errors"]}
 
 
@@ -104,7 +104,7 @@ def main() -> None:
             for t in transports:
                 row = measure(servers[t].url, servers[t].proc.pid, args.long, args.short, args.requests, idle[t])
                 results[t].append(row)
-                print(f"round {r + 1} {t:8s} TPOT p50 {row['tpot_ms_p50']:6.2f} ms  "
+                print(f"round {r + 1} {t:8s} TPOT p50 {row['tpot_p50_ms']:6.2f} ms  "
                       + "  ".join(f"{k} {v:.3f}" for k, v in sorted(row["ms_per_message"].items())
                                   if abs(v) >= 0.0005) + "  (CPU ms per message)", flush=True)
     summary = []
@@ -115,10 +115,10 @@ def main() -> None:
         summary.append({"transport": t, "model": args.model, "server_args": args.server_args,
                         "idle_cpu_ms_per_s": {k: round(v * 1e3, 2) for k, v in idle[t].items()},
                         "ms_per_message_median": med, "serving_ms_per_message": round(stack_ms, 4),
-                        "tpot_ms_p50_median": statistics.median(row["tpot_ms_p50"] for row in rows),
+                        "tpot_p50_ms_median": statistics.median(row["tpot_p50_ms"] for row in rows),
                         "errors": sum(row["errors"] for row in rows), "rounds": rows})
         print(f"{t:8s} serving stack (all but the worker) {stack_ms:.3f} CPU ms per message; "
-              f"TPOT p50 {summary[-1]['tpot_ms_p50_median']:.2f} ms")
+              f"TPOT p50 {summary[-1]['tpot_p50_ms_median']:.2f} ms")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=1)

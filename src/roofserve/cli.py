@@ -182,7 +182,7 @@ def cmd_bench_llm(args: argparse.Namespace) -> int:
         row["step"] = args.label
     _table([r for r in rows if r["kind"] == "llm-api"],
            ["concurrency", "ok", "errors", "output_tokens_mean", "decode_tokens_per_s", "output_tokens_per_s",
-            "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "fixed_length_verified"])
+            "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "fixed_length_verified"])
     _save(args.out, "bench llm", {"url": args.url, "model": args.model, "label": args.label, **as_dict(load)}, rows)
     return 0
 
@@ -357,7 +357,7 @@ def cmd_sweep_llm(args: argparse.Namespace) -> int:
     for item in skipped:
         print(f"skipped {item['step']}: {item['why']}")
     _table([r for r in rows if r["kind"] == "llm-api"],
-           ["step", "concurrency", "decode_tokens_per_s", "output_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50",
+           ["step", "concurrency", "decode_tokens_per_s", "output_tokens_per_s", "ttft_p50_ms", "tpot_p50_ms",
             "weight_format", "roof_tokens_per_s"])
     _save(args.out, "sweep llm", {"ladder": args.ladder, "doc": ladder.doc, "skipped": skipped}, rows)
     _report([args.out], args.report)

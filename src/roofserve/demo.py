@@ -44,6 +44,6 @@ def demo(ladder: str, requests: int, concurrency: list[int], out: str) -> None:
         answer = _post_json(url + "/v1/chat/completions", body, "application/json", 120)
         print(f"    Q: What is the capital of France?  A: {answer['choices'][0]['message']['content']!r}")
         row, _ = bench_llm_api(url + "/v1/chat/completions", max_tokens=64, runs=3, progress=False)
-        print(f"    streaming, 64 tokens: {row['decode_tokens_per_s']} tok/s decode, TTFT p50 {row['ttft_ms_p50']:.0f} ms "
+        print(f"    streaming, 64 tokens: {row['decode_tokens_per_s']} tok/s decode, TTFT p50 {row['ttft_p50_ms']:.0f} ms "
               "(bf16 eager; `make bench-llm` runs the whole LLM ladder)")
     print(f"4/4 done: results in {out}/, report in {out}/report/report.md")

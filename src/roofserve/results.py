@@ -30,7 +30,7 @@ ROW_SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "vision-api": {"mode": (str,), "requests": (int,), "ok": (int,), "errors": (int,), "error_kinds": (dict,),
                    "req_per_s": NUM, "latency_p50_ms": OPT_NUM, "latency_p99_ms": OPT_NUM},
     "llm-api": {"concurrency": (int,), "requests": (int,), "ok": (int,), "errors": (int,),
-                "decode_tokens_per_s": OPT_NUM, "ttft_ms_p50": OPT_NUM, "tpot_ms_p50": OPT_NUM},
+                "decode_tokens_per_s": OPT_NUM, "ttft_p50_ms": OPT_NUM, "tpot_p50_ms": OPT_NUM},
     "llm-request": {"concurrency": (int,), "ok": (bool,), "ttft_ms": OPT_NUM},
     "llm-serve": {"num_prompts": (int,), "completed": (int,), "duration": NUM, "request_throughput": OPT_NUM,
                   "mean_ttft_ms": OPT_NUM, "mean_tpot_ms": OPT_NUM},

@@ -37,7 +37,7 @@ def test_ttft_tpot_itl():
     assert StreamResult(ok=True, ttft_ms=5, e2e_ms=5, output_tokens=1).tpot_ms is None
     row = summarize_llm([r, StreamResult(ok=False, error="HTTP 500")], wall_s=2.0)
     assert row["ok"] == 1 and row["errors"] == 1 and row["error_kinds"] == ["HTTP 500"]
-    assert row["ttft_ms_p50"] == 100.0 and row["tpot_ms_p99"] == pytest.approx(100.0)
+    assert row["ttft_p50_ms"] == 100.0 and row["tpot_p99_ms"] == pytest.approx(100.0)
     assert row["output_tokens_per_s"] == 5.0
     assert row["tokens_per_message"] == 1.0
     grouped = StreamResult(ok=True, ttft_ms=100.0, e2e_ms=1000.0, output_tokens=10, itl_ms=[300.0] * 3)

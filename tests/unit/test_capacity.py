@@ -30,7 +30,7 @@ def test_the_check_predicts_more_replicas_from_fewer_and_a_step_without_a_level_
 
 
 def level(users, tpot, ttft_p99, ok=None, tok_s=50.0):
-    return {"concurrency": users, "tpot_ms_p50": tpot, "ttft_ms_p99": ttft_p99, "errors": 0,
+    return {"concurrency": users, "tpot_p50_ms": tpot, "ttft_p99_ms": ttft_p99, "errors": 0,
             "ok": users * 2 if ok is None else ok, "requests": users * 2, "output_tokens_per_s": tok_s}
 
 

@@ -111,8 +111,8 @@ def test_many_users_table_compares_each_level_with_one_user_and_its_roof(tmp_pat
 
     def level(users, tok_s, roof):
         return {"kind": "llm-api", "step": "batch", "step_index": 1, "concurrency": users, "requests": 8, "ok": 8,
-                "errors": 0, "decode_tokens_per_s": 100.0, "output_tokens_per_s": tok_s, "ttft_ms_p50": 50.0,
-                "tpot_ms_p50": 10.0 * users, "sequences_per_step": min(users, 4), "aggregate_roof_tokens_per_s": roof,
+                "errors": 0, "decode_tokens_per_s": 100.0, "output_tokens_per_s": tok_s, "ttft_p50_ms": 50.0,
+                "tpot_p50_ms": 10.0 * users, "sequences_per_step": min(users, 4), "aggregate_roof_tokens_per_s": roof,
                 "aggregate_bandwidth_roof_tokens_per_s": roof, "aggregate_compute_roof_tokens_per_s": 5000.0,
                 "crossover_batch_size": 40}
 
@@ -130,7 +130,7 @@ def test_ttft_is_set_against_the_prefill_roof(tmp_path):
     meta = {**META, "command": "sweep llm", "suite": "llm"}
     roof = {"prefill_compute_roof_ms": 23.26, "prefill_weight_read_ms": 5.38, "prefill_roof_ms": 23.26}
     api = {"kind": "llm-api", "step": "bf16", "step_index": 1, "concurrency": 1, "requests": 4, "ok": 4, "errors": 0,
-           "decode_tokens_per_s": 100.0, "ttft_ms_p50": 120.0, "tpot_ms_p50": 10.0, "prompt_tokens": 64, **roof}
+           "decode_tokens_per_s": 100.0, "ttft_p50_ms": 120.0, "tpot_p50_ms": 10.0, "prompt_tokens": 64, **roof}
     chat = {"kind": "llm-engine", "step": "bf16", "prompt": "chat", "prompt_tokens": 64, "ttft_ms": 50.0,
             "decode_tokens_per_s": 110.0, "prefill_tokens_per_s": 1280.0, **roof}
     write_results(tmp_path / "llm.json", meta, [api, chat])

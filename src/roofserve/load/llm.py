@@ -120,7 +120,7 @@ def summarize(results: list[StreamResult], wall_s: float) -> dict:
     ok = [r for r in results if r.ok]
 
     def pcts(values: list[float], name: str) -> dict:
-        return {f"{name}_p{q}": (round(percentile(values, q), 3) if values else None) for q in (50, 90, 99)}
+        return {f"{name}_p{q}_ms": (round(percentile(values, q), 3) if values else None) for q in (50, 90, 99)}
 
     out_tokens = sum(r.output_tokens or 0 for r in ok)
     row = {
@@ -135,12 +135,12 @@ def summarize(results: list[StreamResult], wall_s: float) -> dict:
         "output_tokens_per_s": round(out_tokens / wall_s, 2) if wall_s else None,
         "wall_s": round(wall_s, 2),
     }
-    row.update(pcts([r.ttft_ms for r in ok], "ttft_ms"))
-    row.update(pcts([r.tpot_ms for r in ok if r.tpot_ms], "tpot_ms"))
+    row.update(pcts([r.ttft_ms for r in ok], "ttft"))
+    row.update(pcts([r.tpot_ms for r in ok if r.tpot_ms], "tpot"))
     # inter-token latency is measured between messages; a server may put several tokens in one
     row["tokens_per_message"] = round(statistics.fmean([r.output_tokens / (len(r.itl_ms) + 1) for r in ok]), 2) if ok else None
-    row.update(pcts([x for r in ok for x in r.itl_ms], "itl_ms"))
-    row.update(pcts([r.e2e_ms for r in ok], "e2e_ms"))
+    row.update(pcts([x for r in ok for x in r.itl_ms], "itl"))
+    row.update(pcts([r.e2e_ms for r in ok], "e2e"))
     return row
 
 

@@ -88,8 +88,8 @@ TTFT_P99_TARGET_MS = 2_000.0
 def users_at_target(rows: list[dict], tpot_ms: float = TPOT_TARGET_MS, ttft_p99_ms: float = TTFT_P99_TARGET_MS):
     """The concurrency level with the most users whose median TPOT and p99 TTFT are within the targets
     and whose requests all succeeded."""
-    within = [r for r in rows if r.get("tpot_ms_p50") and r["tpot_ms_p50"] <= tpot_ms
-              and r.get("ttft_ms_p99") is not None and r["ttft_ms_p99"] <= ttft_p99_ms and r.get("errors", 0) == 0
+    within = [r for r in rows if r.get("tpot_p50_ms") and r["tpot_p50_ms"] <= tpot_ms
+              and r.get("ttft_p99_ms") is not None and r["ttft_p99_ms"] <= ttft_p99_ms and r.get("errors", 0) == 0
               and r.get("ok", 0) == r.get("requests", 0)]
     return max(within, key=lambda r: r["concurrency"], default=None)
 

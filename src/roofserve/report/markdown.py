@@ -206,7 +206,7 @@ def ttft_section(api: list[dict], engine: list[dict]) -> list[str]:
             continue
         mine = [e for e in engine if e.get("step") == r.get("step") and e.get("prefill_roof_ms") is not None]
         chat = next((e for e in mine if e.get("prompt") == "chat"), None)
-        ttft = r.get("ttft_ms_p50")
+        ttft = r.get("ttft_p50_ms")
         body.append([r.get("step"), "served chat", r.get("prompt_tokens"), ttft, r.get("prefill_compute_roof_ms"),
                      r.get("prefill_weight_read_ms"), roof, f"{ttft / roof:.1f}x" if ttft else "-",
                      _ttft_target(ttft, roof)])
@@ -249,8 +249,8 @@ def concurrency_section(levels: dict[str, list[dict]], out: Path, cores: int | N
         for r in rows:
             agg, roof = r.get("output_tokens_per_s"), r.get("aggregate_roof_tokens_per_s")
             body.append([name, r["concurrency"], r.get("sequences_per_step"), agg,
-                         f"{agg / one:.2f}x" if agg and one else "-", r.get("tpot_ms_p50"), r.get("tpot_ms_p99"),
-                         r.get("ttft_ms_p50"), r.get("ttft_ms_p99"), f"{r['ok']}/{r['requests']}",
+                         f"{agg / one:.2f}x" if agg and one else "-", r.get("tpot_p50_ms"), r.get("tpot_p99_ms"),
+                         r.get("ttft_p50_ms"), r.get("ttft_p99_ms"), f"{r['ok']}/{r['requests']}",
                          r.get("aggregate_bandwidth_roof_tokens_per_s"), r.get("aggregate_compute_roof_tokens_per_s"),
                          _pct(agg, roof)])
     lines += _table(["step", "users", "sequences / step", "aggregate tok/s", "x 1 user", "TPOT p50 ms", "TPOT p99 ms",
@@ -305,15 +305,15 @@ def llm_section(rows: list[dict], out: Path, cores: int | None = None) -> list[s
         # compare like with like: the engine on the very prompt the server was sent, where measured
         eng_decode = chat["decode_tokens_per_s"] if chat else max((e["decode_tokens_per_s"] or 0 for e in eng), default=None)
         prefill = max((e["prefill_tokens_per_s"] for e in eng), default=None)
-        ttft_added = round(r["ttft_ms_p50"] - chat["ttft_ms"], 1) if chat and r.get("ttft_ms_p50") else None
+        ttft_added = round(r["ttft_p50_ms"] - chat["ttft_ms"], 1) if chat and r.get("ttft_p50_ms") else None
         bpt, bw, tps = r.get("bytes_per_token"), r.get("bandwidth_gb_s"), r.get("decode_tokens_per_s")
         mbu = tps * bpt / (bw * 1e9) if tps and bpt and bw else None
         gemv, ours = r.get("gemv_gb_s"), r.get("kernel_gemv_gb_s")
         kernel, rate = (OUR_GEMV, ours) if ours else (TORCH_GEMV, gemv)
         kernel_share = tps * bpt / (rate * 1e9) if tps and bpt and rate and r.get("weight_format") == "bf16" else None
         body.append([r.get("step"), r.get("weight_format"), tps, eng_decode, _pct(tps, eng_decode),
-                     r.get("ttft_ms_p50"), chat["ttft_ms"] if chat else None, ttft_added, r.get("ttft_ms_p99"),
-                     r.get("tpot_ms_p50"), r.get("tpot_ms_p99"), prefill,
+                     r.get("ttft_p50_ms"), chat["ttft_ms"] if chat else None, ttft_added, r.get("ttft_p99_ms"),
+                     r.get("tpot_p50_ms"), r.get("tpot_p99_ms"), prefill,
                      round(bpt / 1e6, 1) if bpt else None, r.get("memory_level", "DRAM"), round(bw, 1) if bw else None,
                      gemv, ours,
                      round(tps * bpt / 1e9, 1) if tps and bpt else None, r.get("roof_tokens_per_s"),
