@@ -212,6 +212,11 @@ def test_auto_packs_a_users_gguf_file_and_keeps_the_demo_model_in_bf16():
         cfg = LLMConfig(model=model, device="cpu")
         cfg.validate()
         assert cfg.gguf_weights == expected
+        # the batch engine reads packed weights' KV cache with our slot kernel (only the filled positions)
+        assert cfg.attention == ("roofserve" if expected == "packed" else "auto")
+    one = LLMConfig(model=str(bundled_gguf()), device="cpu", max_batch_size=1)
+    one.validate()
+    assert (one.gguf_weights, one.attention) == ("packed", "auto")
     cfg = LLMConfig(model=str(bundled_gguf()), device="cpu", quantize="int8")
     cfg.validate()
     assert cfg.gguf_weights == "bf16"  # torchao quantizes dequantized weights
