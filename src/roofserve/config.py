@@ -267,8 +267,9 @@ class LLMConfig(ServerConfig):
                                 "requests join the running batch between steps and leave when done; 1 serves one "
                                 "request at a time; 0: auto = 8 on the torch backend, 1 for llamacpp and bnb4",
                                 default=0)
-    prefill_chunk: int = _help("prompt tokens prefilled per step while others decode (with --max-batch-size > 1): "
-                               "a newcomer delays the running sequences by one chunk per step", default=256)
+    prefill_chunk: int = _help("prompt tokens per prefill pass: with --max-batch-size > 1 a newcomer delays the "
+                               "running sequences by one chunk per step; a long prompt's activations are one "
+                               "chunk's at a time", default=256)
     stream_interval: int = _help("tokens per streamed message (vLLM's --stream-interval): 1 sends each token as it "
                                  "is made; more cuts the serving CPU per token; the first token always goes alone",
                                  default=1)

@@ -32,6 +32,15 @@ def test_greedy_tokens_match_transformers_generate(loaded, prompt, reference, st
     assert ours == reference
 
 
+@pytest.mark.parametrize("static_cache", [True, False])
+def test_a_prompt_prefilled_in_chunks_gives_transformers_tokens(loaded, prompt, reference, static_cache):
+    """Chunks of 5 tokens (the prompt is longer than 3 of them, with a partial last one): each chunk
+    attends to the cache the earlier ones wrote."""
+    assert len(prompt) > 15 and len(prompt) % 5
+    engine = Engine(loaded.model, max_seq_len=256, static_cache=static_cache, prefill_chunk=5)
+    assert list(engine.generate(prompt, Sampling(max_new_tokens=24))) == reference
+
+
 def test_seeded_sampling_is_reproducible_and_differs_by_seed(loaded, prompt):
     engine = Engine(loaded.model, max_seq_len=256)
     runs = [list(engine.generate(prompt, Sampling(16, temperature=1.0, top_p=0.9, seed=s))) for s in (1, 1, 2)]

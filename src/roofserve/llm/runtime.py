@@ -126,7 +126,7 @@ class TorchGenerator(Generator):
                                      compile_prefill=cfg.compile_prefill)
             log.info("warm-up of batch sizes %s took %.1f s", self.batch.buckets, self.batch.warm_up())
         else:
-            self.engine = Engine(model, cfg.max_seq_len, cfg.static_cache, cfg.compile, cfg.attention)
+            self.engine = Engine(model, cfg.max_seq_len, cfg.static_cache, cfg.compile, cfg.attention, cfg.prefill_chunk)
             log.info("warm-up took %.1f s", self.engine.warm_up())
         eos = loaded.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
