@@ -157,7 +157,7 @@ class VisionConfig(ServerConfig):
         default=None,
     )
     runtime: str = _help("auto, torch, onnxruntime or openvino; auto = openvino on CPU where installed (the fastest "
-                         "here that passes the accuracy guard), else torch", default="auto")
+                         "CPU runtime we measured that passes the accuracy guard), else torch", default="auto")
     precision: str = _help(
         "auto, fp32, fp16, bf16 or int8 (static, calibrated on the bundled photos); auto = bf16 where the CPU/GPU "
         "runs it natively, else fp16 on GPU, fp32 on CPU (onnxruntime: fp32)",
