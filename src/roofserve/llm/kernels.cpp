@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 #if defined(__AVX512BF16__) || defined(__AVX512VNNI__)
 #include <immintrin.h>
@@ -257,11 +258,7 @@ void amx_gemm(const uint16_t* x, int64_t M, int64_t K, const uint16_t* wp, at::B
 // that one process can measure both paths (set_amx_min_rows returns the previous value).
 int64_t amx_min_rows = AMX_MIN_ROWS;
 
-int64_t set_amx_min_rows(int64_t rows) {
-  const int64_t previous = amx_min_rows;
-  amx_min_rows = rows;
-  return previous;
-}
+int64_t set_amx_min_rows(int64_t rows) { return std::exchange(amx_min_rows, rows); }
 
 // x (..., K) with M rows, wp (N/16, K/2, 16, 2) -> (..., N).
 at::Tensor gemm_packed_bf16(const at::Tensor& x, const at::Tensor& wp) {
@@ -834,11 +831,7 @@ void quant_rows(const int8_t* xq, const float* dx, const float* cx, const int32_
 #endif
 int64_t amx_quant_min_rows = AMX_QUANT_MIN_ROWS;
 
-int64_t set_amx_quant_min_rows(int64_t rows) {
-  const int64_t previous = amx_quant_min_rows;
-  amx_quant_min_rows = rows;
-  return previous;
-}
+int64_t set_amx_quant_min_rows(int64_t rows) { return std::exchange(amx_quant_min_rows, rows); }
 
 // x (..., K) with M rows; u, d, m as laid out above (m empty: m = mfac * d); bits 4 or 8 -> (..., N) in x's
 // dtype. Any row count: decode steps (few rows) and prompt chunks (each 4-row tile re-reads the column
