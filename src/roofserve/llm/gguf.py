@@ -360,7 +360,6 @@ class MemoryPlan:
     kv_bytes_per_slot: int
     max_seq_len: int
     slots: int = 1  # the KV cache's sequence slots (the batch engine's: one per sequence and a scratch one)
-    on_demand: bool = False  # the batch engine's cache takes memory as sequences fill it (batch.zeros_on_demand)
 
     def lines(self) -> list[str]:
         gb = 1e9
@@ -369,8 +368,9 @@ class MemoryPlan:
         return [f"weights {total / gb:.2f} GB ({parts}; dense {self.dense_bytes / gb:.2f} GB)",
                 f"KV cache {self.kv_bytes_per_slot / gb:.3f} GB per sequence slot of {self.max_seq_len} tokens, "
                 f"{self.slots} slot{'s' if self.slots != 1 else ''}: "
+                # more than one slot: the batch engine's cache, held as it fills (batch.zeros_on_demand)
                 + (f"up to {self.slots * self.kv_bytes_per_slot / gb:.2f} GB, held as sequences fill them"
-                   if self.on_demand else f"{self.slots * self.kv_bytes_per_slot / gb:.2f} GB")]
+                   if self.slots > 1 else f"{self.slots * self.kv_bytes_per_slot / gb:.2f} GB")]
 
 
 def kv_bytes_per_slot(config, max_seq_len: int, dtype: torch.dtype) -> int:

@@ -97,8 +97,7 @@ class TorchGenerator(Generator):
 
             kv = kv_bytes_per_slot(loaded.model.config, cfg.max_seq_len, DTYPES[cfg.precision])
             slots = cfg.max_batch_size + 1 if cfg.max_batch_size > 1 else 1  # the batch engine's scratch slot
-            plan = MemoryPlan(loaded.packed_bytes, loaded.dense_bytes, kv, cfg.max_seq_len, slots, on_demand=slots > 1)
-            for line in plan.lines():
+            for line in MemoryPlan(loaded.packed_bytes, loaded.dense_bytes, kv, cfg.max_seq_len, slots).lines():
                 log.info("memory plan: %s", line)
         quantize(loaded.model, cfg.quantize, cfg.group_size, device)
         if cfg.gemv == "roofserve":
