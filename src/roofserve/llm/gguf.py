@@ -365,12 +365,12 @@ class MemoryPlan:
         gb = 1e9
         parts = ", ".join(f"{kind} {n / gb:.2f} GB" for kind, n in sorted(self.weight_bytes.items()))
         total = sum(self.weight_bytes.values()) + self.dense_bytes
+        kv = f"{self.slots * self.kv_bytes_per_slot / gb:.2f} GB"
         return [f"weights {total / gb:.2f} GB ({parts}; dense {self.dense_bytes / gb:.2f} GB)",
                 f"KV cache {self.kv_bytes_per_slot / gb:.3f} GB per sequence slot of {self.max_seq_len} tokens, "
                 f"{self.slots} slot{'s' if self.slots != 1 else ''}: "
                 # more than one slot: the batch engine's cache, held as it fills (batch.zeros_on_demand)
-                + (f"up to {self.slots * self.kv_bytes_per_slot / gb:.2f} GB, held as sequences fill them"
-                   if self.slots > 1 else f"{self.slots * self.kv_bytes_per_slot / gb:.2f} GB")]
+                + (f"up to {kv}, held as sequences fill them" if self.slots > 1 else kv)]
 
 
 def kv_bytes_per_slot(config, max_seq_len: int, dtype: torch.dtype) -> int:

@@ -563,24 +563,33 @@ inline void store16(at::BFloat16* p, __m512 v) {
 // SCALES: 0, fp16 d per block (m = mfac * d); 1, fp16 d and m per block; 2 (Q4_K as stored): per block a
 // 6-bit scale and minimum (uint8, (N/16, K/32, 2, 16)), per 256 weights fp16 d and dmin ((N/16, K/256, 2, 16)):
 // w = d * scale * u - dmin * minimum.
-// The 16 columns' d and m of block b (db, mb, sb: the column block's scales).
+// One column block's scales (cb of N/16, K/32 blocks): at(b) gives the 16 columns' d and m of block b.
 template <int SCALES>
-inline void block_scales(const uint16_t* db, const uint16_t* mb, const uint8_t* sb, int64_t b, float mfac, __m512& dw,
-                         __m512& mw) {
-  if (SCALES == 2) {
-    const uint16_t* sup = db + (b / 8) * 32;
-    const __m512 sd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sup)));
-    const __m512 smin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sup + 16)));
-    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + b * 32))));
-    const __m512 mc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + b * 32 + 16))));
-    dw = _mm512_mul_ps(sd, sc);
-    mw = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(smin, mc));
-  } else {
-    dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(db + b * 16)));
-    mw = SCALES == 1 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mb + b * 16)))
-                     : _mm512_mul_ps(dw, _mm512_set1_ps(mfac));
+struct ColumnScales {
+  const uint16_t* db;  // fp16 d per block, or (SCALES 2) d and dmin per 256 weights
+  const uint16_t* mb;  // SCALES 1: fp16 m per block
+  const uint8_t* sb;   // SCALES 2: 6-bit scales and minimums per block
+  ColumnScales(const uint16_t* d, const void* mn, int64_t cb, int64_t blocks)
+      : db(d + cb * (SCALES == 2 ? blocks / 8 * 32 : blocks * 16)),
+        mb(SCALES == 1 ? static_cast<const uint16_t*>(mn) + cb * blocks * 16 : nullptr),
+        sb(SCALES == 2 ? static_cast<const uint8_t*>(mn) + cb * blocks * 32 : nullptr) {}
+
+  inline void at(int64_t b, float mfac, __m512& dw, __m512& mw) const {
+    if (SCALES == 2) {
+      const uint16_t* sup = db + (b / 8) * 32;
+      const __m512 sd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sup)));
+      const __m512 smin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sup + 16)));
+      const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + b * 32))));
+      const __m512 mc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + b * 32 + 16))));
+      dw = _mm512_mul_ps(sd, sc);
+      mw = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(smin, mc));
+    } else {
+      dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(db + b * 16)));
+      mw = SCALES == 1 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mb + b * 16)))
+                       : _mm512_mul_ps(dw, _mm512_set1_ps(mfac));
+    }
   }
-}
+};
 
 // One input row's block (index rb into dx, cx, sx) added to its 16 outputs: isum = sum(u xq) per column.
 template <int SCALES>
@@ -597,9 +606,7 @@ inline void quant_tile(const int8_t* xq, const float* dx, const float* cx, const
                        const uint16_t* d, const void* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
   const int64_t blocks = K / 32, bytes = BITS * 64;
   const uint8_t* ub = u + cb * blocks * bytes;
-  const uint16_t* db = d + cb * (SCALES == 2 ? blocks / 8 * 32 : blocks * 16);
-  const uint16_t* mb = SCALES == 1 ? static_cast<const uint16_t*>(mn) + cb * blocks * 16 : nullptr;
-  const uint8_t* sb = SCALES == 2 ? static_cast<const uint8_t*>(mn) + cb * blocks * 32 : nullptr;
+  const ColumnScales<SCALES> scales(d, mn, cb, blocks);
   __m512 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
@@ -626,7 +633,7 @@ inline void quant_tile(const int8_t* xq, const float* dx, const float* cx, const
       for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(w + 64 * j);
     }
     __m512 dw, mw;
-    block_scales<SCALES>(db, mb, sb, b, mfac, dw, mw);
+    scales.at(b, mfac, dw, mw);
     for (int i = 0; i < MB; ++i) {
       const int8_t* xb = xq + i * K + b * 32;
       __m512i isum = _mm512_setzero_si512();
@@ -664,14 +671,8 @@ void quant_rows(const int8_t* xq, const float* dx, const float* cx, const int32_
 // unit works on the blocks after it. Tiles 4-5 hold inputs, 6-7 weights.
 // Block b into sums tile t (0-3): inputs xq (the row tile's, row stride K), weights w (a 512-byte tile).
 inline void issue_block(int t, const int8_t* xq, int64_t K, int64_t b, const uint8_t* w) {
-  _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512 + 64), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512 + 128), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512 + 192), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512 + 256), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512 + 320), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512 + 384), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512 + 448), _MM_HINT_T0);
+  for (int line = 0; line < 8; ++line)
+    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512 + 64 * line), _MM_HINT_T0);
   switch (t) {
     case 0: _tile_loadd(4, xq + b * 32, K); _tile_loadd(6, w, 64); _tile_zero(0); _tile_dpbsud(0, 4, 6); break;
     case 1: _tile_loadd(5, xq + b * 32, K); _tile_loadd(7, w, 64); _tile_zero(1); _tile_dpbsud(1, 5, 7); break;
@@ -695,9 +696,7 @@ template <int MB, int SCALES, typename OUT>
 void amx_quant_tile(const int8_t* xq, const float* dx, const float* cx, const int32_t* sx, int64_t M, int64_t K,
                     const uint8_t* tiles, const uint16_t* d, const void* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
   const int64_t blocks = K / 32;
-  const uint16_t* db = d + cb * (SCALES == 2 ? blocks / 8 * 32 : blocks * 16);
-  const uint16_t* mb = SCALES == 1 ? static_cast<const uint16_t*>(mn) + cb * blocks * 16 : nullptr;
-  const uint8_t* sb = SCALES == 2 ? static_cast<const uint8_t*>(mn) + cb * blocks * 32 : nullptr;
+  const ColumnScales<SCALES> scales(d, mn, cb, blocks);
   alignas(64) int32_t sums[16][16];
   __m512 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
@@ -707,7 +706,7 @@ void amx_quant_tile(const int8_t* xq, const float* dx, const float* cx, const in
     store_sums(t, &sums[0][0]);
     if (b + 4 < blocks) issue_block(t, xq, K, b + 4, tiles + (b + 4) * 512);
     __m512 dw, mw;
-    block_scales<SCALES>(db, mb, sb, b, mfac, dw, mw);
+    scales.at(b, mfac, dw, mw);
     for (int i = 0; i < MB; ++i)
       acc[i] = add_block<SCALES>(acc[i], _mm512_load_si512(sums[i]), dw, mw, mfac, dx, cx, sx, i * blocks + b);
   }
@@ -719,10 +718,8 @@ void amx_quant_tile(const int8_t* xq, const float* dx, const float* cx, const in
 inline void unpack_tiles(const uint8_t* w, int64_t blocks, uint8_t* tiles) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < blocks; ++b, w += 256, tiles += 512) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 256), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 256 + 64), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 256 + 128), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 256 + 192), _MM_HINT_T0);
+    for (int line = 0; line < 4; ++line)
+      _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 256 + 64 * line), _MM_HINT_T0);
     for (int r = 0; r < 4; ++r) {
       const __m512i v = _mm512_loadu_si512(w + 64 * r);
       _mm512_store_si512(tiles + 64 * r, _mm512_and_si512(v, low));
