@@ -234,22 +234,22 @@ class LLMConfig(ServerConfig):
     max_queued_requests: int = _help("admitted requests at once; beyond it the server answers 503 + Retry-After",
                                      default=32)
     precision: str = _help("fp32, bf16 or fp16 (fp16 only on cuda)", default="bf16")
-    static_cache: bool = _help("preallocated KV cache (needed for compile); --no-static-cache only with "
-                               "--max-batch-size 1 (the batch engine always has its slot cache)", default=True)
+    static_cache: bool = _help("our engine, over its preallocated KV cache; --no-static-cache: the reference "
+                               "deployment's decode instead (transformers' own forward over its DynamicCache, eager, "
+                               "one request at a time: --max-batch-size 1)", default=True)
     compile: bool = _help("torch.compile the one-token decode step (CUDA graphs on GPU)", default=False)
-    compile_prefill: bool = _help("torch.compile the prompt's prefill too (with --max-batch-size > 1): one graph "
-                                  "for every prompt length; a shorter time to first token, minutes more at the first "
-                                  "start", default=False)
+    compile_prefill: bool = _help("torch.compile the prompt's prefill too: one graph for every prompt length; a "
+                                  "shorter time to first token, minutes more at the first start", default=False)
     quantize: str = _help(
         "weight-only quantization: none, int8 / int4 (torchao), bnb4 (bitsandbytes NF4, CUDA only, eager)",
         default="none",
     )
     lora: str | None = _help("a PEFT LoRA adapter folder, or random:RANK (for speed work), applied unmerged "
                              "as the reference deployment served it", default=None)
-    attention: str = _help("auto, sdpa, eager or roofserve (our CPU bf16 decode kernel: reads only the filled "
-                           "part of the cache); auto = roofserve for packed GGUF weights in the batch engine, "
-                           "else sdpa, but the fused matmul-softmax when compiled on CPU; sdpa and eager only "
-                           "with --max-batch-size 1 (the batch engine has its own)", default="auto")
+    attention: str = _help("auto or roofserve (our CPU bf16 decode kernel: reads only the filled part of the "
+                           "cache); auto = roofserve for packed GGUF weights, else SDPA, but the fused "
+                           "matmul-softmax when compiled on CPU. With --no-static-cache also transformers' sdpa "
+                           "or eager", default="auto")
     gemv: str = _help("matmuls of bf16 weights on CPU: torch (oneDNN) or roofserve (our streaming AVX512-BF16 "
                       "kernel, AMX tiles where the CPU has them, built with g++ on first use) for decode steps, "
                       "and for prompt chunks up to --gemv-rows rows", default="torch")
@@ -303,8 +303,8 @@ class LLMConfig(ServerConfig):
         if self.max_batch_size == 0:  # auto, resolved here so that results record what ran
             self.max_batch_size = 1 if self.backend == "llamacpp" or self.quantize == "bnb4" else AUTO_LLM_BATCH
         if self.attention == "auto" and self.gguf_weights == "packed" and self.precision == "bf16" \
-                and self.max_batch_size > 1:  # the packed weights build our kernels anyway; the batch
-            self.attention = "roofserve"     # engine's SDPA would read (and touch) every slot whole
+                and self.static_cache:  # the packed weights build our kernels anyway; the engine's
+            self.attention = "roofserve"  # SDPA would read (and touch) every slot whole
         if self.gemv_rows < 0:
             raise UserError("gemv_rows must be >= 0 (0: measured at start)")
         for name in ("group_size", "stream_interval", "max_seq_len", "max_tokens_cap", "default_max_tokens",
@@ -319,14 +319,13 @@ class LLMConfig(ServerConfig):
         if self.compile and not self.static_cache:
             raise UserError("compile needs the static KV cache: drop --no-static-cache")
         if self.max_batch_size > 1 and not self.static_cache:
-            raise UserError("--no-static-cache is for the one-at-a-time engine (--max-batch-size 1): the batch "
-                            "engine always decodes from its own slot cache")
-        if self.max_batch_size > 1 and self.attention in ("sdpa", "eager"):
-            raise UserError(f"--attention {self.attention} is for the one-at-a-time engine (--max-batch-size 1): "
-                            "the batch engine runs its own slot attention (or roofserve's kernel)")
-        if self.compile_prefill and self.max_batch_size == 1:
-            raise UserError("--compile-prefill compiles the batch engine's prefill: it needs --max-batch-size > 1 "
-                            "(the default on the torch backend)")
+            raise UserError("--no-static-cache is transformers' decode, one request at a time: add --max-batch-size 1 "
+                            "(our engine batches from its own slot cache)")
+        if self.static_cache and self.attention in ("sdpa", "eager"):
+            raise UserError(f"--attention {self.attention} is transformers' attention, for --no-static-cache: our "
+                            "engine runs its own slot attention (auto) or roofserve's kernel")
+        if self.compile_prefill and not self.static_cache:
+            raise UserError("--compile-prefill compiles our engine's prefill: drop --no-static-cache")
         if self.max_batch_size > 1 and (self.backend == "llamacpp" or self.quantize == "bnb4"):
             raise UserError("--max-batch-size > 1 is continuous batching: our engine (the torch backend, not with "
                             "bnb4) or --backend llama-server")

@@ -30,8 +30,8 @@ def ask(url: str, question: str, **extra) -> dict:
 def test_the_server_prints_its_memory_plan(server):
     log = server.log_tail(200_000)
     assert "memory plan: weights 0.10 GB (Q4_1 0.07 GB, Q8_0 0.03 GB" in log
-    assert ("memory plan: KV cache 0.006 GB per sequence slot of 256 tokens, 5 slots: up to 0.03 GB, held as "
-            "sequences fill them") in log  # 2 x 30 x 3 x 64 x 256 x 2 B
+    assert ("memory plan: KV cache 0.006 GB per sequence of 256 tokens, 4 sequences: up to 0.02 GB, held as "
+            "they fill it") in log  # 2 x 30 x 3 x 64 x 256 x 2 B
 
 
 def test_each_answer_is_the_same_alone_or_among_others(server):

@@ -29,3 +29,12 @@ def fp32_model():
     """SmolLM2-135M-Instruct from the bundled GGUF, fp32 (shared: tests must not change its weights)."""
     torch.set_num_threads(2)
     return load("default", "fp32")
+
+
+def alone(engine, prompt: list[int], sampling) -> list[int]:
+    """One sequence's tokens through an engine (llm.engine.Engine or OneAtATime) with nothing else running."""
+    engine.add("alone", prompt, sampling)
+    out = []
+    while engine.has_work():
+        out += [token for _, token in engine.step() if token is not None]
+    return out

@@ -212,11 +212,11 @@ def test_auto_packs_a_users_gguf_file_and_keeps_the_demo_model_in_bf16():
         cfg = LLMConfig(model=model, device="cpu")
         cfg.validate()
         assert cfg.gguf_weights == expected
-        # the batch engine reads packed weights' KV cache with our slot kernel (only the filled positions)
+        # the engine reads packed weights' KV cache with our slot kernel (only the filled positions)
         assert cfg.attention == ("roofserve" if expected == "packed" else "auto")
     one = LLMConfig(model=str(bundled_gguf()), device="cpu", max_batch_size=1)
     one.validate()
-    assert (one.gguf_weights, one.attention) == ("packed", "auto")
+    assert (one.gguf_weights, one.attention) == ("packed", "roofserve")  # one at a time is the same engine
     cfg = LLMConfig(model=str(bundled_gguf()), device="cpu", quantize="int8")
     cfg.validate()
     assert cfg.gguf_weights == "bf16"  # torchao quantizes dequantized weights
@@ -227,7 +227,8 @@ def test_memory_plan_names_each_format_and_the_kv_cache(bundled):
                                   packed_gguf.kv_bytes_per_slot(bundled.model.config, 2048, torch.bfloat16), 2048)
     lines = plan.lines()
     assert lines[0].startswith("weights 0.10 GB (Q4_1 0.07 GB, Q8_0 0.03 GB")
-    assert lines[1] == "KV cache 0.047 GB per sequence slot of 2048 tokens, 1 slot: 0.05 GB"  # 2 x 30 x 3 x 64 x 2048 x 2 B
+    # 2 x 30 x 3 x 64 x 2048 x 2 B
+    assert lines[1] == "KV cache 0.047 GB per sequence of 2048 tokens, 1 sequence: up to 0.05 GB, held as they fill it"
 
 
 def test_our_header_reader_finds_what_gguf_py_finds():

@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from roofserve.llm.engine import Engine, Sampling
+from roofserve.llm.engine import Engine
 from roofserve.llm.kernels import (
     FEW_ROWS,
     GemvLinear,
@@ -19,7 +19,8 @@ from roofserve.llm.kernels import (
     use_gemv_kernel,
 )
 from roofserve.llm.model import load
-from tests.integration.conftest import chat_ids, first_layers
+from roofserve.llm.sampling import Sampling
+from tests.integration.conftest import alone, chat_ids, first_layers
 
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
@@ -217,12 +218,10 @@ def _teacher_forced_logits(engine: Engine, prompt: list[int], tokens: list[int])
     """The engine's next-token logits at each step when fed `tokens` (so one early difference does not
     change every later step)."""
     with torch.inference_mode():
-        engine.cache.reset()
-        logits, _ = engine._forward(torch.tensor([prompt]), torch.arange(len(prompt)), engine.cache)
-        steps = [logits[0, -1].float()]
+        steps = [engine.slots.prefill(torch.tensor(prompt), 0, 0)]
         for i, token in enumerate(tokens[:-1]):
-            logits, _ = engine._step(torch.tensor([[token]]), torch.tensor([len(prompt) + i]))
-            steps.append(logits.float())
+            logits, _ = engine._decode(torch.tensor([token]), torch.tensor([len(prompt) + i]), torch.tensor([0]))
+            steps.append(logits[0])
     return steps
 
 
@@ -235,13 +234,13 @@ def _assert_follows(engine: Engine, prompt: list[int], reference: list[int], wha
 
 
 def test_engine_with_both_kernels_predicts_what_torch_bf16_predicts(loaded, prompt):
-    reference = list(Engine(loaded.model, 256).generate(prompt, Sampling(max_new_tokens=48)))
+    reference = alone(Engine(loaded.model, 1, 256), prompt, Sampling(max_new_tokens=48))
     model = loaded.model
     assert use_gemv_kernel(model) == 211  # 30 layers x 7 projections + the LM head (tied to the embedding)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    _assert_follows(Engine(model, 256, attention="roofserve"), prompt, reference, "eager")
+    _assert_follows(Engine(model, 1, 256, kernel_attention=True), prompt, reference, "eager")
     # compiled, on the first 6 layers of a fresh copy (see first_layers), against that model's torch bf16
     small = first_layers(load("default", "bf16").model, 6)
-    reference = list(Engine(small, 256).generate(prompt, Sampling(max_new_tokens=48)))
+    reference = alone(Engine(small, 1, 256), prompt, Sampling(max_new_tokens=48))
     assert use_gemv_kernel(small) == 6 * 7 + 1
-    _assert_follows(Engine(small, 256, compile=True, attention="roofserve"), prompt, reference, "compiled")
+    _assert_follows(Engine(small, 1, 256, compile=True, kernel_attention=True), prompt, reference, "compiled")

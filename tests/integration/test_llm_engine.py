@@ -1,10 +1,15 @@
-"""Our decode loop against transformers' own greedy generate, on the real default model."""
+"""The engine at one row (one request at a time) and the transformers baseline against transformers' own
+greedy generate, on the real default model."""
+
+from functools import partial
 
 import pytest
 import torch
 
-from roofserve.llm.engine import Engine, Sampling
-from tests.integration.conftest import chat_ids
+from roofserve.llm.baseline import transformers_tokens
+from roofserve.llm.engine import Engine, OneAtATime
+from roofserve.llm.sampling import Sampling
+from tests.integration.conftest import alone, chat_ids
 
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
@@ -25,30 +30,46 @@ def reference(loaded, prompt):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("static_cache", [True, False])
-def test_greedy_tokens_match_transformers_generate(loaded, prompt, reference, static_cache):
-    engine = Engine(loaded.model, max_seq_len=256, static_cache=static_cache)
-    ours = list(engine.generate(prompt, Sampling(max_new_tokens=24)))
-    assert ours == reference
+def _engine(kind: str, model, prefill_chunk: int = 256):
+    if kind == "engine":
+        return Engine(model, 1, 256, prefill_chunk=prefill_chunk)
+    return OneAtATime(partial(transformers_tokens, model, prefill_chunk=prefill_chunk))
 
 
-@pytest.mark.parametrize("static_cache", [True, False])
-def test_a_prompt_prefilled_in_chunks_gives_transformers_tokens(loaded, prompt, reference, static_cache):
+@pytest.mark.parametrize("kind", ["engine", "baseline"])
+def test_greedy_tokens_match_transformers_generate(loaded, prompt, reference, kind):
+    assert alone(_engine(kind, loaded.model), prompt, Sampling(max_new_tokens=24)) == reference
+
+
+@pytest.mark.parametrize("kind", ["engine", "baseline"])
+def test_a_prompt_prefilled_in_chunks_gives_transformers_tokens(loaded, prompt, reference, kind):
     """Chunks of 5 tokens (the prompt is longer than 3 of them, with a partial last one): each chunk
     attends to the cache the earlier ones wrote."""
     assert len(prompt) > 15 and len(prompt) % 5
-    engine = Engine(loaded.model, max_seq_len=256, static_cache=static_cache, prefill_chunk=5)
-    assert list(engine.generate(prompt, Sampling(max_new_tokens=24))) == reference
+    assert alone(_engine(kind, loaded.model, prefill_chunk=5), prompt, Sampling(max_new_tokens=24)) == reference
 
 
-def test_seeded_sampling_is_reproducible_and_differs_by_seed(loaded, prompt):
-    engine = Engine(loaded.model, max_seq_len=256)
-    runs = [list(engine.generate(prompt, Sampling(16, temperature=1.0, top_p=0.9, seed=s))) for s in (1, 1, 2)]
+@pytest.mark.parametrize("kind", ["engine", "baseline"])
+def test_seeded_sampling_is_reproducible_and_differs_by_seed(loaded, prompt, kind):
+    engine = _engine(kind, loaded.model)
+    runs = [alone(engine, prompt, Sampling(16, temperature=1.0, top_p=0.9, seed=s)) for s in (1, 1, 2)]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
 
+def test_one_at_a_time_runs_the_first_and_keeps_the_others_waiting(loaded, prompt, reference):
+    """OneAtATime: a second sequence waits until the first has finished; a cancelled one never starts."""
+    engine = _engine("baseline", loaded.model)
+    for seq_id in ("a", "b", "c"):
+        engine.add(seq_id, prompt, Sampling(max_new_tokens=3))
+    engine.cancel("c")
+    order = []
+    while engine.has_work():
+        order += engine.step()
+    assert order == [*[("a", t) for t in reference[:3]], ("a", None), *[("b", t) for t in reference[:3]], ("b", None)]
+
+
 def test_context_overflow_is_refused(loaded, prompt):
-    engine = Engine(loaded.model, max_seq_len=len(prompt) + 4)
+    engine = Engine(loaded.model, 1, max_seq_len=len(prompt) + 4)
     with pytest.raises(ValueError, match="exceeds"):
-        list(engine.generate(prompt, Sampling(max_new_tokens=5)))
+        engine.add(0, prompt, Sampling(max_new_tokens=5))

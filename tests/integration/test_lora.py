@@ -21,7 +21,7 @@ def test_adapter_folder_is_applied_as_transformers_applies_it(tmp_path):
     reference = get_peft_model(loaded.model,
                                LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS, init_lora_weights=False))
     reference.save_pretrained(tmp_path)
-    adapted = TorchGenerator(LLMConfig(precision="fp32", static_cache=True, max_seq_len=256, lora=str(tmp_path)), "cpu")
+    adapted = TorchGenerator(LLMConfig(precision="fp32", max_batch_size=1, max_seq_len=256, lora=str(tmp_path)), "cpu")
     assert adapted.prompt_ids(QUESTION) == ids
     ours = list(adapted.tokens(ids, 12, ignore_eos=True))
 
@@ -35,6 +35,6 @@ def test_adapter_folder_is_applied_as_transformers_applies_it(tmp_path):
 
 
 def test_random_rank_adapter_serves_tokens():
-    generator = TorchGenerator(LLMConfig(precision="bf16", static_cache=True, max_seq_len=128, lora="random:4"), "cpu")
+    generator = TorchGenerator(LLMConfig(precision="bf16", max_batch_size=1, max_seq_len=128, lora="random:4"), "cpu")
     tokens = list(generator.tokens(generator.prompt_ids(QUESTION), 6, ignore_eos=True))
     assert len(tokens) == 6

@@ -49,11 +49,12 @@ def test_llm_config_refuses_combinations_that_cannot_run():
 
     with pytest.raises(UserError, match="compile needs the static KV cache"):
         make_config(LLMConfig, {"compile": True, "static_cache": False, "max_batch_size": 1})
-    # knobs of the one-at-a-time engine that would do nothing in the batch engine (the default) say so
-    with pytest.raises(UserError, match="no-static-cache is for the one-at-a-time engine"):
+    # knobs of the transformers baseline that would do nothing in our engine (the default) say so
+    with pytest.raises(UserError, match="no-static-cache is transformers' decode, one request at a time"):
         make_config(LLMConfig, {"static_cache": False})
-    with pytest.raises(UserError, match="attention sdpa is for the one-at-a-time engine"):
-        make_config(LLMConfig, {"attention": "sdpa", "max_batch_size": 4})
+    for batch in (1, 4):
+        with pytest.raises(UserError, match="attention sdpa is transformers' attention, for --no-static-cache"):
+            make_config(LLMConfig, {"attention": "sdpa", "max_batch_size": batch})
     assert make_config(LLMConfig, {"static_cache": False, "attention": "eager", "max_batch_size": 1}).attention == "eager"
     with pytest.raises(UserError, match="bnb4 runs eager"):
         make_config(LLMConfig, {"quantize": "bnb4", "compile": True})
@@ -65,8 +66,9 @@ def test_llm_config_refuses_combinations_that_cannot_run():
         make_config(LLMConfig, {"attention": "roofserve", "precision": "fp32"})
     with pytest.raises(UserError, match="max-batch-size > 1 is continuous batching"):
         make_config(LLMConfig, {"backend": "llamacpp", "max_batch_size": 4})
-    with pytest.raises(UserError, match="compile-prefill compiles the batch engine's prefill"):
-        make_config(LLMConfig, {"compile_prefill": True, "max_batch_size": 1})
+    with pytest.raises(UserError, match="compile-prefill compiles our engine's prefill"):
+        make_config(LLMConfig, {"compile_prefill": True, "static_cache": False, "max_batch_size": 1})
+    assert make_config(LLMConfig, {"compile_prefill": True, "max_batch_size": 1}).compile_prefill
     with pytest.raises(UserError, match="prefill_chunk must be >= 1"):
         make_config(LLMConfig, {"max_batch_size": 4, "prefill_chunk": 0})
     with pytest.raises(UserError, match="gemv_rows must be >= 0"):

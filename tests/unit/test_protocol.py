@@ -84,7 +84,7 @@ def test_text_must_be_valid_unicode_and_fit_the_context():
 def test_tiny_temperatures_are_greedy():
     import torch
 
-    from roofserve.llm.engine import Sampling, sample
+    from roofserve.llm.sampling import Sampling, sample
 
     logits = torch.tensor([1.0, 30.0, 2.0])
     for temperature in (1e-39, 1e-30, 1e-6):  # logits / 1e-39 overflow: softmax would be NaN

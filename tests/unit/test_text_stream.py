@@ -1,8 +1,25 @@
 """Incremental detokenization with stop strings, on a toy tokenizer where each id is one string."""
 
-from roofserve.llm.text import coalesce, stream_text
+from roofserve.llm.text import Coalescer, TextStream
 
 VOCAB = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "\n", 6: "##", 7: "EN", 8: "D", 9: "?"}
+
+
+def stream_text(tokens, decode, stop, max_tokens, prompt_tokens, scores=None):
+    """TextStream over an iterator of tokens, as the API's step drives it: the deltas, then the end item."""
+    stream = TextStream(decode, stop, max_tokens, prompt_tokens, scores)
+    for token in tokens:
+        yield from stream.push(token)
+        if stream.stopped:
+            break
+    yield from stream.close()
+
+
+def coalesce(items, every):
+    """Coalescer over items that end with the end item (which sends what is held first)."""
+    joiner = Coalescer(every)
+    for item in items:
+        yield from joiner.push(item)
 
 
 def decode(ids):

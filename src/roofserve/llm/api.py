@@ -1,9 +1,10 @@
 """The OpenAI-compatible API: POST /v1/chat/completions and /v1/completions (streaming and not);
 POST /tokenize and /detokenize, GET /v1/models and /version are added by llm.serve.
 
-The HTTP process validates the request (llm.protocol). A worker generates one request at a time (max_batch_size 1,
-as the reference deployment served: `predict`), or many in a continuous batch (`admit` and `step`,
-driven by server.lit.StepLoop); text items travel back and are sent as SSE or gathered.
+The HTTP process validates the request (llm.protocol). A worker admits requests to its engine (`admit`) and
+advances them (`step`): many in a continuous batch, driven by server.lit.StepLoop, or one at a time
+(max_batch_size 1, as the reference deployment served), driven by LitServe's streaming loop through
+`predict`. Text items travel back and are sent as SSE or gathered.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from roofserve.config import LLMConfig
-from roofserve.llm.engine import Sampling, logprob_hook
+from roofserve.llm.sampling import Sampling, logprob_hook
 from roofserve.llm.protocol import Formatter, parse_body, validate_chat_request, validate_completion_request
-from roofserve.llm.text import Coalescer, TextStream, coalesce
+from roofserve.llm.text import Coalescer, TextStream
 from roofserve.server.app import worker_threads
 from roofserve.server.env import worker_logging
 from roofserve.server.http import FAILED_MID_ANSWER, Rejection, error_response
@@ -196,30 +197,26 @@ class LLMAPI(ls.LitAPI):
             self.stopped[1] += tokens
 
     def predict(self, request: dict):
-        """One request at a time (max_batch_size 1): LitServe's streaming loop drives this generator."""
-        gen = self.generator
-        ids, max_tokens, rejection = self._prompt(request)
-        if rejection:
-            yield rejection
-            return
-        yield {"t": "start", "prompt_tokens": len(ids)}
-        rid, deadline = request["request_id"], request.get("deadline", float("inf"))
-
-        def should_stop() -> bool:  # the client went away, or the deadline passed
-            return rid in self.cancelled or time.time() > deadline
-
-        items = gen.chat(ids, max_tokens, request["temperature"], request["top_p"], request["seed"],
-                         request["stop"], request["ignore_eos"], should_stop, request["logprobs"])
-        for item in coalesce(items, self.cfg.stream_interval):
-            if item["t"] == "end":
-                if rid in self.cancelled:
-                    self._count_stopped(item["usage"]["completion_tokens"])
-                if time.time() > deadline:
-                    yield Rejection(504, f"generation passed the deadline of {self.cfg.timeout_s:g} s")
+        """One request at a time (max_batch_size 1: LitServe's streaming loop, or a Ray replica's thread):
+        admit it, then step until it is done, as StepLoop does for many (the deadline, a client that left,
+        stop strings: all in `step`)."""
+        uid = f"one-{request['request_id']}"
+        try:
+            for item in self.admit(uid, request):
+                if item is None:
                     return
-            yield item
+                yield item
+            while True:
+                for seq_uid, item in self.step():
+                    if seq_uid == uid:
+                        if item is None:
+                            return
+                        yield item
+        finally:  # ended early (an error, or LitServe dropped the generator): nothing of it stays behind
+            if self.jobs.pop(uid, None) is not None:
+                self.generator.batch.cancel(uid)
 
-    # --- worker process, many requests at once (max_batch_size > 1): server.lit.StepLoop drives these --
+    # --- worker process: server.lit.StepLoop drives these for many requests at once, `predict` for one --
     def admit(self, uid: str, request: dict) -> list:
         ids, max_tokens, rejection = self._prompt(request)
         if rejection:

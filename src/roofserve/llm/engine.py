@@ -1,208 +1,439 @@
-"""A gpt-fast-style decode loop over a Hugging Face causal LM at batch size 1:
-prefill the prompt, then one compiled token step at a time over a static KV cache.
+"""The decode engine for Llama-family models, one request or many: sequences decode together, one weight
+read per step. One request at a time is this engine at one row (`max_batch_size` 1).
 
-transformers' `generate` spends most of a small model's token time in Python: logits processors,
-stopping criteria, cache bookkeeping. Here the hot step is one forward of shape (1, 1) with a fixed
-cache position tensor, which torch.compile turns into one graph (CUDA graphs on GPU).
+At batch size 1 a decode step reads every weight to make one token; with B sequences in the step the
+same read makes B tokens. Sequences join the running batch between steps and leave when they finish,
+without waiting for each other.
+
+- The KV cache has one slot per sequence: (slots, kv_heads, max_seq_len, head_dim) per layer. A
+  sequence keeps its slot from admission to its end; nothing is copied when others come and go.
+- The forward pass is ours (gpt-fast style) over the Hugging Face model's own modules, so quantized
+  (torchao), LoRA-wrapped and kernel-swapped linear layers work unchanged. A decode step takes one
+  token per row, each at its own position and slot; a prefill chunk takes one sequence's tokens.
+- Prefill is chunked: at most `prefill_chunk` prompt tokens run per step, so a newcomer's long prompt
+  delays the running sequences by one chunk per step, not by the whole prompt, and a long prompt's
+  activations are one chunk's at a time.
+- Decode steps run padded to a power-of-two bucket of rows (the spare rows write to a scratch slot),
+  so torch.compile makes one graph per bucket, all compiled at warm-up.
+- The prefill can be compiled too (`compile_prefill`): one graph with dynamic shapes for every chunk
+  length, start and slot, which halves a 64-token prompt's time on a 2-core CPU (eager, its ~900 small
+  ops cost as much as its matmuls).
+- Attention of a decode step: roofserve's slot kernel (bf16 on CPU) reads only each row's filled
+  positions; otherwise the plain matmul-softmax on CPU (SDPA's CPU kernel is slow for one query), SDPA
+  on GPU, over the rows' slots with a mask: eager as far as the longest row has reached, compiled
+  over the whole slot (fixed shapes).
+
+`OneAtATime` gives the same interface (add, step, cancel) to backends that make one sequence's tokens
+at a time from an iterator: llama.cpp and the transformers baseline (llm.baseline).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from roofserve.errors import UserError
+from roofserve.llm.sampling import Sampling, sample
 
 log = logging.getLogger(__name__)
 
 
+def buckets(max_batch_size: int) -> list[int]:
+    """Row counts a decode step is padded to: powers of two up to max_batch_size, and max_batch_size."""
+    out, b = [], 1
+    while b < max_batch_size:
+        out.append(b)
+        b *= 2
+    return [*out, max_batch_size]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros; on CPU an anonymous mapping, whose pages the OS backs on first touch: a slot's KV cache takes
+    memory as far as its sequences have reached (the slot kernel reads no position past a sequence's end),
+    not all max_seq_len tokens of every slot at start."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import math
+    import mmap
+
+    return torch.frombuffer(mmap.mmap(-1, math.prod(shape) * dtype.itemsize), dtype=dtype).view(shape)
+
+
+class SlotModel(torch.nn.Module):
+    """A Hugging Face LlamaForCausalLM's modules with a slot-per-sequence KV cache. Slot `slots` (the
+    last one) is scratch: padded decode rows write there."""
+
+    def __init__(self, causal_lm: torch.nn.Module, slots: int, max_seq_len: int, kernel_attention: bool):
+        super().__init__()
+        base = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm  # PEFT
+        self.lm = base
+        config = base.config
+        self.layers = base.model.layers
+        extra = set(dict(self.layers[0].self_attn.named_children())) - {"q_proj", "k_proj", "v_proj", "o_proj"}
+        if extra:  # e.g. Qwen3's q_norm and k_norm: our forward would skip them and answer nonsense
+            raise UserError(f"{config.model_type}'s attention has {', '.join(sorted(extra))}, which roofserve's engine "
+                            "does not run (it runs Llama-shaped attention): serve it with --no-static-cache "
+                            "(transformers' own forward)")
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.scale = self.head_dim ** -0.5
+        self.kernel_attention = kernel_attention
+        # the plain matmul-softmax instead of SDPA on CPU: SDPA's CPU kernel is several times slower for one
+        # query over a long cache (docs/kernels.md), and inductor fuses the matmul-softmax
+        self.matmul_attention = base.model.norm.weight.device.type == "cpu"
+        weight = base.model.norm.weight  # the model's dtype and device (the embedding may be packed, llm/gguf.py)
+        shape = (slots + 1, self.kv_heads, max_seq_len, self.head_dim)
+        for i in range(len(self.layers)):  # buffers, so that compiled code treats them as state, not constants
+            self.register_buffer(f"k{i}", zeros_on_demand(shape, weight.dtype, weight.device), persistent=False)
+            self.register_buffer(f"v{i}", zeros_on_demand(shape, weight.dtype, weight.device), persistent=False)
+        self.scratch = slots
+
+    def caches(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"k{i}"), getattr(self, f"v{i}")
+
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (b, 1, t, D) of the positions (b, t): once per forward, shared by all layers."""
+        cos, sin = self.lm.model.rotary_emb(x, positions)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def _qkv(self, layer, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]):
+        # x (b, t, hidden) -> q (b, H, t, D), k and v (b, KV, t, D), rotary applied
+        b, t, _ = x.shape
+        attn = layer.self_attn
+        q = attn.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rotary
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def _mlp_block(self, layer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        x = x + layer.self_attn.o_proj(attn_out)
+        h = layer.post_attention_layernorm(x)
+        mlp = layer.mlp
+        return x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+               keys: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row. tokens, positions, slots: (b,) int64 -> logits (b, vocab) fp32 and their argmax (b,).
+        keys: the attention reads (and gathers) each row's slot up to there (past every row's position), not
+        the whole slot; eager only (an int that changes every step would make a compiled graph per value)."""
+        b = tokens.shape[0]
+        length = keys or self.k0.shape[2]
+        # one row, eager: its slot as a view (a slice), not a gathered copy of every layer's keys and values
+        rows = slice(row := int(slots[0]), row + 1) if keys and b == 1 else slots
+        x = self.lm.model.embed_tokens(tokens.view(b, 1))
+        rotary = self._rotary(x, positions.view(b, 1))
+        for i, layer in enumerate(self.layers):
+            kc, vc = self.caches(i)
+            q, k, v = self._qkv(layer, layer.input_layernorm(x), rotary)
+            kc[slots, :, positions] = k[:, :, 0]  # each row's new entry at its own slot and position
+            vc[slots, :, positions] = v[:, :, 0]
+            if self.kernel_attention:
+                out = torch.ops.roofserve.slot_attention(q, kc, vc, slots, positions, self.scale)  # (b, 1, H, D)
+            elif self.matmul_attention:
+                out = self._one_query_attention(q, kc[rows, :, :length], vc[rows, :, :length], positions)
+            else:
+                mask = (torch.arange(length, device=kc.device)[None, :] <= positions[:, None]).view(b, 1, 1, -1)
+                out = F.scaled_dot_product_attention(q, kc[rows, :, :length], vc[rows, :, :length], attn_mask=mask,
+                                                     scale=self.scale, enable_gqa=True).transpose(1, 2)
+            x = self._mlp_block(layer, x, out.reshape(b, 1, -1))
+        logits = self.lm.lm_head(self.lm.model.norm(x))[:, 0].float()
+        return logits, torch.argmax(logits, dim=-1)
+
+    def _one_query_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             positions: torch.Tensor) -> torch.Tensor:
+        """q (b, H, 1, D) over each row's slot k, v (b, KV, S, D), keys up to its position -> (b, 1, H, D)."""
+        b, kv, length, d = k.shape
+        q = q.view(b, kv, self.heads // kv, d)  # the query heads of each KV head together: no copy of k or v
+        scores = (q @ k.transpose(-1, -2)).float() * self.scale  # (b, KV, group, S)
+        keys = torch.arange(length, device=k.device)
+        scores = scores.masked_fill((keys[None, :] > positions[:, None]).view(b, 1, 1, length), float("-inf"))
+        out = torch.softmax(scores, dim=-1).to(v.dtype) @ v  # (b, KV, group, D)
+        return out.view(b, 1, self.heads, d)
+
+    def prefill(self, tokens: torch.Tensor, start: int, slot: int | torch.Tensor) -> torch.Tensor:
+        """A chunk of one sequence's prompt: tokens (t,) at positions start.. in `slot` -> the last
+        position's logits (vocab,) fp32 (the LM head runs on that position only). The slot is an int or
+        a (1,) tensor (the compiled prefill's: torch.compile specializes an int index to its value)."""
+        t = tokens.shape[0]
+        index = slot if isinstance(slot, torch.Tensor) else torch.tensor([slot], device=tokens.device)
+        x = self.lm.model.embed_tokens(tokens.view(1, t))
+        pos = torch.arange(start, start + t, device=tokens.device).view(1, t)
+        end = start + t
+        causal = torch.arange(end, device=tokens.device)[None, :] <= pos.view(t, 1)  # (t, end)
+        rotary = self._rotary(x, pos)
+        for i, layer in enumerate(self.layers):
+            kc, vc = self.caches(i)
+            q, k, v = self._qkv(layer, layer.input_layernorm(x), rotary)
+            kc[index, :, pos[0]] = k[0].transpose(0, 1)  # (t, kv_heads, head_dim) at the slot's positions
+            vc[index, :, pos[0]] = v[0].transpose(0, 1)
+            out = F.scaled_dot_product_attention(q, kc[index, :, :end], vc[index, :, :end], attn_mask=causal,
+                                                 scale=self.scale, enable_gqa=True)
+            x = self._mlp_block(layer, x, out.transpose(1, 2).reshape(1, t, -1))
+        return self.lm.lm_head(self.lm.model.norm(x[:, -1]))[0].float()
+
+    def prefill_shifted(self, tokens: torch.Tensor, start2: int, slot: torch.Tensor) -> torch.Tensor:
+        """prefill(tokens, start2 - 2, slot), for compiling with dynamic shapes: torch.compile specializes
+        an int argument of 0 or 1 to a constant, and every prompt starts at 0 (a graph for the first chunk,
+        another for the rest); shifted by 2, one graph serves them all."""
+        return self.prefill(tokens, start2 - 2, slot)
+
+
 @dataclass
-class Sampling:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    # Called with (logits, token) for every token handed out (logprobs); None: nothing is computed.
-    observe: Callable[[torch.Tensor, int], None] | None = None
-
-    @property
-    def greedy(self) -> bool:
-        # Below ~1e-30 logits / temperature overflow to inf and softmax is NaN; long before that the
-        # distribution is one-hot, so such temperatures are greedy.
-        return self.temperature < 1e-5
-
-
-def logprob_hook(top: int | None) -> tuple[list | None, Callable[[torch.Tensor, int], None] | None]:
-    """(scores, observe) for a request's logprobs (`top` alternatives, or None: neither): the engine calls
-    observe, which fills scores for llm.text.TextStream to read."""
-    if top is None:
-        return None, None
-    scores = []
-    return scores, scorer(top, scores)
-
-
-def scorer(top: int, into: list) -> Callable[[torch.Tensor, int], None]:
-    """An observe hook that appends (token, logprob, [(id, logprob), ...top]) to `into`: the model's
-    own log-probabilities (before temperature and top_p, as vLLM and OpenAI report them)."""
-
-    def observe(logits: torch.Tensor, token: int) -> None:
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        best = torch.topk(logprobs, top) if top else None
-        pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
-        into.append((token, float(logprobs[token]), pairs))
-
-    return observe
-
-
-def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    """Next token id from the last position's logits (shape (vocab,))."""
-    if sampling.greedy:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_p, sorted_i = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < sampling.top_p  # always keeps the top token
-        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
-        return int(sorted_i[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+class Sequence:
+    id: Hashable
+    prompt: list[int]
+    sampling: Sampling
+    stop_ids: set[int]
+    generator: torch.Generator | None = None
+    slot: int | None = None
+    filled: int = 0  # prompt tokens in the cache
+    token: int | None = None  # the last token made, not yet in the cache
+    generated: int = 0
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, max_seq_len: int, static_cache: bool = True, compile: bool = False,
-                 attention: str = "auto", prefill_chunk: int = 256):
-        self.model = model
-        self.prefill_chunk = prefill_chunk
-        self.attention = attention
-        if attention == "roofserve":
-            from roofserve.llm.kernels import use_decode_attention
+    """Admit sequences with `add`, advance all of them with `step`; `cancel` drops one at once."""
 
-            use_decode_attention(model)
-        elif attention != "auto":
-            model.set_attn_implementation(attention)
+    def __init__(self, model: torch.nn.Module, max_batch_size: int, max_seq_len: int, compile: bool = False,
+                 prefill_chunk: int = 256, kernel_attention: bool = False, compile_prefill: bool = False):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, not {max_batch_size}")
+        self.max_batch_size, self.max_seq_len, self.prefill_chunk = max_batch_size, max_seq_len, prefill_chunk
+        self.slots = SlotModel(model, max_batch_size, max_seq_len, kernel_attention).eval()
         self.device = next(model.parameters()).device
-        self.max_seq_len = max_seq_len
-        self.static_cache = static_cache
+        self.free = list(range(max_batch_size))
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[Hashable, Sequence] = {}
+        self.buckets = buckets(max_batch_size)
+        self.last_batch_size = 0
         self.compiled = compile
-        self.cache = None
-        if static_cache:
-            from transformers import StaticCache
+        self._decode = compile_decode(self.slots) if compile else self.slots.decode
+        # chunks shorter than this prefill eagerly: a 1-token one would be specialized by torch.compile
+        # (another graph), and where our GEMM kernel takes only some chunk lengths (GemvLinear's max_rows),
+        # those below it would take another branch (another graph)
+        max_rows = max((getattr(m, "max_rows", 1) for m in model.modules()), default=1)
+        self.compiled_prefill_min = 2 if max_rows >= prefill_chunk else max_rows + 1
+        self._compiled_prefill = compile_prefill_step(self.slots) if compile_prefill else None
 
-            self.cache = StaticCache(config=model.config, max_cache_len=max_seq_len)
-        self._step = self._steps
-        if compile:
-            if not static_cache:
-                raise ValueError("compile needs the static KV cache (fixed shapes)")
-            self._step = compile_step(self)
+    # --- admission ----------------------------------------------------------------------------
+    def add(self, seq_id: Hashable, prompt_ids: list[int], sampling: Sampling,
+            stop_ids: set[int] = frozenset()) -> None:
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) + sampling.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({sampling.max_new_tokens}) "
+                             f"exceeds {self.max_seq_len}")
+        generator = torch.Generator(device="cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
+        self.waiting.append(Sequence(seq_id, list(prompt_ids), sampling, set(stop_ids), generator))
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
-        # logits_to_keep=1: the LM head (49152 x 576 for SmolLM2) runs on the last position only
-        out = self.model(input_ids=ids, cache=cache, cache_position=positions, use_cache=True, logits_to_keep=1)
-        return out.logits, getattr(out, "cache", None) or out.past_key_values
+    def cancel(self, seq_id: Hashable) -> None:
+        """Drop a sequence (its client left, a stop string matched, its deadline passed): its slot is free
+        for the next step; the others are untouched."""
+        seq = self.running.pop(seq_id, None)
+        if seq is not None:
+            self.free.append(seq.slot)
+        else:
+            self.waiting = deque(s for s in self.waiting if s.id != seq_id)
 
-    def _decode_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        # token: (1, 1) int64; position: (1,) int64 -> logits (vocab,)
-        logits, _ = self._forward(token, position, self.cache)
-        return logits[0, -1]
+    def admit(self) -> None:
+        """Give waiting sequences the free slots, first come first served."""
+        while self.waiting and self.free:
+            seq = self.waiting.popleft()
+            seq.slot = self.free.pop(0)
+            self.running[seq.id] = seq
 
-    def _steps(self, token: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # one graph for both paths: greedy reads only the argmax, computed inside the graph
-        logits = self._decode_step(token, position)
-        return logits, torch.argmax(logits)
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # --- one step -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Hashable, int | None]]:
+        """Advance every sequence by one token (and one prefill chunk, if one is prefilling). Returns
+        (id, token) for each new token and (id, None) for each sequence that finished in this step
+        (a stop id, which is not returned, or max_new_tokens reached)."""
+        self.admit()
+        events: list[tuple[Hashable, int | None]] = []
+        decoding = [s for s in self.running.values() if s.token is not None]
+        prefilling = next((s for s in self.running.values() if s.token is None), None)
+        if prefilling is not None:
+            self._prefill_chunk(prefilling, events)
+        if decoding:
+            self._decode_rows(decoding, events)
+        self.last_batch_size = len(decoding)
+        return events
+
+    def _prefill_chunk(self, seq: Sequence, events: list) -> None:
+        end = min(len(seq.prompt), seq.filled + self.prefill_chunk)
+        chunk = torch.tensor(seq.prompt[seq.filled:end], device=self.device)
+        if self._compiled_prefill is not None and len(chunk) >= self.compiled_prefill_min:
+            logits = self._compiled_prefill(chunk, seq.filled + 2, torch.tensor([seq.slot], device=self.device))
+        else:
+            logits = self.slots.prefill(chunk, seq.filled, seq.slot)
+        seq.filled = end
+        if end == len(seq.prompt):
+            self._emit(seq, sample(logits.cpu() if seq.generator else logits, seq.sampling, seq.generator), events,
+                       logits)
+
+    def _decode_rows(self, rows: list[Sequence], events: list) -> None:
+        n = len(rows)
+        size = next(b for b in self.buckets if b >= n)
+        pad = size - n
+        tokens = torch.tensor([s.token for s in rows] + [0] * pad, device=self.device)
+        positions = torch.tensor([len(s.prompt) + s.generated - 1 for s in rows] + [0] * pad, device=self.device)
+        slots = torch.tensor([s.slot for s in rows] + [self.slots.scratch] * pad, device=self.device)
+        if self.compiled:
+            logits, best = self._decode(tokens, positions, slots)
+        else:  # the attention reads the slots only as far as the longest row has reached
+            logits, best = self._decode(tokens, positions, slots, max(len(s.prompt) + s.generated for s in rows))
+        best = best.tolist()
+        for i, seq in enumerate(rows):
+            if seq.sampling.greedy:
+                token = best[i]
+            else:
+                token = sample(logits[i].cpu() if seq.generator else logits[i], seq.sampling, seq.generator)
+            self._emit(seq, token, events, logits[i])
+
+    def _emit(self, seq: Sequence, token: int, events: list, logits: torch.Tensor) -> None:
+        if token in seq.stop_ids:
+            events.append((seq.id, None))
+            self.cancel(seq.id)
+            return
+        if seq.sampling.observe:
+            seq.sampling.observe(logits, token)
+        seq.token = token
+        seq.generated += 1
+        events.append((seq.id, token))
+        if seq.generated >= seq.sampling.max_new_tokens:
+            events.append((seq.id, None))
+            self.cancel(seq.id)
 
     @torch.inference_mode()
-    def generate(
-        self,
-        prompt_ids: list[int],
-        sampling: Sampling,
-        stop_ids: set[int] = frozenset(),
-        should_stop: Callable[[], bool] | None = None,
-    ) -> Iterator[int]:
-        """Yield generated token ids one by one; stops at a stop id (not yielded) or after max_new_tokens."""
-        if len(prompt_ids) + sampling.max_new_tokens > self.max_seq_len:
-            raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({sampling.max_new_tokens}) exceeds {self.max_seq_len}")
-        generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
-        ids = torch.tensor([prompt_ids], device=self.device)
-        positions = torch.arange(len(prompt_ids), device=self.device)
-        if self.cache is not None:
-            self.cache.reset()
-            cache = self.cache
-        else:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.model.config)
-        # the prompt in chunks, as the batch engine prefills: one chunk's attention scores and activations
-        # in memory at a time, not a long prompt's (2048 tokens of an 8B model took 2 GB more at once)
-        for start in range(0, len(prompt_ids), self.prefill_chunk):
-            end = start + self.prefill_chunk
-            logits, cache = self._forward(ids[:, start:end], positions[start:end], cache)
-        logits = logits[0, -1]
-        token = sample(logits.cpu() if generator else logits, sampling, generator)
-        position = len(prompt_ids)
-        for i in range(sampling.max_new_tokens):
-            if token in stop_ids:
-                return
-            if sampling.observe:
-                sampling.observe(logits, token)
-            yield token
-            if i + 1 == sampling.max_new_tokens or (should_stop and should_stop()):
-                return
-            token_t = torch.tensor([[token]], device=self.device)
-            pos_t = torch.tensor([position], device=self.device)
-            if self.cache is not None:
-                logits, best = self._step(token_t, pos_t)
-                if sampling.greedy:
-                    token, position = int(best), position + 1
-                    continue
-            else:
-                step_logits, cache = self._forward(token_t, pos_t, cache)
-                logits = step_logits[0, -1]
-            token = sample(logits.cpu() if generator else logits, sampling, generator)
-            position += 1
-
-    def warm_up(self, prompt_len: int = 16, tokens: int = 8) -> float:
-        """Run (and compile) the hot step before serving; returns the seconds it took."""
+    def warm_up(self, prompt_len: int = 16) -> float:
+        """Run (and compile) the decode step at every bucket of rows, and a prefill; returns the seconds.
+        The decode steps run on the scratch slot, so they leave no trace in the others. (Serving
+        sequences would not fill the buckets: one prefills per step, so a warm-up batch leaves before
+        the others join; a bucket first met while serving would compile then, for a minute.)"""
         start = time.perf_counter()
-        for _ in range(2 if self.compiled else 1):
-            for temperature in (0.0, 1.0):  # the greedy and the sampling step
-                for _ in self.generate([1] * prompt_len, Sampling(tokens, temperature, seed=0)):
-                    pass
+        scratch = self.slots.scratch
+        for size in self.buckets:
+            for _ in range(2):  # three distinct tensors, as in serving (dynamo guards on aliasing too)
+                tokens, positions = (torch.zeros(size, dtype=torch.long, device=self.device) for _ in range(2))
+                self._decode(tokens, positions, torch.full((size,), scratch, device=self.device))
+        if self._compiled_prefill is not None:
+            # a chunk length unlike the start: torch.compile gives equal ints one symbol (a guard that
+            # they stay equal), which the next prompt would break, compiling again while serving
+            length = max(self.compiled_prefill_min, prompt_len, 6)
+            slot = torch.tensor([scratch], device=self.device)
+            self._compiled_prefill(torch.ones(length, dtype=torch.long, device=self.device), 3 + 2, slot)
+        self.add(("warm-up",), [1] * prompt_len, Sampling(2, 0.0))
+        while self.has_work():
+            self.step()
         return time.perf_counter() - start
 
 
-def compile_step(engine: Engine):
-    """torch.compile the decode step for this device.
+def compile_decode(model: SlotModel):
+    """torch.compile the decode step: one graph per bucket of rows (dynamic=False); CUDA graphs on GPU."""
+    return _compile(model, model.decode, dynamic=False)
 
-    GPU: CUDA graphs ("reduce-overhead"): one launch per token. CPU: inductor with frozen weights
-    (oneDNN prepacks them), a C++ wrapper instead of Python around the kernels, the matmul-softmax
-    attention (inductor fuses it; SDPA's CPU flash kernel is slow for one query over a long static
-    cache), and no guards on module attributes or the cache (neither is replaced while serving).
-    """
+
+def compile_prefill_step(model: SlotModel):
+    """torch.compile the prefill of a chunk: one graph with dynamic shapes (chunk length, start, slot);
+    no CUDA graphs on GPU (the shapes vary). Compiling takes minutes on a small CPU."""
+    return _compile(model, model.prefill_shifted, dynamic=True)
+
+
+def _compile(model: SlotModel, forward, dynamic: bool):
+    """One of the model's forwards compiled: inductor with frozen weights (oneDNN's prepacked matmuls) and
+    a C++ wrapper on CPU, guards only on the inputs (the weights and the cache buffers do not change while
+    serving). It first drops what an earlier engine in this process compiled: with the module guards
+    skipped, its graphs (and their frozen weights) would serve this engine too. Compiling is lazy, so the
+    decode step and the prefill of one engine can be set up one after the other."""
     import torch._inductor.config as inductor
 
-    # Compiled code is cached per code object, and we skip guards on the model: drop what an earlier
-    # engine in this process compiled (with its frozen weights) before compiling for this one.
     torch._dynamo.reset()
-    if engine.device.type == "cuda":
-        return torch.compile(engine._steps, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    if next(model.parameters()).device.type == "cuda":
+        return torch.compile(forward, mode=None if dynamic else "reduce-overhead", fullgraph=True, dynamic=dynamic)
     inductor.freezing = True
     inductor.cpp_wrapper = True
-    if engine.attention == "auto":  # eager for the step (inductor fuses it); prompts see only the filled cache
-        from roofserve.llm.kernels import use_prompt_attention
-
-        use_prompt_attention(engine.model)
-    options = {"guard_filter_fn": _skip_module_and_cache_guards}
-    return torch.compile(engine._steps, fullgraph=True, dynamic=False, options=options)
+    return torch.compile(forward, fullgraph=True, dynamic=dynamic,
+                         options={"guard_filter_fn": _skip_module_and_cache_guards})
 
 
 def _skip_module_and_cache_guards(entries) -> list[bool]:
-    # Guards left: the inputs' shapes and dtypes. The weights, the imported functions and the static
-    # cache (which lives as long as the engine; reset() zeroes it in place) do not change while serving,
-    # and checking them on every call cost a noticeable share of a small model's token on CPU.
+    # Guards left: the inputs' shapes and dtypes. The weights, the imported functions and the cache buffers
+    # do not change while serving, and checking them on every call cost a noticeable share of a small
+    # model's token on CPU.
     modules = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
     globals_ = torch.compiler.skip_guard_on_globals_unsafe(entries)
-    return [m and g and not e.name.startswith("self.cache") for m, g, e in zip(modules, globals_, entries)]
+    return [m and g for m, g in zip(modules, globals_)]
+
+
+@dataclass
+class _Running:
+    id: Hashable
+    tokens: Iterator[int]
+    max_new_tokens: int
+    generated: int = 0
+
+
+class OneAtATime:
+    """Engine's interface (add, step, cancel, has_work) over a backend that makes one sequence's tokens at a
+    time: `generate(prompt_ids, sampling, stop_ids)` yields them (ending at a stop id or max_new_tokens).
+    The first sequence added runs; the others wait. A step makes one token."""
+
+    def __init__(self, generate: Callable[[list[int], Sampling, set[int]], Iterator[int]]):
+        self.generate = generate
+        self.waiting: deque[tuple] = deque()
+        self.running: dict[Hashable, _Running] = {}
+        self.last_batch_size = 0
+
+    def add(self, seq_id: Hashable, prompt_ids: list[int], sampling: Sampling,
+            stop_ids: set[int] = frozenset()) -> None:
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        self.waiting.append((seq_id, list(prompt_ids), sampling, set(stop_ids)))
+
+    def cancel(self, seq_id: Hashable) -> None:
+        seq = self.running.pop(seq_id, None)
+        if seq is not None:
+            seq.tokens.close()
+        else:
+            self.waiting = deque(w for w in self.waiting if w[0] != seq_id)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def step(self) -> list[tuple[Hashable, int | None]]:
+        """(id, token) for the running sequence's next token, and (id, None) when it has finished."""
+        self.last_batch_size = 0
+        if not self.running:
+            if not self.waiting:
+                return []
+            seq_id, prompt, sampling, stop_ids = self.waiting.popleft()
+            self.running[seq_id] = _Running(seq_id, self.generate(prompt, sampling, stop_ids), sampling.max_new_tokens)
+        seq = next(iter(self.running.values()))
+        token = next(seq.tokens, None)
+        if token is None:
+            self.cancel(seq.id)
+            return [(seq.id, None)]
+        seq.generated += 1
+        self.last_batch_size = 1
+        if seq.generated < seq.max_new_tokens:
+            return [(seq.id, token)]
+        self.cancel(seq.id)
+        return [(seq.id, token), (seq.id, None)]

@@ -1,10 +1,9 @@
-"""What a worker serves with, whatever the backend: a tokenizer, a chat template, and `tokens()`."""
+"""What a worker serves with, whatever the backend: a tokenizer, a chat template, and `batch` (the engine,
+or llm.engine.OneAtATime over a backend's token iterator)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
-from roofserve.llm.text import stream_text
+from collections.abc import Iterator
 
 
 def chat_template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -14,9 +13,11 @@ def chat_template_ids(tokenizer, messages: list[dict], add_generation_prompt: bo
 
 
 class Generator:
-    """What a worker serves with: a tokenizer, a chat template, and `tokens()`."""
+    """What a worker serves with: a tokenizer, a chat template, and `batch`, which has Engine's add, step,
+    cancel and has_work."""
 
     tokenizer = None
+    batch = None
     stop_ids: set[int] = set()
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
@@ -34,17 +35,20 @@ class Generator:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def tokens(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, ignore_eos: bool = False,
-               should_stop: Callable[[], bool] | None = None, observe=None) -> Iterator[int]:
-        """Generated ids; `observe(logits, token)` (engine.Sampling.observe) is called before each is yielded."""
-        raise NotImplementedError
+               seed: int | None = None, ignore_eos: bool = False, observe=None) -> Iterator[int]:
+        """One sequence's generated ids through the engine alone (in-process benches and tests; the server
+        drives `batch` itself); `observe(logits, token)` (sampling.Sampling.observe) is called for each."""
+        from roofserve.llm.sampling import Sampling
 
-    def chat(self, ids, max_tokens, temperature, top_p, seed, stop, ignore_eos, should_stop,
-             logprobs: int | None = None) -> Iterator[dict]:
-        """Text items; with `logprobs` (the number of top alternatives, 0-20) each delta carries the
-        logprob entries of its tokens."""
-        from roofserve.llm.engine import logprob_hook
-
-        scores, observe = logprob_hook(logprobs)
-        tokens = self.tokens(ids, max_tokens, temperature, top_p, seed, ignore_eos, should_stop, observe)
-        yield from stream_text(tokens, self.decode, stop, max_tokens, len(ids), scores)
+        key = object()
+        self.batch.add(key, ids, Sampling(max_tokens, temperature, top_p, seed, observe),
+                       set() if ignore_eos else self.stop_ids)
+        try:
+            while self.batch.has_work():
+                for seq_id, token in self.batch.step():
+                    if seq_id is key:
+                        if token is None:
+                            return
+                        yield token
+        finally:
+            self.batch.cancel(key)

@@ -359,18 +359,18 @@ class MemoryPlan:
     dense_bytes: int
     kv_bytes_per_slot: int
     max_seq_len: int
-    slots: int = 1  # the KV cache's sequence slots (the batch engine's: one per sequence and a scratch one)
+    sequences: int = 1  # the engine's KV slots (max_batch_size; its scratch slot takes a page)
 
     def lines(self) -> list[str]:
         gb = 1e9
         parts = ", ".join(f"{kind} {n / gb:.2f} GB" for kind, n in sorted(self.weight_bytes.items()))
         total = sum(self.weight_bytes.values()) + self.dense_bytes
-        kv = f"{self.slots * self.kv_bytes_per_slot / gb:.2f} GB"
+        plural = "s" if self.sequences != 1 else ""
+        # the slots' pages are backed as they are written (engine.zeros_on_demand)
         return [f"weights {total / gb:.2f} GB ({parts}; dense {self.dense_bytes / gb:.2f} GB)",
-                f"KV cache {self.kv_bytes_per_slot / gb:.3f} GB per sequence slot of {self.max_seq_len} tokens, "
-                f"{self.slots} slot{'s' if self.slots != 1 else ''}: "
-                # more than one slot: the batch engine's cache, held as it fills (batch.zeros_on_demand)
-                + (f"up to {kv}, held as sequences fill them" if self.slots > 1 else kv)]
+                f"KV cache {self.kv_bytes_per_slot / gb:.3f} GB per sequence of {self.max_seq_len} tokens, "
+                f"{self.sequences} sequence{plural}: up to {self.sequences * self.kv_bytes_per_slot / gb:.2f} GB, "
+                "held as they fill it"]
 
 
 def kv_bytes_per_slot(config, max_seq_len: int, dtype: torch.dtype) -> int:

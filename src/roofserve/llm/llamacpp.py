@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from roofserve.config import LLMConfig
 from roofserve.errors import UserError
+from roofserve.llm.engine import OneAtATime
 from roofserve.llm.generator import Generator
+from roofserve.llm.sampling import Sampling
 
 
 def gguf_path(model: str) -> Path:
@@ -40,20 +42,19 @@ class LlamaCppGenerator(Generator):
         self.name = path.stem
         self.random_weights = False
         self.stop_ids = {self.llm.token_eos()}
+        self.batch = OneAtATime(self._generate)
 
-    def tokens(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, ignore_eos: bool = False,
-               should_stop: Callable[[], bool] | None = None, observe=None) -> Iterator[int]:
-        if observe is not None:  # the protocol refuses logprobs for this backend before a request gets here
+    def _generate(self, ids: list[int], sampling: Sampling, stop_ids: set[int]) -> Iterator[int]:
+        if sampling.observe is not None:  # the protocol refuses logprobs for this backend before a request gets here
             raise ValueError("the llamacpp backend does not report logprobs")
-        if seed is not None:
-            self.llm.set_seed(seed)
+        if sampling.seed is not None:
+            self.llm.set_seed(sampling.seed)
         self.llm.reset()  # no prefix reuse between requests: every prompt is prefilled, as in our engine
         count = 0
-        for token in self.llm.generate(ids, temp=temperature, top_p=top_p, top_k=0, reset=True):
-            if token in self.stop_ids and not ignore_eos:
+        for token in self.llm.generate(ids, temp=sampling.temperature, top_p=sampling.top_p, top_k=0, reset=True):
+            if token in stop_ids:
                 return
             yield token
             count += 1
-            if count >= max_tokens or (should_stop and should_stop()):
+            if count >= sampling.max_new_tokens:
                 return

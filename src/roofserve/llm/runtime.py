@@ -80,14 +80,10 @@ def apply_lora(model: torch.nn.Module, source: str) -> torch.nn.Module:
 
 
 class TorchGenerator(Generator):
-    """Our engine: prefill + compiled one-token step over a static cache, for one request at a time
-    (`engine`), or the continuous-batching engine for many (`batch`, with max_batch_size > 1)."""
-
-    engine = None
-    batch = None
+    """Our engine (llm.engine: one request at a time at max_batch_size 1, a continuous batch above), or with
+    --no-static-cache the transformers baseline (llm.baseline), one request at a time."""
 
     def __init__(self, cfg: LLMConfig, device: str | torch.device):
-        from roofserve.llm.engine import Engine
         from roofserve.llm.model import load
 
         device = torch.device(device)
@@ -96,8 +92,8 @@ class TorchGenerator(Generator):
             from roofserve.llm.gguf import MemoryPlan, kv_bytes_per_slot
 
             kv = kv_bytes_per_slot(loaded.model.config, cfg.max_seq_len, DTYPES[cfg.precision])
-            slots = cfg.max_batch_size + 1 if cfg.max_batch_size > 1 else 1  # the batch engine's scratch slot
-            for line in MemoryPlan(loaded.packed_bytes, loaded.dense_bytes, kv, cfg.max_seq_len, slots).lines():
+            plan = MemoryPlan(loaded.packed_bytes, loaded.dense_bytes, kv, cfg.max_seq_len, cfg.max_batch_size)
+            for line in plan.lines():
                 log.info("memory plan: %s", line)
         quantize(loaded.model, cfg.quantize, cfg.group_size, device)
         if cfg.gemv == "roofserve":
@@ -117,46 +113,23 @@ class TorchGenerator(Generator):
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
         self.random_weights = loaded.random_weights
-        if cfg.max_batch_size > 1:
-            from roofserve.llm.batch import BatchEngine
+        if cfg.static_cache:
+            from roofserve.llm.engine import Engine
 
-            self.batch = BatchEngine(model, cfg.max_batch_size, cfg.max_seq_len, cfg.compile, cfg.prefill_chunk,
-                                     kernel_attention=cfg.attention == "roofserve",
-                                     compile_prefill=cfg.compile_prefill)
+            self.batch = Engine(model, cfg.max_batch_size, cfg.max_seq_len, cfg.compile, cfg.prefill_chunk,
+                                kernel_attention=cfg.attention == "roofserve", compile_prefill=cfg.compile_prefill)
             log.info("warm-up of batch sizes %s took %.1f s", self.batch.buckets, self.batch.warm_up())
         else:
-            self.engine = Engine(model, cfg.max_seq_len, cfg.static_cache, cfg.compile, cfg.attention, cfg.prefill_chunk)
-            log.info("warm-up took %.1f s", self.engine.warm_up())
+            from functools import partial
+
+            from roofserve.llm.baseline import transformers_tokens, use_attention
+            from roofserve.llm.engine import OneAtATime
+
+            use_attention(model, cfg.attention)
+            self.batch = OneAtATime(partial(transformers_tokens, model, prefill_chunk=cfg.prefill_chunk))
         eos = loaded.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.stop_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
-
-    def tokens(self, ids, max_tokens, temperature=0.0, top_p=1.0, seed=None, ignore_eos=False, should_stop=None,
-               observe=None):
-        from roofserve.llm.engine import Sampling
-
-        stop_ids = set() if ignore_eos else self.stop_ids
-        sampling = Sampling(max_tokens, temperature, top_p, seed, observe)
-        if self.batch is not None:
-            return self._alone_in_batch(ids, sampling, stop_ids, should_stop)
-        return self.engine.generate(ids, sampling, stop_ids, should_stop)
-
-    def _alone_in_batch(self, ids, sampling, stop_ids, should_stop):
-        """One sequence through the batch engine (in-process benches of a batched config)."""
-        key = object()
-        self.batch.add(key, ids, sampling, stop_ids)
-        try:
-            while True:
-                for seq_id, token in self.batch.step():
-                    if seq_id is not key:
-                        continue
-                    if token is None:
-                        return
-                    yield token
-                    if should_stop and should_stop():
-                        return
-        finally:
-            self.batch.cancel(key)
 
 
 def build_generator(cfg: LLMConfig, device: str):

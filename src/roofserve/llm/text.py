@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 
 
 class TextStream:
@@ -84,19 +84,6 @@ class TextStream:
         return out
 
 
-def stream_text(
-    tokens: Iterable[int], decode: Callable[[list[int]], str], stop: list[str], max_tokens: int, prompt_tokens: int,
-    scores: list | None = None,
-) -> Iterator[dict]:
-    """TextStream over an iterator of tokens: the deltas, then the end item."""
-    stream = TextStream(decode, stop, max_tokens, prompt_tokens, scores)
-    for token in tokens:
-        yield from stream.push(token)
-        if stream.stopped:
-            break
-    yield from stream.close()
-
-
 class Coalescer:
     """Join the text of up to `every` delta items into one (vLLM's stream interval): each message
     costs the server and the client the same CPU however much text it holds. The first delta goes
@@ -124,17 +111,6 @@ class Coalescer:
         if "logprobs" in held[0]:
             item["logprobs"] = [entry for d in held for entry in d["logprobs"]]
         return item
-
-    def flush(self) -> list[dict]:
-        return [self._joined()] if self.held else []
-
-
-def coalesce(items: Iterable[dict], every: int) -> Iterator[dict]:
-    """Coalescer over an iterator of items."""
-    joiner = Coalescer(every)
-    for item in items:
-        yield from joiner.push(item)
-    yield from joiner.flush()
 
 
 def _held_back(text: str, stop: list[str]) -> int:
