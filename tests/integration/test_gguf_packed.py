@@ -163,7 +163,11 @@ def test_the_bundled_gguf_packed_computes_what_its_math_in_torch_computes(bundle
     clear = (top2[:, 0] - top2[:, 1]) > 2 * gap  # no difference this size can swap the top two
     assert clear.sum() >= 3
     assert torch.equal(ours.argmax(-1)[clear], reference.argmax(-1)[clear])
-    assert torch.equal(ours.argmax(-1), answer[0, ids.shape[1]:])  # and the answer is the kernel's greedy one
+    # and the answer is the kernel's greedy one: generate's one-token steps and this whole-answer forward
+    # sum attention in another order, so a near-tie (0.024 apart on an EPYC) may go either way
+    chosen = ours.gather(-1, answer[0, ids.shape[1]:, None])[:, 0]
+    assert (ours.amax(-1) - chosen).max() <= 0.1
+    assert torch.equal(ours.argmax(-1)[clear], answer[0, ids.shape[1]:][clear])
 
 
 def test_packed_logits_stay_near_the_dequantized_fp32_model(bundled, fp32_model):
