@@ -247,9 +247,8 @@ class LLMConfig(ServerConfig):
     lora: str | None = _help("a PEFT LoRA adapter folder, or random:RANK (for speed work), applied unmerged "
                              "as the reference deployment served it", default=None)
     attention: str = _help("auto or roofserve (our CPU bf16 decode kernel: reads only the filled part of the "
-                           "cache); auto = roofserve for packed GGUF weights, else SDPA, but the fused "
-                           "matmul-softmax when compiled on CPU. With --no-static-cache also transformers' sdpa "
-                           "or eager", default="auto")
+                           "cache); auto = roofserve for packed GGUF weights, else the plain matmul-softmax on "
+                           "CPU and SDPA on GPU. With --no-static-cache also transformers' sdpa or eager", default="auto")
     gemv: str = _help("matmuls of bf16 weights on CPU: torch (oneDNN) or roofserve (our streaming AVX512-BF16 "
                       "kernel, AMX tiles where the CPU has them, built with g++ on first use) for decode steps, "
                       "and for prompt chunks up to --gemv-rows rows", default="torch")
@@ -303,8 +302,8 @@ class LLMConfig(ServerConfig):
         if self.max_batch_size == 0:  # auto, resolved here so that results record what ran
             self.max_batch_size = 1 if self.backend == "llamacpp" or self.quantize == "bnb4" else AUTO_LLM_BATCH
         if self.attention == "auto" and self.gguf_weights == "packed" and self.precision == "bf16" \
-                and self.static_cache:  # the packed weights build our kernels anyway; the engine's
-            self.attention = "roofserve"  # SDPA would read (and touch) every slot whole
+                and self.static_cache:  # the packed weights build our kernels anyway; the engine's own
+            self.attention = "roofserve"  # attention, compiled, would read (and touch) every slot whole
         if self.gemv_rows < 0:
             raise UserError("gemv_rows must be >= 0 (0: measured at start)")
         for name in ("group_size", "stream_interval", "max_seq_len", "max_tokens_cap", "default_max_tokens",

@@ -89,10 +89,10 @@ class SlotModel(torch.nn.Module):
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.scale = self.head_dim ** -0.5
         self.kernel_attention = kernel_attention
+        weight = base.model.norm.weight  # the model's dtype and device (the embedding may be packed, llm/gguf.py)
         # the plain matmul-softmax instead of SDPA on CPU: SDPA's CPU kernel is several times slower for one
         # query over a long cache (docs/kernels.md), and inductor fuses the matmul-softmax
-        self.matmul_attention = base.model.norm.weight.device.type == "cpu"
-        weight = base.model.norm.weight  # the model's dtype and device (the embedding may be packed, llm/gguf.py)
+        self.matmul_attention = weight.device.type == "cpu"
         shape = (slots + 1, self.kv_heads, max_seq_len, self.head_dim)
         for i in range(len(self.layers)):  # buffers, so that compiled code treats them as state, not constants
             self.register_buffer(f"k{i}", zeros_on_demand(shape, weight.dtype, weight.device), persistent=False)
