@@ -212,7 +212,7 @@ def cmd_bench_llm_serve(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from roofserve.load.llm import bench_llm_serve, parse_goodput, result_rows, vllm_result
+    from roofserve.load.llm import bench_llm_serve, parse_goodput, request_rows, vllm_result
 
     cfg = make_config(LLMServeBenchConfig, config_from_args(args, LLMServeBenchConfig))
     slos = parse_goodput(cfg.goodput)
@@ -221,18 +221,18 @@ def cmd_bench_llm_serve(args: argparse.Namespace) -> int:
                                    cfg.max_concurrency or None, cfg.ignore_eos, cfg.warmup, slos,
                                    args.api_key or os.environ.get("ROOFSERVE_API_KEY"), cfg.seed)
     row["step"] = args.label
-    _table([row], ["completed", "failed", "duration", "request_throughput", "request_goodput", "output_throughput",
-                   "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "mean_e2el_ms"])
+    _table([row], ["ok", "errors", "wall_s", "req_per_s", "goodput_req_per_s", "output_tokens_per_s",
+                   "ttft_mean_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p99_ms", "itl_mean_ms", "latency_mean_ms"])
     if cfg.result_format == "vllm":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(vllm_result(row, results, args.model, requests), indent=1))
         print(f"results: {args.out} (vllm bench serve's format)")
     else:
         concurrency = cfg.max_concurrency or len(requests)
-        rows = [row, *({"kind": "llm-request", "concurrency": concurrency, **r} for r in result_rows(results))]
+        rows = [row, *request_rows(results, concurrency)]
         _save(args.out, "bench llm-serve", {"url": args.url, "model": args.model, "label": args.label,
                                             **as_dict(cfg)}, rows)
-    return 0 if row["completed"] else 1
+    return 0 if row["ok"] else 1
 
 
 def cmd_bench_llm_engine(args: argparse.Namespace) -> int:
@@ -464,13 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_llm)
 
     p = bench.add_parser(
-        "llm-serve", help="vLLM's `bench serve` load: a dataset at a request rate, goodput, vLLM's result keys",
+        "llm-serve", help="vLLM's `bench serve` load: a dataset at a request rate, goodput, vLLM's result file",
         description="Send --num-prompts chat requests (synthetic prompts of exact token counts, or a ShareGPT "
         "file with --dataset) to an OpenAI-compatible URL, arriving at --request-rate per second (Poisson, or "
         "burstier with --burstiness below 1), at most --max-concurrency at a time. Prints and saves mean, "
-        "median, std and p50/p90/p99 of TTFT, TPOT, ITL and end-to-end latency under vLLM's key names, and "
-        "the goodput against --goodput targets. --result-format vllm writes the JSON of `vllm bench serve "
-        "--save-result`, so that rows from both tools sit side by side.",
+        "std and p50/p90/p99 of TTFT, TPOT, ITL and end-to-end latency (the same keys as all our "
+        "load rows: ttft_p99_ms, latency_mean_ms, ...), and the goodput against --goodput targets. "
+        "--result-format vllm writes them under vLLM's names instead, in the JSON of `vllm bench serve "
+        "--save-result`, so that results from both tools sit side by side.",
     )
     p.add_argument("url", help="e.g. http://127.0.0.1:8001/v1/chat/completions")
     add_config_args(p, LLMServeBenchConfig)

@@ -1,4 +1,4 @@
-"""Benchmark requests (load.datasets) and the vLLM-style summary (load.llm.serve_stats, goodput)."""
+"""Benchmark requests (load.datasets), goodput, and the summary under vLLM's names (load.llm.vllm_keys)."""
 
 import json
 
@@ -6,7 +6,8 @@ import pytest
 
 from roofserve.errors import UserError
 from roofserve.load.datasets import WORDS, load_sharegpt, synthetic, to_sharegpt
-from roofserve.load.llm import StreamResult, parse_goodput, serve_stats
+from roofserve.load.core import RequestResult, summarize
+from roofserve.load.llm import parse_goodput, vllm_keys
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +50,15 @@ def test_goodput_counts_requests_within_every_target():
         parse_goodput(["latency:3"])
     with pytest.raises(UserError, match="METRIC:MILLISECONDS"):
         parse_goodput(["ttft:fast"])
-    fast = StreamResult(ok=True, ttft_ms=100, e2e_ms=1000, output_tokens=10, prompt_tokens=5, itl_ms=[100] * 9)
-    slow = StreamResult(ok=True, ttft_ms=300, e2e_ms=1200, output_tokens=10, prompt_tokens=5, itl_ms=[100] * 9)
-    failed = StreamResult(ok=False, error="HTTP 503")
-    stats = serve_stats([fast, slow, failed], wall_s=2.0, slos={"ttft": 200})
-    assert stats["completed"] == 2 and stats["failed"] == 1 and stats["total_output_tokens"] == 20
+    fast = RequestResult(ok=True, ttft_ms=100, latency_ms=1000, output_tokens=10, prompt_tokens=5, itl_ms=[100] * 9)
+    slow = RequestResult(ok=True, ttft_ms=300, latency_ms=1200, output_tokens=10, prompt_tokens=5, itl_ms=[100] * 9)
+    failed = RequestResult(ok=False, error="HTTP 503")
+    row = summarize([fast, slow, failed], wall_s=2.0, streamed=True, slos_ms={"ttft": 200}).row()
+    assert row["ok"] == 2 and row["errors"] == 1 and row["output_tokens_total"] == 20
+    assert row["req_per_s"] == 1.0 and row["goodput_req_per_s"] == 0.5
+    stats = vllm_keys(row)  # the same numbers under vLLM's names
+    assert stats["completed"] == 2 and stats["total_output_tokens"] == 20 and stats["total_input_tokens"] == 10
     assert stats["request_throughput"] == 1.0 and stats["request_goodput"] == 0.5
     assert stats["mean_ttft_ms"] == 200 and stats["median_tpot_ms"] == 100 and stats["p99_itl_ms"] == 100
-    assert serve_stats([fast], 1.0, {})["request_goodput"] is None
+    assert stats["mean_e2el_ms"] == 1100 and stats["std_ttft_ms"] == 100
+    assert summarize([fast], 1.0, streamed=True).row()["goodput_req_per_s"] is None

@@ -24,8 +24,8 @@ import urllib.request
 from pathlib import Path
 
 from roofserve.errors import UserError
-from roofserve.load import strategies
-from roofserve.load.http import run_loop
+from roofserve.load import core
+from roofserve.load.http import Connection, run_loop
 from roofserve.load.process import ServerProcess, free_port, start_process, start_server, stop_process_group
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def wait_up(stats_url: str, name: str, timeout_s: float = 60.0) -> None:
 def rolling_restart(server_args: list[str], send_factory, replicas: int = 2, concurrency: int = 8,
                     max_duration_s: float = 600.0, settle_s: float = 2.0) -> dict:
     """Start `replicas` servers (`roofserve serve SERVER_ARGS`) behind haproxy, load them through it with
-    `concurrency` closed-loop clients (send_factory(path) -> strategies.Send), restart each replica in
+    `concurrency` closed-loop clients (send_factory() -> core.Send), restart each replica in
     turn, and return the fleet row: requests, errors by kind, restart times. The replicas drain for
     DRAIN_S unless SERVER_ARGS (its first item is the model kind) give their own --drain-s."""
     if replicas < 2:
@@ -146,8 +146,8 @@ def rolling_restart(server_args: list[str], send_factory, replicas: int = 2, con
 
         worker = threading.Thread(target=restart_each, daemon=True)
         worker.start()
-        results, wall = run_loop(strategies.closed_loop(lb, send_factory(), concurrency, 10**9, max_duration_s,
-                                                           warmup_requests=concurrency, should_stop=done.is_set))
+        results, wall = run_loop(core.run(lambda: Connection(lb), send_factory(), core.Concurrency(concurrency),
+                                          10**6, max_duration_s, warmup=concurrency, should_stop=done.is_set))
         worker.join()
         if failure:
             raise failure[0]
@@ -158,7 +158,7 @@ def rolling_restart(server_args: list[str], send_factory, replicas: int = 2, con
             if server is not None:
                 stop_process_group(server.proc)
     row = {"kind": "fleet", "replicas": replicas, "concurrency": concurrency, "balancer": "haproxy",
-           "restarts": restarts, **strategies.summarize(results, wall)}
-    row["status_5xx"] = sum(1 for r in results if r.status >= 500)
+           "restarts": restarts, **core.summarize(results, wall).row()}
+    row["status_5xx"] = sum(1 for r in results if (r.status or 0) >= 500)
     row["passed"] = row["errors"] == 0 and len(restarts) == replicas and all(r["exit_code"] == 0 for r in restarts)
     return row

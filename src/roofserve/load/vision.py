@@ -11,11 +11,12 @@ from tqdm import tqdm
 
 from roofserve.config import PAYLOADS, VisionLoadConfig
 from roofserve.errors import UserError
-from roofserve.load import strategies
+from roofserve.load import core
 from roofserve.load.http import Connection, run_loop
 from roofserve.load.monitor import Monitor
 
 log = logging.getLogger(__name__)
+MAX_IN_FLIGHT = 512  # an open-loop level's connections at most; later arrivals wait for one
 
 
 def prepare_requests(images: list[tuple[str, bytes]], payload: str) -> list[tuple[dict[str, str], bytes]]:
@@ -41,17 +42,17 @@ def prepare_requests(images: list[tuple[str, bytes]], payload: str) -> list[tupl
 
 
 def image_sender(images: list[tuple[str, bytes]], payload: str, path: str = "/predict",
-                 api_key: str | None = None) -> strategies.Send:
+                 api_key: str | None = None) -> core.Send:
     """A Send that posts the images in turn, encoded once up front."""
     prepared = prepare_requests(images, payload)
-    counter = iter(range(1 << 62))
 
-    async def send(conn: Connection) -> int:
-        headers, body = prepared[next(counter) % len(prepared)]
+    async def send(conn: Connection, i: int) -> core.RequestResult:
+        headers, body = prepared[i % len(prepared)]
         if api_key:
             headers = {**headers, "X-API-Key": api_key}
         status, _ = await conn.request("POST", path, headers, body)
-        return status
+        ok = 200 <= status < 300
+        return core.RequestResult(ok=ok, status=status, error=None if ok else f"HTTP {status}")
 
     return send
 
@@ -71,15 +72,15 @@ def bench_api(url: str, images: list[tuple[str, bytes]], load: VisionLoadConfig,
     bar = tqdm(total=len(levels) * requests, desc="api sweep", disable=None if progress else True, leave=False)
     for mode, level in levels:
         with Monitor(server_pid=server_pid) as mon:
-            if mode == "concurrency":
-                run = strategies.closed_loop(base_url, send, int(level), requests, duration_s, load.warmup, bar.update)
-            else:
-                run = strategies.poisson(base_url, send, float(level), requests, duration_s, on_done=bar.update)
-            results, wall = run_loop(run)
+            pattern = (core.Concurrency(int(level)) if mode == "concurrency"
+                       else core.Rate(float(level), max_in_flight=MAX_IN_FLIGHT))
+            warmup = load.warmup if mode == "concurrency" else 0
+            results, wall = run_loop(core.run(lambda: Connection(base_url), send, pattern, requests, duration_s,
+                                              warmup, bar.update))
         row = {"kind": "vision-api", "url": url, "payload": payload, "mode": mode, mode: level, "config": server_config}
-        row.update(strategies.summarize(results, wall))
+        row.update(core.summarize(results, wall).row())
         row.update(mon.summary())
-        answered = len(results) + (load.warmup if mode == "concurrency" else 0)  # the warm-up ran in the window
+        answered = len(results) + warmup  # the warm-up ran in the window
         if mon.cpu_s_by_role and answered:
             row["cpu_ms_per_request"] = {role: round(1e3 * s / answered, 2) for role, s in mon.cpu_s_by_role.items()
                                          if s > 0}

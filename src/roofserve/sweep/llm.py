@@ -10,7 +10,8 @@ from typing import Any
 
 from roofserve.config import LLMConfig, as_dict, config_flags, secret_env
 from roofserve.errors import UserError
-from roofserve.load.llm import bench_llm_api, summarize
+from roofserve.load.core import summarize
+from roofserve.load.llm import bench_llm_api
 from roofserve.load.process import running_server
 from roofserve.sweep.ladder import Ladder, Step, load_ladder
 
@@ -116,7 +117,7 @@ def run_step(step: Step, index: int, bandwidth_gb_s: float | None, progress: boo
     rows = []
     for level, acc in levels.items():
         served = acc["results"]
-        api_row = {**acc["row"], **summarize(served, acc["wall_s"]), "rounds_decode_tokens_per_s": acc["rates"],
+        api_row = {**acc["row"], **summarize(served, acc["wall_s"], streamed=True).row(), "rounds_decode_tokens_per_s": acc["rates"],
                    "fixed_length_verified": all(r.output_tokens == b.max_tokens for r in served if r.ok)}
         level_roof = batch["per_batch"][sizes[level]]
         batched = {"sequences_per_step": sizes[level], "matmul_tflops": peak,
