@@ -23,6 +23,7 @@ import time
 
 import psutil
 
+from roofserve.config import LLMLoadConfig, make_config
 from roofserve.load.llm import bench_llm_api
 from roofserve.load.monitor import tree_cpu_s
 from roofserve.load.process import server_process
@@ -64,7 +65,8 @@ def measure(url: str, root: int, long_tokens: int, short_tokens: int, requests: 
     rows = {}
     for tokens in (long_tokens, short_tokens):
         before, start = _cpu(root), time.perf_counter()
-        rows[tokens], _ = bench_llm_api(url, max_tokens=tokens, runs=requests, warmup=0, progress=False)
+        load = make_config(LLMLoadConfig, {"max_tokens": tokens, "runs": requests, "warmup": 0})
+        rows[tokens], _ = bench_llm_api(url, load, progress=False)
         after, wall = _cpu(root), time.perf_counter() - start
         spent[tokens] = {k: after[k] - before.get(k, 0.0) - idle.get(k, 0.0) * wall for k in after}
     messages = requests * (long_tokens - short_tokens)
@@ -95,7 +97,8 @@ def main() -> None:
             ["llm", "--model", args.model, "--stream-interval", "1", "--transport", t,
              *shlex.split(args.server_args)])) for t in transports}
         for server in servers.values():  # warm-up: first requests compile, fill caches
-            bench_llm_api(server.url, max_tokens=args.short, runs=2, warmup=0, progress=False)
+            bench_llm_api(server.url, make_config(LLMLoadConfig, {"max_tokens": args.short, "runs": 2, "warmup": 0}),
+                          progress=False)
         idle = {t: idle_rates(servers[t].proc.pid, args.idle_s) for t in transports}
         for t, rates in idle.items():
             print(f"idle {t:8s} " + "  ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(rates.items()) if v)

@@ -212,14 +212,12 @@ def cmd_bench_llm_serve(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from roofserve.load.llm import bench_llm_serve, parse_goodput, request_rows, vllm_result
+    from roofserve.load.llm import bench_llm_serve, request_rows, vllm_result
 
     cfg = make_config(LLMServeBenchConfig, config_from_args(args, LLMServeBenchConfig))
-    slos = parse_goodput(cfg.goodput)
     requests = _requests(cfg)
-    row, results = bench_llm_serve(args.url, requests, args.model, cfg.request_rate or float("inf"), cfg.burstiness,
-                                   cfg.max_concurrency or None, cfg.ignore_eos, cfg.warmup, slos,
-                                   args.api_key or os.environ.get("ROOFSERVE_API_KEY"), cfg.seed)
+    api_key = args.api_key or os.environ.get("ROOFSERVE_API_KEY")
+    row, results = bench_llm_serve(args.url, requests, cfg, args.model, api_key)
     row["step"] = args.label
     _table([row], ["ok", "errors", "wall_s", "req_per_s", "goodput_req_per_s", "output_tokens_per_s",
                    "ttft_mean_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p99_ms", "itl_mean_ms", "latency_mean_ms"])
@@ -237,6 +235,7 @@ def cmd_bench_llm_serve(args: argparse.Namespace) -> int:
 
 def cmd_bench_llm_engine(args: argparse.Namespace) -> int:
     from roofserve.llm.runtime import build_in_process
+    from roofserve.load.llm import chat_prompt
     from roofserve.measure.llm import bench_llm_engine
     from roofserve.measure.llm_roof import step_roof
 
@@ -245,7 +244,7 @@ def cmd_bench_llm_engine(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     generator, _ = build_in_process(cfg)
     startup_s = round(time.perf_counter() - start, 1)  # load, and compile where asked (the warm-up)
-    rows = bench_llm_engine(generator, bench.prompt_lengths, bench.max_tokens, bench.runs)
+    rows = bench_llm_engine(generator, bench.prompt_lengths, bench.max_tokens, bench.runs, chat_prompt())
     roof = step_roof(cfg, max(bench.prompt_lengths) + bench.max_tokens // 2, args.bandwidth_gb_s)
     rows = [{**r, **roof, "startup_s": startup_s, "step": args.label} for r in rows]
     _table(rows, ["prompt", "prompt_tokens", "ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "weight_format",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.request
 
+from roofserve.config import LLMLoadConfig, make_config
 from roofserve.examples import example_images
 from roofserve.load.llm import bench_llm_api
 from roofserve.load.process import running_server
@@ -43,7 +44,8 @@ def demo(ladder: str, requests: int, concurrency: list[int], out: str) -> None:
                            "max_tokens": 32, "temperature": 0}).encode()
         answer = _post_json(url + "/v1/chat/completions", body, "application/json", 120)
         print(f"    Q: What is the capital of France?  A: {answer['choices'][0]['message']['content']!r}")
-        row, _ = bench_llm_api(url + "/v1/chat/completions", max_tokens=64, runs=3, progress=False)
+        load = make_config(LLMLoadConfig, {"max_tokens": 64, "runs": 3})
+        row, _ = bench_llm_api(url + "/v1/chat/completions", load, progress=False)
         print(f"    streaming, 64 tokens: {row['decode_tokens_per_s']} tok/s decode, TTFT p50 {row['ttft_p50_ms']:.0f} ms "
               "(bf16 eager; `make bench-llm` runs the whole LLM ladder)")
     print(f"4/4 done: results in {out}/, report in {out}/report/report.md")

@@ -15,8 +15,9 @@ pytest.importorskip("pydantic_settings")
 
 
 def test_bench_llm_measures_llama_cpp_server():
-    from roofserve.load.llm import bench_llm_api
+    from roofserve.config import LLMLoadConfig, make_config
     from roofserve.llm.model import bundled_gguf
+    from roofserve.load.llm import bench_llm_api
 
     port = free_port()
     server = start_process([sys.executable, "-m", "llama_cpp.server", "--model", str(bundled_gguf()), "--host",
@@ -24,7 +25,8 @@ def test_bench_llm_measures_llama_cpp_server():
                            ready_timeout_s=60)
     try:
         url = server.url
-        row, results = bench_llm_api(url + "/v1/chat/completions", runs=3, max_tokens=16, progress=False)
+        load = make_config(LLMLoadConfig, {"runs": 3, "max_tokens": 16})
+        row, results = bench_llm_api(url + "/v1/chat/completions", load, progress=False)
         assert row["ok"] == 3 and row["errors"] == 0
         assert row["fixed_length_verified"] and row["output_tokens_mean"] == 16
         assert all(r.ttft_ms > 0 and r.tpot_ms > 0 for r in results)

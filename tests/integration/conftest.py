@@ -38,3 +38,12 @@ def alone(engine, prompt: list[int], sampling) -> list[int]:
     while engine.has_work():
         out += [token for _, token in engine.step() if token is not None]
     return out
+
+
+def make_engine(model, **knobs):
+    """Our engine over `model`, configured as `roofserve serve llm` would be with these LLMConfig knobs
+    (max_batch_size=4, max_seq_len=256, attention="roofserve", ...), the rest at their defaults."""
+    from roofserve.config import LLMConfig, make_config
+    from roofserve.llm.engine import Engine
+
+    return Engine(model, make_config(LLMConfig, knobs))

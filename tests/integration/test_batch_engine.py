@@ -9,7 +9,7 @@ from roofserve.llm.engine import Engine, buckets
 from roofserve.llm.sampling import Sampling
 from roofserve.llm.model import load
 from tests.integration.conftest import alone as run_alone
-from tests.integration.conftest import chat_ids, first_layers
+from tests.integration.conftest import chat_ids, first_layers, make_engine
 
 QUESTIONS = ["Name three colours of the rainbow.", "What is 2+2?", "Write a haiku about the sea, please, in English.",
              "Hi"]
@@ -30,7 +30,7 @@ def prompts(loaded):
 @pytest.fixture(scope="module")
 def alone(loaded, prompts):
     """Greedy tokens of each prompt run alone, one at a time (the engine at one row)."""
-    engine = Engine(loaded.model, 1, 256)
+    engine = make_engine(loaded.model, max_batch_size=1, max_seq_len=256)
     return [run_alone(engine, p, Sampling(20, 0.0)) for p in prompts]
 
 
@@ -71,7 +71,7 @@ def _prefills(compiled: Engine, eager: Engine, cases: list[tuple[int, int, int]]
 
 
 def test_fp32_greedy_tokens_are_the_same_alone_or_among_others(loaded, prompts, alone):
-    engine = Engine(loaded.model, max_batch_size=4, max_seq_len=256, prefill_chunk=16)  # prompts span chunks
+    engine = make_engine(loaded.model, max_batch_size=4, max_seq_len=256, prefill_chunk=16)  # prompts span chunks
     greedy = Sampling(20, 0.0)
     schedule = {0: [(0, prompts[0], greedy), (1, prompts[1], greedy)], 5: [(2, prompts[2], greedy)],
                 9: [(3, prompts[3], greedy)]}
@@ -81,7 +81,7 @@ def test_fp32_greedy_tokens_are_the_same_alone_or_among_others(loaded, prompts, 
 
 
 def test_more_requests_than_slots_wait_and_then_run(loaded, prompts, alone):
-    engine = Engine(loaded.model, max_batch_size=2, max_seq_len=256)
+    engine = make_engine(loaded.model, max_batch_size=2, max_seq_len=256)
     greedy = Sampling(20, 0.0)
     out, most = {}, 0
     for i in range(4):
@@ -98,7 +98,7 @@ def test_more_requests_than_slots_wait_and_then_run(loaded, prompts, alone):
 
 
 def test_cancelling_one_sequence_leaves_the_others_unchanged(loaded, prompts, alone):
-    engine = Engine(loaded.model, max_batch_size=4, max_seq_len=256)
+    engine = make_engine(loaded.model, max_batch_size=4, max_seq_len=256)
     greedy = Sampling(20, 0.0)
     out = _run(engine, {0: [(i, prompts[i], greedy) for i in range(3)]}, cancel_at={1: 6})
     assert out[0] == alone[0] and out[2] == alone[2]
@@ -106,21 +106,21 @@ def test_cancelling_one_sequence_leaves_the_others_unchanged(loaded, prompts, al
 
 
 def test_per_request_limits_and_seeds(loaded, prompts, alone):
-    engine = Engine(loaded.model, max_batch_size=4, max_seq_len=256)
+    engine = make_engine(loaded.model, max_batch_size=4, max_seq_len=256)
     out = _run(engine, {0: [("short", prompts[0], Sampling(3, 0.0)), ("long", prompts[1], Sampling(20, 0.0)),
                             ("seed a", prompts[2], Sampling(12, 1.0, seed=7)),
                             ("seed b", prompts[2], Sampling(12, 1.0, seed=7)),
                             ]})
     assert out["short"] == alone[0][:3] and out["long"] == alone[1]
     assert out["seed a"] == out["seed b"] and len(out["seed a"]) == 12  # the same seed, the same text
-    other = _run(Engine(loaded.model, max_batch_size=4, max_seq_len=256),
+    other = _run(make_engine(loaded.model, max_batch_size=4, max_seq_len=256),
                  {0: [("seed c", prompts[2], Sampling(12, 1.0, seed=8))]})
     assert other["seed c"] != out["seed a"]
 
 
 def test_a_stop_id_ends_only_its_own_sequence(loaded, prompts, alone):
     stop = alone[1][5]
-    engine = Engine(loaded.model, max_batch_size=4, max_seq_len=256)
+    engine = make_engine(loaded.model, max_batch_size=4, max_seq_len=256)
     engine.add("stop", prompts[1], Sampling(20, 0.0), stop_ids={stop})
     engine.add("other", prompts[0], Sampling(20, 0.0))
     out = {"stop": [], "other": []}
@@ -132,7 +132,7 @@ def test_a_stop_id_ends_only_its_own_sequence(loaded, prompts, alone):
 
 
 def test_a_prompt_that_does_not_fit_is_refused(loaded):
-    engine = Engine(loaded.model, max_batch_size=2, max_seq_len=64)
+    engine = make_engine(loaded.model, max_batch_size=2, max_seq_len=64)
     with pytest.raises(ValueError, match="exceeds 64"):
         engine.add(0, [1] * 60, Sampling(8, 0.0))
 
@@ -143,7 +143,7 @@ def test_buckets_are_powers_of_two_up_to_the_batch():
 
 def test_warm_up_runs_the_decode_step_at_every_bucket(loaded):
     """A compiled engine must meet every bucket at warm-up: one first met while serving compiles then."""
-    engine = Engine(loaded.model, max_batch_size=4, max_seq_len=64)
+    engine = make_engine(loaded.model, max_batch_size=4, max_seq_len=64)
     seen = []
     decode = engine._decode
     engine._decode = lambda tokens, *rest: seen.append(len(tokens)) or decode(tokens, *rest)
@@ -159,10 +159,10 @@ def test_bf16_with_kernels_and_compile_follows_torch_bf16(prompts):
     from roofserve.llm.kernels import load_kernel, use_gemv_kernel
 
     load_kernel()
-    plain = Engine(first_layers(load("default", "bf16").model, 6), max_batch_size=2, max_seq_len=128)
+    plain = make_engine(first_layers(load("default", "bf16").model, 6), max_batch_size=2, max_seq_len=128)
     fast_model = first_layers(load("default", "bf16").model, 6)  # compiling all 30 layers took 90 s
     use_gemv_kernel(fast_model, max_rows=16)  # 2-row steps through our GEMM kernel
-    fast = Engine(fast_model, max_batch_size=2, max_seq_len=128, compile=True, kernel_attention=True)
+    fast = make_engine(fast_model, max_batch_size=2, max_seq_len=128, compile=True, attention="roofserve")
     for engine in (plain, fast):  # both prompts prefilled by hand, so that only the 2-row step compiles
         engine.add(0, prompts[0], Sampling(12, 0.0))
         engine.add(1, prompts[3], Sampling(12, 0.0))
@@ -195,8 +195,8 @@ def test_compiled_prefill_is_one_graph_for_every_chunk_length_start_and_slot():
     from torch._dynamo.utils import counters
 
     model = _tiny_llama()
-    eager = Engine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16)
-    compiled = Engine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16, compile_prefill=True)
+    eager = make_engine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16)
+    compiled = make_engine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16, compile_prefill=True)
     compiled.warm_up()
     graphs = counters["stats"]["unique_graphs"]
     with torch.inference_mode():
@@ -221,8 +221,9 @@ def test_logprobs_are_the_models_own_teacher_forced_and_agree_across_engines(loa
 
     prompt = prompts[1]
     one, batched = [], []
-    tokens = run_alone(Engine(loaded.model, 1, 256), prompt, Sampling(6, 1.0, seed=5, observe=scorer(3, one)))
-    engine = Engine(loaded.model, max_batch_size=2, max_seq_len=256, prefill_chunk=16)
+    tokens = run_alone(make_engine(loaded.model, max_batch_size=1, max_seq_len=256), prompt,
+                       Sampling(6, 1.0, seed=5, observe=scorer(3, one)))
+    engine = make_engine(loaded.model, max_batch_size=2, max_seq_len=256, prefill_chunk=16)
     sampling = Sampling(6, 1.0, seed=5, observe=scorer(3, batched))
     out = _run(engine, {0: [(0, prompts[0], Sampling(6, 0.0)), (1, prompt, sampling)]})
     assert out[1] == tokens and [t for t, _, _ in one] == tokens == [t for t, _, _ in batched]
@@ -248,10 +249,10 @@ def test_compiled_bf16_prefill_through_our_kernel_is_one_graph_too():
     load_kernel()
     model = _tiny_llama().bfloat16()
     assert use_gemv_kernel(model, max_rows=16) == 2 * 7 + 1
-    eager = Engine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16)
-    compiled = Engine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16, compile_prefill=True)
+    eager = make_engine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16)
+    compiled = make_engine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16, compile_prefill=True)
     assert compiled.compiled_prefill_min == 2
-    assert Engine(model, max_batch_size=2, max_seq_len=64, prefill_chunk=32).compiled_prefill_min == 17
+    assert make_engine(model, max_batch_size=2, max_seq_len=64, prefill_chunk=32).compiled_prefill_min == 17
     compiled.warm_up()
     graphs = counters["stats"]["unique_graphs"]
     with torch.inference_mode():

@@ -20,7 +20,7 @@ from roofserve.llm.kernels import (
 )
 from roofserve.llm.model import load
 from roofserve.llm.sampling import Sampling
-from tests.integration.conftest import alone, chat_ids, first_layers
+from tests.integration.conftest import alone, chat_ids, first_layers, make_engine
 
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
@@ -234,13 +234,15 @@ def _assert_follows(engine: Engine, prompt: list[int], reference: list[int], wha
 
 
 def test_engine_with_both_kernels_predicts_what_torch_bf16_predicts(loaded, prompt):
-    reference = alone(Engine(loaded.model, 1, 256), prompt, Sampling(max_new_tokens=48))
+    reference = alone(make_engine(loaded.model, max_batch_size=1, max_seq_len=256), prompt, Sampling(max_new_tokens=48))
     model = loaded.model
     assert use_gemv_kernel(model) == 211  # 30 layers x 7 projections + the LM head (tied to the embedding)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    _assert_follows(Engine(model, 1, 256, kernel_attention=True), prompt, reference, "eager")
+    kernel = make_engine(model, max_batch_size=1, max_seq_len=256, attention="roofserve")
+    _assert_follows(kernel, prompt, reference, "eager")
     # compiled, on the first 6 layers of a fresh copy (see first_layers), against that model's torch bf16
     small = first_layers(load("default", "bf16").model, 6)
-    reference = alone(Engine(small, 1, 256), prompt, Sampling(max_new_tokens=48))
+    reference = alone(make_engine(small, max_batch_size=1, max_seq_len=256), prompt, Sampling(max_new_tokens=48))
     assert use_gemv_kernel(small) == 6 * 7 + 1
-    _assert_follows(Engine(small, 1, 256, compile=True, kernel_attention=True), prompt, reference, "compiled")
+    compiled = make_engine(small, max_batch_size=1, max_seq_len=256, compile=True, attention="roofserve")
+    _assert_follows(compiled, prompt, reference, "compiled")

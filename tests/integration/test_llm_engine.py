@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from roofserve.llm.baseline import transformers_tokens
-from roofserve.llm.engine import Engine, OneAtATime
+from roofserve.llm.engine import OneAtATime
 from roofserve.llm.sampling import Sampling
-from tests.integration.conftest import alone, chat_ids
+from tests.integration.conftest import alone, chat_ids, make_engine
 
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
@@ -32,7 +32,7 @@ def reference(loaded, prompt):
 
 def _engine(kind: str, model, prefill_chunk: int = 256):
     if kind == "engine":
-        return Engine(model, 1, 256, prefill_chunk=prefill_chunk)
+        return make_engine(model, max_batch_size=1, max_seq_len=256, prefill_chunk=prefill_chunk)
     return OneAtATime(partial(transformers_tokens, model, prefill_chunk=prefill_chunk))
 
 
@@ -70,6 +70,6 @@ def test_one_at_a_time_runs_the_first_and_keeps_the_others_waiting(loaded, promp
 
 
 def test_context_overflow_is_refused(loaded, prompt):
-    engine = Engine(loaded.model, 1, max_seq_len=len(prompt) + 4)
+    engine = make_engine(loaded.model, max_batch_size=1, max_seq_len=len(prompt) + 4)
     with pytest.raises(ValueError, match="exceeds"):
         engine.add(0, prompt, Sampling(max_new_tokens=5))

@@ -17,7 +17,7 @@ PAIRS = [("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"),
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     torch.set_num_threads(2)
-    runner = build_runner(MODEL, None, "cpu", "torch", "fp32")
+    runner = build_runner(MODEL, None, "cpu", "torch", "fp32", channels_last=True, compile=False)
     images, labels = photo_batch(runner.pre)
     return images, labels, reference_probs(MODEL, None, images)
 
@@ -34,7 +34,7 @@ def test_runtime_passes_the_accuracy_guard(reference, runtime, precision):
     if precision == "bf16" and not runtimes.cpu_runs_bf16():
         pytest.skip("this CPU does not run bf16 natively")
     images, labels, probs = reference
-    runner = build_runner(MODEL, None, "cpu", runtime, precision)
+    runner = build_runner(MODEL, None, "cpu", runtime, precision, channels_last=True, compile=False)
     row = check_accuracy(runner, MODEL, None, probs)
     assert (row["runtime"], row["precision"]) == (runtime, precision)
     assert row["passed"], row
@@ -66,7 +66,7 @@ def test_guard_fails_on_a_different_model(reference):
     """The guard can fail: random weights give other answers than the trained model."""
     images, labels, probs = reference
     torch.manual_seed(0)
-    other = build_runner(MODEL, "random", "cpu", "torch", "fp32")
+    other = build_runner(MODEL, "random", "cpu", "torch", "fp32", channels_last=True, compile=False)
     row = compare(other(images), probs, labels)
     assert not row["passed"] and row["top1_agree"] < 19
 
@@ -74,16 +74,16 @@ def test_guard_fails_on_a_different_model(reference):
 def test_exports_are_cached_and_keyed(tmp_path):
     if not installed("onnxruntime"):
         pytest.skip("onnxruntime is not installed")
-    build_runner(MODEL, None, "cpu", "onnxruntime", "fp32")
+    build_runner(MODEL, None, "cpu", "onnxruntime", "fp32", channels_last=True, compile=False)
     files = sorted((tmp_path / "cache" / "vision").iterdir())
     assert [f.suffix for f in files] == [".onnx"]
     stamp = files[0].stat().st_mtime_ns
-    build_runner(MODEL, None, "cpu", "onnxruntime", "fp32")
+    build_runner(MODEL, None, "cpu", "onnxruntime", "fp32", channels_last=True, compile=False)
     assert files[0].stat().st_mtime_ns == stamp, "a second start reuses the export"
     keys = {runtimes.artifact_key(MODEL, None, r, p) for r, p in [*PAIRS, ("torch", "int8")]}
     assert len(keys) == len(PAIRS) + 1
     # random weights are never cached: each process draws its own
-    build_runner(MODEL, "random", "cpu", "onnxruntime", "fp32")
+    build_runner(MODEL, "random", "cpu", "onnxruntime", "fp32", channels_last=True, compile=False)
     assert sorted((tmp_path / "cache" / "vision").iterdir()) == files
 
 

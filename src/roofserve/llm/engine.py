@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from roofserve.config import LLMConfig
 from roofserve.errors import UserError
 from roofserve.llm.sampling import Sampling, sample
 
@@ -208,26 +209,29 @@ class Sequence:
 class Engine:
     """Admit sequences with `add`, advance all of them with `step`; `cancel` drops one at once."""
 
-    def __init__(self, model: torch.nn.Module, max_batch_size: int, max_seq_len: int, compile: bool = False,
-                 prefill_chunk: int = 256, kernel_attention: bool = False, compile_prefill: bool = False):
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, not {max_batch_size}")
-        self.max_batch_size, self.max_seq_len, self.prefill_chunk = max_batch_size, max_seq_len, prefill_chunk
-        self.slots = SlotModel(model, max_batch_size, max_seq_len, kernel_attention).eval()
+    def __init__(self, model: torch.nn.Module, cfg: LLMConfig):
+        """The engine `cfg` asks for (validated, its auto values resolved): max_batch_size slots of
+        max_seq_len tokens, prompts prefilled prefill_chunk tokens at a time, compile / compile_prefill,
+        and attention "roofserve" for our decode kernel."""
+        self.max_batch_size, self.max_seq_len = cfg.max_batch_size, cfg.max_seq_len
+        self.prefill_chunk = cfg.prefill_chunk
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, not {self.max_batch_size} (validate the config first)")
+        self.slots = SlotModel(model, self.max_batch_size, self.max_seq_len, cfg.attention == "roofserve").eval()
         self.device = next(model.parameters()).device
-        self.free = list(range(max_batch_size))
+        self.free = list(range(self.max_batch_size))
         self.waiting: deque[Sequence] = deque()
         self.running: dict[Hashable, Sequence] = {}
-        self.buckets = buckets(max_batch_size)
+        self.buckets = buckets(self.max_batch_size)
         self.last_batch_size = 0
-        self.compiled = compile
-        self._decode = compile_decode(self.slots) if compile else self.slots.decode
+        self.compiled = cfg.compile
+        self._decode = compile_decode(self.slots) if cfg.compile else self.slots.decode
         # chunks shorter than this prefill eagerly: a 1-token one would be specialized by torch.compile
         # (another graph), and where our GEMM kernel takes only some chunk lengths (GemvLinear's max_rows),
         # those below it would take another branch (another graph)
         max_rows = max((getattr(m, "max_rows", 1) for m in model.modules()), default=1)
-        self.compiled_prefill_min = 2 if max_rows >= prefill_chunk else max_rows + 1
-        self._compiled_prefill = compile_prefill_step(self.slots) if compile_prefill else None
+        self.compiled_prefill_min = 2 if max_rows >= self.prefill_chunk else max_rows + 1
+        self._compiled_prefill = compile_prefill_step(self.slots) if cfg.compile_prefill else None
 
     # --- admission ----------------------------------------------------------------------------
     def add(self, seq_id: Hashable, prompt_ids: list[int], sampling: Sampling,

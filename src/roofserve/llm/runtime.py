@@ -116,8 +116,7 @@ class TorchGenerator(Generator):
         if cfg.static_cache:
             from roofserve.llm.engine import Engine
 
-            self.batch = Engine(model, cfg.max_batch_size, cfg.max_seq_len, cfg.compile, cfg.prefill_chunk,
-                                kernel_attention=cfg.attention == "roofserve", compile_prefill=cfg.compile_prefill)
+            self.batch = Engine(model, cfg)
             log.info("warm-up of batch sizes %s took %.1f s", self.batch.buckets, self.batch.warm_up())
         else:
             from functools import partial

@@ -196,7 +196,8 @@ class Stats:
         qs = sorted({50, *percentiles})  # the median, always
         if not values:
             return cls(None, None, {q: None for q in qs})
-        return cls(_r(statistics.fmean(values)), _r(statistics.pstdev(values)), {q: _r(percentile(values, q)) for q in qs})
+        return cls(_r(statistics.fmean(values)), _r(statistics.pstdev(values)),
+                   {q: _r(percentile(values, q)) for q in qs})
 
     def row(self, name: str) -> dict:
         return {f"{name}_mean_ms": self.mean, f"{name}_std_ms": self.std,

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-from roofserve.config import LLMLoadConfig
+from roofserve.config import LLMLoadConfig, LLMServeBenchConfig
 from roofserve.errors import UserError
 from roofserve.load import core
 from roofserve.load.core import RequestResult
@@ -28,6 +28,11 @@ HEADERS_TIMEOUT_S, STALL_TIMEOUT_S = 600.0, 300.0
 
 def _connection(base: str) -> Connection:
     return Connection(base, timeout_s=HEADERS_TIMEOUT_S, read_timeout_s=STALL_TIMEOUT_S)
+
+
+def chat_prompt(prompt_words: int = 0) -> str:
+    """The benchmarks' chat prompt: LONG_PROMPT, after `prompt_words` words where asked (a longer prefill)."""
+    return LONG_PROMPT if not prompt_words else " ".join(["word"] * prompt_words) + ". " + LONG_PROMPT
 
 
 def tagged(prompt: str, i: int) -> str:
@@ -108,42 +113,33 @@ def chat_sender(path: str, bodies: list[bytes], headers: dict[str, str]) -> core
     return send
 
 
-def bench_llm_api(
-    url: str,
-    model: str = "",
-    prompt: str = LONG_PROMPT,
-    max_tokens: int = 128,
-    runs: int = 10,
-    concurrency: int = 1,
-    ignore_eos: bool = True,
-    warmup: int = 1,
-    api_key: str | None = None,
-    progress: bool = True,
-) -> tuple[dict, list[RequestResult]]:
-    """`runs` streaming requests, `concurrency` at a time (1 = the synchronous, no-batching mode)."""
+def bench_llm_api(url: str, load: LLMLoadConfig, concurrency: int = 1, model: str = "", api_key: str | None = None,
+                  progress: bool = True) -> tuple[dict, list[RequestResult]]:
+    """`load.runs` streaming requests of `load.max_tokens` tokens, `concurrency` at a time (1: the
+    synchronous, no-batching mode), after `load.warmup` unrecorded ones: (the llm-api row, the requests)."""
     base, path, headers = _chat_target(url, api_key)
     # A different prompt per request (a numbered tag in front, the same length for every request): a
     # server with a prefix cache must prefill each one, as it would for different users.
-    bodies = [json.dumps(make_body(model, tagged(prompt, i), max_tokens, ignore_eos)).encode()
-              for i in range(runs + warmup)]
-    bar = tqdm(total=runs, desc=f"llm c={concurrency}", disable=None if progress else True, leave=False)
+    prompt = chat_prompt(load.prompt_words)
+    bodies = [json.dumps(make_body(model, tagged(prompt, i), load.max_tokens, load.ignore_eos)).encode()
+              for i in range(load.runs + load.warmup)]
+    bar = tqdm(total=load.runs, desc=f"llm c={concurrency}", disable=None if progress else True, leave=False)
     results, wall = run_loop(core.run(lambda: _connection(base), chat_sender(path, bodies, headers),
-                                      core.Concurrency(concurrency), runs, warmup=warmup, on_done=bar.update))
+                                      core.Concurrency(concurrency), load.runs, warmup=load.warmup,
+                                      on_done=bar.update))
     bar.close()
-    row = {"kind": "llm-api", "url": url, "concurrency": concurrency, "max_tokens": max_tokens,
-           "ignore_eos": ignore_eos, **core.summarize(results, wall, streamed=True).row()}
-    row["fixed_length_verified"] = all(r.output_tokens == max_tokens for r in results if r.ok)
+    row = {"kind": "llm-api", "url": url, "concurrency": concurrency, "max_tokens": load.max_tokens,
+           "ignore_eos": load.ignore_eos, **core.summarize(results, wall, streamed=True).row()}
+    row["fixed_length_verified"] = all(r.output_tokens == load.max_tokens for r in results if r.ok)
     return row, results
 
 
 def bench_llm_levels(url: str, model: str, load: LLMLoadConfig, api_key: str | None = None,
                      progress: bool = True) -> list[dict]:
     """An llm-api row per concurrency level of `load`, each followed by its llm-request rows."""
-    prompt = LONG_PROMPT if not load.prompt_words else " ".join(["word"] * load.prompt_words) + ". " + LONG_PROMPT
     rows = []
     for concurrency in load.concurrency:
-        row, results = bench_llm_api(url, model, prompt, load.max_tokens, load.runs, concurrency, load.ignore_eos,
-                                     load.warmup, api_key, progress)
+        row, results = bench_llm_api(url, load, concurrency, model, api_key, progress)
         rows.append(row)
         rows += request_rows(results, concurrency)
     return rows
@@ -167,25 +163,25 @@ def parse_goodput(specs: list[str]) -> dict[str, float]:
     return slos
 
 
-def bench_llm_serve(url: str, requests: list[ChatRequest], model: str = "", rate: float = float("inf"),
-                    burstiness: float = 1.0, max_concurrency: int | None = None, ignore_eos: bool = True,
-                    warmup: int = 1, slos: dict[str, float] | None = None, api_key: str | None = None,
-                    seed: int = 0, progress: bool = True) -> tuple[dict, list[RequestResult]]:
-    """`vllm bench serve`'s load: the requests arrive at `rate` per second, the gaps drawn from a gamma
-    distribution of shape `burstiness` (1: Poisson; below 1 burstier; inf rate: all at once), with at most
-    `max_concurrency` in flight (the others wait, their clocks not yet started). A request's times run from
-    when it is sent. `warmup` requests (the first ones again) go first, one at a time, unrecorded."""
+def bench_llm_serve(url: str, requests: list[ChatRequest], cfg: LLMServeBenchConfig, model: str = "",
+                    api_key: str | None = None, progress: bool = True) -> tuple[dict, list[RequestResult]]:
+    """`vllm bench serve`'s load: the requests arrive at cfg.request_rate per second (0: all at once), the
+    gaps drawn from a gamma distribution of shape cfg.burstiness (1: Poisson; below 1 burstier), with at
+    most cfg.max_concurrency in flight (the others wait, their clocks not yet started). A request's times
+    run from when it is sent. cfg.warmup requests (the first ones again) go first, one at a time,
+    unrecorded. Goodput counts the requests within every cfg.goodput target."""
+    rate, slos = cfg.request_rate or float("inf"), parse_goodput(cfg.goodput)
     base, path, headers = _chat_target(url, api_key)
-    bodies = [json.dumps(make_body(model, r.prompt, r.max_tokens, ignore_eos)).encode() for r in requests]
-    pattern = core.Rate(rate, burstiness, max_concurrency, seed)
+    bodies = [json.dumps(make_body(model, r.prompt, r.max_tokens, cfg.ignore_eos)).encode() for r in requests]
+    pattern = core.Rate(rate, cfg.burstiness, cfg.max_concurrency or None, cfg.seed)
     bar = tqdm(total=len(requests), desc="llm serve", disable=None if progress else True, leave=False)
     results, wall = run_loop(core.run(lambda: _connection(base), chat_sender(path, bodies, headers), pattern,
-                                      len(requests), warmup=warmup, on_done=bar.update))
+                                      len(requests), warmup=cfg.warmup, on_done=bar.update))
     bar.close()
     row = {"kind": "llm-serve", "url": url, "num_prompts": len(requests),
-           "request_rate": None if rate == float("inf") else rate,  # None: all at once
-           "burstiness": burstiness, "max_concurrency": max_concurrency, "ignore_eos": ignore_eos,
-           "goodput_slos_ms": slos or {}, **core.summarize(results, wall, streamed=True, slos_ms=slos).row()}
+           "request_rate": cfg.request_rate or None,  # None: all at once
+           "burstiness": cfg.burstiness, "max_concurrency": cfg.max_concurrency or None,
+           "ignore_eos": cfg.ignore_eos, "goodput_slos_ms": slos, **core.summarize(results, wall, streamed=True, slos_ms=slos).row()}
     return row, results
 
 

@@ -49,9 +49,10 @@ class EngineProcess:
         self.proc.stdin.flush()
         return self._read()
 
-    def bench(self, prompt_lengths: list[int], max_tokens: int, runs: int, chat: bool = True) -> list[dict]:
+    def bench(self, prompt_lengths: list[int], max_tokens: int, runs: int, chat_prompt: str | None) -> list[dict]:
+        """measure.llm.bench_llm_engine's rows: per prompt length, and for chat_prompt where given."""
         return self._call(cmd="bench", prompt_lengths=prompt_lengths, max_tokens=max_tokens, runs=runs,
-                          chat=chat)["rows"]
+                          chat_prompt=chat_prompt)["rows"]
 
     def bandwidth_gb_s(self, working_set_bytes: int | None = None) -> dict:
         """{"read_gb_s": plain reads from DRAM, "gemv_gb_s": torch's one-token bf16 linear layers, with
@@ -79,7 +80,6 @@ class EngineProcess:
 def main() -> None:
     import torch
 
-    from roofserve.load.llm import LONG_PROMPT
     from roofserve.measure.llm import bench_llm_engine
     from roofserve.config import LLMConfig, make_config
     from roofserve.measure.peaks import dram_buffer_bytes, measure_bandwidth_gb_s, measure_read_gb_s
@@ -95,7 +95,7 @@ def main() -> None:
         command = json.loads(line)
         if command["cmd"] == "bench":
             rows = bench_llm_engine(generator, command["prompt_lengths"], command["max_tokens"], command["runs"],
-                                    LONG_PROMPT if command["chat"] else None)
+                                    command["chat_prompt"])
             reply = {"rows": rows}
         elif command["cmd"] == "bandwidth":
             peaks = {p.name: p.value for p in measure_bandwidth_gb_s(torch.device(device), copy=False)}

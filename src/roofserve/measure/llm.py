@@ -6,11 +6,11 @@ from __future__ import annotations
 import statistics
 import time
 
-from roofserve.load.llm import LONG_PROMPT, tagged
+from roofserve.load.llm import tagged
 
 
-def bench_llm_engine(generator, prompt_lengths: list[int], max_tokens: int, runs: int = 3,
-                     chat_prompt: str | None = LONG_PROMPT) -> list[dict]:
+def bench_llm_engine(generator, prompt_lengths: list[int], max_tokens: int, runs: int,
+                     chat_prompt: str | None) -> list[dict]:
     """In-process, on the serving engine itself: TTFT, prefill tokens/s and decode tokens/s per prompt.
 
     Prompts: synthetic ids of each length in prompt_lengths, and (chat_prompt) the very prompt that

@@ -183,7 +183,7 @@ def _pipeline_lane(job: tuple) -> tuple[list[float], float]:
     from roofserve.vision.runtimes import build_runner
 
     torch.set_num_threads(threads)
-    runner = build_runner(model, weights, device, runtime, precision, channels_last, threads=threads)
+    runner = build_runner(model, weights, device, runtime, precision, channels_last, compile=False, threads=threads)
     datas = [data for _, data in images]
     barrier.wait()
     decode_rate = timed_rate(lambda: [decode(d, runner.pre, 10**9) for d in datas], len(datas), min_time_s)

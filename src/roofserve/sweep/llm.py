@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import logging
 import statistics
+from dataclasses import replace
 from typing import Any
 
 from roofserve.config import LLMConfig, as_dict, config_flags, secret_env
 from roofserve.errors import UserError
 from roofserve.load.core import summarize
-from roofserve.load.llm import bench_llm_api
+from roofserve.load.llm import bench_llm_api, chat_prompt
 from roofserve.load.process import running_server
 from roofserve.sweep.ladder import Ladder, Step, load_ladder
 
@@ -77,17 +78,16 @@ def run_step(step: Step, index: int, bandwidth_gb_s: float | None, progress: boo
                 if engine:
                     bandwidths.append(engine.bandwidth_gb_s(working_set))
                 for level, acc in levels.items():
-                    row, results = bench_llm_api(f"{url}/v1/chat/completions", "", max_tokens=b.max_tokens,
-                                                 runs=per_round * level, concurrency=level, ignore_eos=b.ignore_eos,
-                                                 warmup=b.warmup if i == 0 else 0, api_key=cfg.resolved_api_key(),
-                                                 progress=progress)
+                    load = replace(b, runs=per_round * level, warmup=b.warmup if i == 0 else 0)
+                    row, results = bench_llm_api(f"{url}/v1/chat/completions", load, level,
+                                                 api_key=cfg.resolved_api_key(), progress=progress)
                     acc["results"] += results
                     acc["wall_s"] += row["wall_s"]
                     acc["rates"].append(row["decode_tokens_per_s"])
                     acc["row"] = row
                 if engine:
-                    engine_chat += engine.bench([], b.max_tokens, per_round, chat=True)
-        prompt_rows = engine.bench(b.prompt_lengths, b.max_tokens, 3, chat=False) if engine else []
+                    engine_chat += engine.bench([], b.max_tokens, per_round, chat_prompt(b.prompt_words))
+        prompt_rows = engine.bench(b.prompt_lengths, b.max_tokens, 3, chat_prompt=None) if engine else []
     finally:
         if engine:
             engine.close()
@@ -117,8 +117,8 @@ def run_step(step: Step, index: int, bandwidth_gb_s: float | None, progress: boo
     rows = []
     for level, acc in levels.items():
         served = acc["results"]
-        api_row = {**acc["row"], **summarize(served, acc["wall_s"], streamed=True).row(), "rounds_decode_tokens_per_s": acc["rates"],
-                   "fixed_length_verified": all(r.output_tokens == b.max_tokens for r in served if r.ok)}
+        api_row = {**acc["row"], **summarize(served, acc["wall_s"], streamed=True).row(),
+                   "rounds_decode_tokens_per_s": acc["rates"], "fixed_length_verified": all(r.output_tokens == b.max_tokens for r in served if r.ok)}
         level_roof = batch["per_batch"][sizes[level]]
         batched = {"sequences_per_step": sizes[level], "matmul_tflops": peak,
                    "aggregate_roof_tokens_per_s": level_roof["roof_tokens_per_s"],

@@ -161,10 +161,10 @@ class Runner:
         return f"Runner({self.runtime}, {self.precision})"
 
 
-def build_runner(model: str, weights: str | None, device: str | torch.device = "cpu", runtime: str = "torch",
-                 precision: str = "fp32", channels_last: bool = True, compile: bool = False,
-                 threads: int | None = None) -> Runner:
-    """A ready-to-run classifier on `runtime` in `precision` (both may be 'auto')."""
+def build_runner(model: str, weights: str | None, device: str | torch.device, runtime: str, precision: str,
+                 channels_last: bool, compile: bool, threads: int | None = None) -> Runner:
+    """A ready-to-run classifier on `runtime` in `precision` (both may be 'auto'); `threads` for ONNX
+    Runtime and OpenVINO (default: torch's). The defaults of the rest live in VisionConfig."""
     from roofserve.device import resolve_device
     from roofserve.vision.model import build_classifier
 
