@@ -3,7 +3,7 @@
 # On an NVIDIA GPU, start from a CUDA runtime image instead and run with --gpus all:
 #   docker build --build-arg BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 -t roofserve:cuda .
 # (that image needs python3 and python3-venv from apt first; see the README).
-# For a KubeRay RayService (`roofserve deploy k8s vision --engine ray`): --build-arg EXTRAS=openvino,ray
+# For a KubeRay RayService (`roofserve deploy k8s vision --platform ray`): --build-arg EXTRAS=openvino,ray
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 ARG EXTRAS=openvino

@@ -74,7 +74,7 @@ def _report(paths: list[str], out: str | None) -> None:
 def cmd_deploy_k8s(args: argparse.Namespace) -> int:
     """The manifests for `roofserve serve WHAT` with these knobs: a config file's [server] and [k8s]
     tables, then flags."""
-    from roofserve.engines.k8s import render, to_yaml
+    from roofserve.platforms.k8s import render, to_yaml
 
     doc = load_toml(args.config) if args.config else {}
     server_layer = doc.get("server", {k: v for k, v in doc.items() if k != "k8s"})

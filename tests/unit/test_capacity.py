@@ -5,7 +5,7 @@ from roofserve.report.capacity import at_target, chat_section, plan, section, us
 
 def row(step, rps, p99, cpu, replicas, level=8):
     return {"step": step, "req_per_s": rps, "latency_p99_ms": p99, "errors": 0, "cpu_percent": cpu, "concurrency": level,
-            "config": {"engine": "ray", "ray_replicas": replicas, "threads_per_worker": 2 // replicas, "port": replicas}}
+            "config": {"platform": "ray", "ray_replicas": replicas, "threads_per_worker": 2 // replicas, "port": replicas}}
 
 
 def test_the_best_level_within_the_latency_target_sets_the_cores():

@@ -25,6 +25,7 @@ def test_cli_flag_beats_file_beats_default():
         ({"port": 70000}, "port must be in"),
         ({"transport": "zmq"}, "transport must be one of"),
         ({"fast_queue": True}, "fast_queue is gone: LitServe 0.2.19 ignores it"),
+        ({"engine": "ray"}, "engine is gone: where a server runs is now `platform"),
     ],
 )
 def test_bad_config_is_one_clear_error(layer, message):
@@ -145,8 +146,8 @@ def test_user_mistakes_are_one_line_errors_not_tracebacks():
         (["serve", "vision", "--precision", "fp16", "--device", "cpu"], "fp16 is slow or unsupported on CPU"),
         (["report", "/nope"], "no result file or folder"),
         (["serve", "vision", "--api-key-file", "/nope"], "api_key_file not found"),
-        (["serve", "vision", "--engine", "spark"], "engine must be one of litserve, ray"),
-        (["serve", "vision", "--engine", "ray", "--ray-replicas", "3", "--ray-max-replicas", "2"],
+        (["serve", "vision", "--platform", "spark"], "platform must be one of litserve, ray"),
+        (["serve", "vision", "--platform", "ray", "--ray-replicas", "3", "--ray-max-replicas", "2"],
          "ray_max_replicas must be 0 (fixed) or >= ray_replicas"),
     ]
 

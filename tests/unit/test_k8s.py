@@ -10,7 +10,7 @@ import yaml
 
 from roofserve.cli import build_parser
 from roofserve.config import K8sConfig, LLMConfig, VisionConfig, config_from_args, load_toml, make_config
-from roofserve.engines.k8s import render, to_yaml
+from roofserve.platforms.k8s import render, to_yaml
 from roofserve.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,13 +78,13 @@ def test_cli_writes_manifests_and_refuses_bad_knobs_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("what,cls", [("vision", VisionConfig), ("llm", LLMConfig)])
-def test_the_ray_engine_renders_a_rayservice_whose_application_is_our_builder_with_the_same_config(what, cls):
+def test_the_ray_platform_renders_a_rayservice_whose_application_is_our_builder_with_the_same_config(what, cls):
     """KubeRay's CRD schema is not in kubernetes-validate: the pod templates inside are validated as core
     PodTemplates, and the Serve application's builder is built (not run) from the embedded config."""
     pytest.importorskip("ray.serve")
     import importlib
 
-    server = make_config(cls, {"engine": "ray", "ray_replicas": 2, "ray_max_replicas": 6,
+    server = make_config(cls, {"platform": "ray", "ray_replicas": 2, "ray_max_replicas": 6,
                                "threads_per_worker": 2, "max_batch_size": 8, "grace_s": 30})
     [service] = render(what, server, make_config(K8sConfig, {"image": "me/roofserve:1"}))
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
@@ -96,7 +96,7 @@ def test_the_ray_engine_renders_a_rayservice_whose_application_is_our_builder_wi
     for name, group in (("head", cluster["headGroupSpec"]), ("worker", workers)):
         _validate([{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": group["template"]}])
         [env] = group["template"]["spec"]["containers"][0]["env"]  # every node's proxy answers a dead replica 503
-        assert env == {"name": "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "value": "roofserve.engines.ray_proxy.middlewares"}
+        assert env == {"name": "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "value": "roofserve.platforms.ray_proxy.middlewares"}
     app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
     module, attr = app["import_path"].split(":")
     built = getattr(importlib.import_module(module), attr)(app["args"])
@@ -104,5 +104,5 @@ def test_the_ray_engine_renders_a_rayservice_whose_application_is_our_builder_wi
 
     assert isinstance(built, Application) and app["args"]["server"] == what
     config = app["args"]["config"]
-    assert config["max_batch_size"] == 8 and config["ray_replicas"] == 2 and "engine" not in config
-    assert {**vars(make_config(cls, config)), "engine": "ray"} == vars(server)  # the same knobs
+    assert config["max_batch_size"] == 8 and config["ray_replicas"] == 2 and "platform" not in config
+    assert {**vars(make_config(cls, config)), "platform": "ray"} == vars(server)  # the same knobs

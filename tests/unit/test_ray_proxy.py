@@ -1,5 +1,5 @@
-"""engines/ray_proxy.py: what Ray's proxy leaves unanswered gets our 503; what it answers goes through.
-The apps below stand in for Ray's proxy app only in what it sends (tests/e2e/test_ray_engine.py kills
+"""platforms/ray_proxy.py: what Ray's proxy leaves unanswered gets our 503; what it answers goes through.
+The apps below stand in for Ray's proxy app only in what it sends (tests/e2e/test_ray_platform.py kills
 real replicas under real requests)."""
 
 import asyncio
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from roofserve.engines.ray_proxy import PROXY_CALLBACK, ReplicaDiedMiddleware
+from roofserve.platforms.ray_proxy import PROXY_CALLBACK, ReplicaDiedMiddleware
 
 
 def _call(app) -> list[dict]:

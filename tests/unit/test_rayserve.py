@@ -1,11 +1,11 @@
-"""The Ray Serve engine's deployment options come from the server's own config (no Ray started here)."""
+"""The Ray Serve platform's deployment options come from the server's own config (no Ray started here)."""
 
 from roofserve.config import VisionConfig, make_config
-from roofserve.engines.rayserve import deployment_options, replica_threads
+from roofserve.platforms.rayserve import deployment_options, replica_threads
 
 
 def test_fixed_replicas_reserve_their_threads_and_hold_two_batches():
-    cfg = make_config(VisionConfig, {"engine": "ray", "ray_replicas": 2, "threads_per_worker": 1, "max_batch_size": 16,
+    cfg = make_config(VisionConfig, {"platform": "ray", "ray_replicas": 2, "threads_per_worker": 1, "max_batch_size": 16,
                                      "max_queued_requests": 99, "grace_s": 7})
     options = deployment_options(cfg)
     assert options["num_replicas"] == 2 and "autoscaling_config" not in options
@@ -17,7 +17,7 @@ def test_fixed_replicas_reserve_their_threads_and_hold_two_batches():
 def test_max_replicas_turns_on_the_autoscaler_and_threads_default_to_cores_over_replicas():
     import os
 
-    cfg = make_config(VisionConfig, {"engine": "ray", "ray_replicas": 1, "ray_max_replicas": 4,
+    cfg = make_config(VisionConfig, {"platform": "ray", "ray_replicas": 1, "ray_max_replicas": 4,
                                      "ray_target_ongoing_requests": 3.0})
     options = deployment_options(cfg)
     assert "num_replicas" not in options

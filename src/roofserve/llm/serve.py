@@ -28,8 +28,8 @@ def serve(cfg: LLMConfig) -> None:
 
         log.info("handing over to llama.cpp's llama-server on http://%s:%d", cfg.host, cfg.port)
         exec_server(cfg)
-    if cfg.engine == "ray":
-        from roofserve.engines.rayserve import serve_on_ray
+    if cfg.platform == "ray":
+        from roofserve.platforms.rayserve import serve_on_ray
 
         return serve_on_ray(cfg, accelerator, model_id, random_weights)
     from roofserve.llm.api import LLMAPI

@@ -42,7 +42,8 @@ def plan(row: dict, machine_cores: int, load: float = TARGET_REQ_PER_S, price: f
 
 def replicas(row: dict) -> int:
     config = row.get("config") or {}
-    return config.get("ray_replicas", 1) if config.get("engine") == "ray" else config.get("workers_per_device", 1)
+    platform = config.get("platform", config.get("engine"))  # result files written before 0.1.0 say "engine"
+    return config.get("ray_replicas", 1) if platform == "ray" else config.get("workers_per_device", 1)
 
 
 def section(steps: dict[str, list[dict]], machine_cores: int) -> tuple[str, list[list], list[str]]:

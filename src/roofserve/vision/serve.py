@@ -15,8 +15,8 @@ log = logging.getLogger(__name__)
 def serve(cfg: VisionConfig) -> None:
     reexec_with(tuned_environ(cfg.allocator))
     accelerator = preflight(cfg)
-    if cfg.engine == "ray":
-        from roofserve.engines.rayserve import serve_on_ray
+    if cfg.platform == "ray":
+        from roofserve.platforms.rayserve import serve_on_ray
 
         return serve_on_ray(cfg, accelerator)
     from roofserve.vision.api import VisionAPI

@@ -1,4 +1,4 @@
-"""The servers on Ray Serve (`roofserve serve vision|llm --engine ray`): the same API classes (setup,
+"""The servers on Ray Serve (`roofserve serve vision|llm --platform ray`): the same API classes (setup,
 read_payload, decode_request, predict, respond, limits, error body) as Ray Serve replicas behind Ray's
 HTTP proxy, with the same routes, for traffic that outgrows one machine.
 
@@ -28,7 +28,7 @@ import tempfile
 import time
 
 from roofserve.config import LLMConfig, VisionConfig
-from roofserve.engines.ray_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+from roofserve.platforms.ray_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from roofserve.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def _serve():
     try:
         from ray import serve
     except ImportError:
-        raise UserError("--engine ray needs Ray Serve: pip install 'roofserve[ray]'") from None
+        raise UserError("--platform ray needs Ray Serve: pip install 'roofserve[ray]'") from None
     return serve
 
 
@@ -90,7 +90,7 @@ class _Replica:
 
         path, method = request.url.path, request.method
         if path == "/health":
-            return JSONResponse({"status": "ok", "engine": "ray", "replica_pid": os.getpid(),
+            return JSONResponse({"status": "ok", "platform": "ray", "replica_pid": os.getpid(),
                                  "node_id": ray.get_runtime_context().get_node_id(), **self.health()})
         if path == "/info":
             return JSONResponse({"model": {"model": self.cfg.model, "config": as_dict(self.cfg)}})
@@ -163,7 +163,7 @@ class LLMReplica(_Replica):
         self.metrics = Metrics(())  # respond() records TTFT and tokens; Ray exports its own metrics
         self.generating = asyncio.Lock()
         self.cards = [{"id": name, "object": "model", "created": 0, "owned_by": "roofserve", "root": model_id,
-                       "max_model_len": cfg.max_seq_len, "backend": cfg.backend, "engine": "ray"}
+                       "max_model_len": cfg.max_seq_len, "backend": cfg.backend, "platform": "ray"}
                       for name in self.api.served]
 
     def get_routes(self) -> dict:
@@ -224,7 +224,7 @@ def _vision_app(cfg: VisionConfig, device: str):
 
 
 def build_app(args: dict):
-    """Ray Serve's application builder (`import_path: roofserve.engines.rayserve:build_app`), for a
+    """Ray Serve's application builder (`import_path: roofserve.platforms.rayserve:build_app`), for a
     RayService or `serve run`: `args["server"]` is vision (the default) or llm and `args["config"]` holds
     that server's config fields; checked as `serve vision|llm` checks them."""
     from roofserve.config import make_config
@@ -244,8 +244,8 @@ def serve_on_ray(cfg: VisionConfig | LLMConfig, device: str, model_id: str | Non
                  random_weights: bool = False) -> None:
     """Run until SIGTERM or Ctrl-C: a local Ray instance (or cfg.ray_address), Ray's proxy on cfg.host:cfg.port."""
     if cfg.resolved_api_key():
-        raise UserError("--engine ray does not check API keys yet: put an authenticating proxy in front, "
-                        "or serve with the LitServe engine")
+        raise UserError("--platform ray does not check API keys yet: put an authenticating proxy in front, "
+                        "or serve with --platform litserve")
     serve = _serve()
     import ray
 

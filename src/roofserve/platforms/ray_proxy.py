@@ -15,7 +15,7 @@ through as it is. No torch here: the proxy imports this module.
 from __future__ import annotations
 
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-PROXY_CALLBACK = "roofserve.engines.ray_proxy.middlewares"
+PROXY_CALLBACK = "roofserve.platforms.ray_proxy.middlewares"
 DIED = "the replica serving this request died and is being restarted; retry shortly"
 
 

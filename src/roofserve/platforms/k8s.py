@@ -5,7 +5,7 @@ follow the workers and threads.
 
 Deployment (startup, readiness and liveness probes; a preStop pause so that the Service stops sending
 before SIGTERM makes the server refuse connections), Service, HorizontalPodAutoscaler (CPU) and
-PodDisruptionBudget. With `engine = "ray"`: a KubeRay RayService (Ray cluster + the Serve application).
+PodDisruptionBudget. With `platform = "ray"`: a KubeRay RayService (Ray cluster + the Serve application).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import dataclasses
 import math
 
 from roofserve.config import K8sConfig, LLMConfig, ServerConfig, changed_fields, config_flags
-from roofserve.engines.ray_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+from roofserve.platforms.ray_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from roofserve.errors import UserError
 
 PRESTOP_S = 5  # endpoints take a few seconds to drop a terminating pod; keep serving meanwhile
@@ -24,7 +24,7 @@ HTTP_CORES = 1
 
 def render(what: str, server: ServerConfig, k8s: K8sConfig) -> list[dict]:
     """The manifests for `roofserve serve WHAT` with `server`'s knobs, as dicts (one per object): a
-    Deployment and its Service, HPA and PDB, or with `engine = "ray"` a KubeRay RayService."""
+    Deployment and its Service, HPA and PDB, or with `platform = "ray"` a KubeRay RayService."""
     if server.device == "cuda":
         raise UserError("deploy k8s renders CPU pods; add the GPU resource (nvidia.com/gpu) to the output by hand")
     if not server.threads_per_worker:
@@ -33,7 +33,7 @@ def render(what: str, server: ServerConfig, k8s: K8sConfig) -> list[dict]:
     name = k8s.name or f"roofserve-{what}"
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "roofserve"}
     meta = {"name": name, "labels": labels, **({"namespace": k8s.namespace} if k8s.namespace else {})}
-    if server.engine == "ray":
+    if server.platform == "ray":
         return [_rayservice(what, server, k8s, meta)]
     return [_deployment(what, server, k8s, meta, labels), _service(server, meta, labels), _hpa(k8s, meta),
             _pdb(meta, labels)]
@@ -45,14 +45,14 @@ RAY_VERSION = "2.60.0"  # the ray extra's pin: the image's Ray and the cluster's
 def _rayservice(what: str, server: ServerConfig, k8s: K8sConfig, meta: dict) -> dict:
     """A KubeRay RayService: a head pod that runs no replicas (Serve's controller and proxy), and one
     worker pod per replica whose Ray CPUs are the replica's threads; the Serve application is our
-    builder (engines.rayserve.build_app) with the config's own fields, so the knobs cannot drift."""
+    builder (platforms.rayserve.build_app) with the config's own fields, so the knobs cannot drift."""
     import yaml
 
-    config = changed_fields(server, skip=("host", "port", "api_key", "api_key_file", "engine", "ray_address"))
+    config = changed_fields(server, skip=("host", "port", "api_key", "api_key_file", "platform", "ray_address"))
     serve_config = {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": server.port},
-        "applications": [{"name": "roofserve", "route_prefix": "/", "import_path": "roofserve.engines.rayserve:build_app",
+        "applications": [{"name": "roofserve", "route_prefix": "/", "import_path": "roofserve.platforms.rayserve:build_app",
                           "args": {"server": what, "config": config}}],
     }
     threads = server.threads_per_worker

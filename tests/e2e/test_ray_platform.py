@@ -1,4 +1,4 @@
-"""The vision server on Ray Serve (`--engine ray`): a local Ray instance with two replicas, real photos
+"""The vision server on Ray Serve (`--platform ray`): a local Ray instance with two replicas, real photos
 through Ray's proxy on 127.0.0.1, the same 4xx as on LitServe, a replica killed under bounded load,
 and no Ray process left after SIGTERM."""
 
@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from roofserve.engines.ray_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+from roofserve.platforms.ray_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from roofserve.load.process import start_server, stop_process_group
 from tests.e2e.test_vision_server import BAD, _check
 
@@ -36,7 +36,7 @@ def ray_processes() -> list[int]:
 @pytest.fixture(scope="module")
 def server():
     assert not ray_processes(), "a Ray instance of an earlier run is still up"
-    args = ["vision", "--engine", "ray", "--ray-replicas", "2", "--threads-per-worker", "1", "--max-batch-size", "4",
+    args = ["vision", "--platform", "ray", "--ray-replicas", "2", "--threads-per-worker", "1", "--max-batch-size", "4",
             "--max-payload-bytes", "2000000", "--max-image-pixels", "20000000", "--timeout-s", str(DEADLINE_S),
             "--grace-s", "5"]
     server = start_server(args, ready_timeout_s=240)
@@ -125,7 +125,7 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(server, images):
 
 
 def test_requests_on_killed_replicas_get_503_not_rays_500(server):
-    """Ray's proxy leaves them unanswered (uvicorn's plain-text 500); engines/ray_proxy.py answers 503."""
+    """Ray's proxy leaves them unanswered (uvicorn's plain-text 500); platforms/ray_proxy.py answers 503."""
     import io
 
     import numpy as np
@@ -216,7 +216,7 @@ def test_two_node_cluster_survives_a_dead_worker_node(images, tmp_path):
         time.sleep(4)
         nodes.append(RayNode(temp_dir, port, head=False))
         time.sleep(4)
-        args = ["vision", "--engine", "ray", "--ray-address", f"127.0.0.1:{port}", "--ray-replicas", "2",
+        args = ["vision", "--platform", "ray", "--ray-address", f"127.0.0.1:{port}", "--ray-replicas", "2",
                 "--ray-proxy-location", "HeadOnly", "--threads-per-worker", "1", "--max-batch-size", "4",
                 "--timeout-s", str(DEADLINE_S)]
         server = start_server(args, ready_timeout_s=240)
@@ -264,13 +264,13 @@ def _cmdlines() -> list[bytes]:
 
 
 def test_the_chat_api_on_ray_answers_as_on_litserve():
-    """`serve llm --engine ray`: the same routes, validation, streaming and error body, through Ray's proxy."""
+    """`serve llm --platform ray`: the same routes, validation, streaming and error body, through Ray's proxy."""
     import openai
 
     from tests.conftest import running_server
 
     question = [{"role": "user", "content": "What is the capital of France?"}]
-    with running_server(["llm", "--engine", "ray", "--max-seq-len", "256", "--default-max-tokens", "16"],
+    with running_server(["llm", "--platform", "ray", "--max-seq-len", "256", "--default-max-tokens", "16"],
                         ready_timeout_s=240) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
