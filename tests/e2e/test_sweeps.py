@@ -17,16 +17,19 @@ def _roofserve(*args: str, timeout: int = 900, env: dict | None = None) -> str:
     return done.stdout
 
 
+TINY_VISION_LADDER = (
+    '[bench]\nconcurrency = [1, 4]\nrequests = 24\nwarmup = 2\npayload = "base64"\n'
+    '[model]\nruntimes = ["torch", "openvino"]\nprecisions = ["fp32"]\nbatch_sizes = [1, 4]\nrounds = 2\n'
+    'pipeline_batch_sizes = [4]\npipeline_runtime = "torch"\npipeline_precision = "fp32"\n'
+    "min_time_s = 0.2\n"
+    '[server]\nworkers_per_device = 1\nmax_batch_size = 1\nprecision = "fp32"\n'
+    '[[step]]\nname = "one"\n[[step]]\nname = "two"\nserver = { max_batch_size = 4 }\npayload = "raw"\n'
+)
+
+
 def test_vision_sweep_of_two_steps_writes_rows_and_report(tmp_path):
     ladder = tmp_path / "ladder.toml"
-    ladder.write_text(
-        '[bench]\nconcurrency = [1, 4]\nrequests = 24\nwarmup = 2\npayload = "base64"\n'
-        '[model]\nruntimes = ["torch", "openvino"]\nprecisions = ["fp32"]\nbatch_sizes = [1, 4]\nrounds = 2\n'
-        'pipeline_batch_sizes = [4]\npipeline_runtime = "torch"\npipeline_precision = "fp32"\n'
-        "min_time_s = 0.2\n"
-        '[server]\nworkers_per_device = 1\nmax_batch_size = 1\nprecision = "fp32"\n'
-        '[[step]]\nname = "one"\n[[step]]\nname = "two"\nserver = { max_batch_size = 4 }\npayload = "raw"\n'
-    )
+    ladder.write_text(TINY_VISION_LADDER)
     out = tmp_path / "sweep.json"
     # a server key from the environment: each step's server requires it, and the load sends it
     _roofserve("sweep", "vision", str(ladder), "--out", str(out), "--report", str(tmp_path / "report"),
@@ -96,3 +99,22 @@ def test_llm_sweep_of_two_steps_writes_rows_and_report(tmp_path):
     assert f"| {format_value(api[1]['gemv_gb_s'])} | {format_value(api[1]['kernel_gemv_gb_s'])} |" in row
     assert "### Time to first token against the prefill roof" in report
     assert (tmp_path / "report" / "llm_decode.png").stat().st_size > 1000
+
+
+def test_demo_classifies_the_examples_runs_a_ladder_and_chats(tmp_path):
+    """`make demo` as a newcomer runs it (a tiny ladder in place of the CPU one): the bundled photos get
+    the right animal, the ladder writes rows and a report, the chat model answers and streams."""
+    ladder = tmp_path / "ladder.toml"
+    ladder.write_text(TINY_VISION_LADDER)
+    out = tmp_path / "demo"
+    printed = _roofserve("demo", "--ladder", str(ladder), "--requests", "8", "--concurrency", "1,2", "--out", str(out))
+    animals = dict(line.split()[0:3:2] for line in printed.splitlines() if " -> " in line)
+    assert animals["chelsea.png"] == "cat" and animals["imagenet_16_251.jpg"] == "dog", printed
+    assert "breed dalmatian" in printed and "breed bull mastiff" in printed, printed
+    rows = json.loads((out / "vision-sweep.json").read_text())["rows"]
+    assert [r["ok"] for r in rows if r["kind"] == "vision-api"] == [8, 8, 8, 8]
+    assert (out / "report" / "report.md").read_text().startswith("#")
+    answer = next(line for line in printed.splitlines() if "Q: What is the capital of France?" in line)
+    assert "Paris" in answer, printed
+    decode = float(printed.split("streaming, 64 tokens: ")[1].split()[0])
+    assert decode > 0 and "4/4 done" in printed
