@@ -183,16 +183,29 @@ def test_packed_logits_stay_near_the_dequantized_fp32_model(bundled, fp32_model)
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gguf")
-    return {kind: write_random("tiny", kind, folder / f"tiny-{kind}.gguf") for kind in ("Q4_0", "Q8_0", "F16")}
+    return {kind: write_random("tiny", kind, folder / f"tiny-{kind}.gguf") for kind in ("Q4_0", "Q8_0", "F16", "BF16")}
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0", "F16"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0", "F16", "BF16"])
 def test_random_weight_files_load_packed_in_their_own_format(tiny_files, kind):
     model, packed_bytes, dense = load_packed(tiny_files[kind])
     config = model.config
     assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (64, 2, 49152)
-    if kind == "F16":
-        assert packed_bytes == {} and dense > 0  # dense matrices stay dense
+    if kind in ("F16", "BF16"):
+        assert packed_bytes == {} and dense > 0  # dense matrices stay dense, read in chunks of rows into bf16
+        _, tensors = packed_gguf.read_header(tiny_files[kind])
+        attention = model.model.layers[1].self_attn
+        for name, weight, heads in [("blk.1.attn_q.weight", attention.q_proj.weight, config.num_attention_heads),
+                                    ("blk.1.attn_k.weight", attention.k_proj.weight, config.num_key_value_heads),
+                                    ("blk.1.ffn_down.weight", model.model.layers[1].mlp.down_proj.weight, None),
+                                    ("token_embd.weight", model.lm_head.weight, None)]:
+            t = tensors[name]  # gguf-py's reading of the same bytes, Q and K rows unpermuted as transformers does
+            reference = dequantize(np.fromfile(tiny_files[kind], np.uint8, t.nbytes, offset=t.offset), T[kind])
+            reference = reference.reshape(t.shape[1], t.shape[0])
+            if heads:
+                reference = reference.reshape(heads, -1, 2, t.shape[0]).swapaxes(1, 2).reshape(reference.shape)
+            assert torch.equal(weight, torch.from_numpy(np.ascontiguousarray(reference)).to(torch.bfloat16)), name
+        assert model.model.embed_tokens.weight.data_ptr() == model.lm_head.weight.data_ptr()  # tied: one copy
     else:
         assert set(packed_bytes) == {kind}
     with torch.no_grad():

@@ -165,6 +165,28 @@ def pack_from_file(path: Path, offset: int, nbytes: int, kind: str, shape: tuple
     return out
 
 
+def dense_from_file(path: Path, offset: int, nbytes: int, kind: str, shape: tuple[int, int], dtype: torch.dtype,
+                    permute: int | None = None) -> torch.Tensor:
+    """An F32 / F16 / BF16 matrix of a file in `dtype`, read a chunk of rows at a time into its one copy: no
+    fp32 copy of the whole matrix next to it (a 1B model's bf16 embedding would pass through 1 GB of fp32)."""
+    n, k = shape
+    w = torch.empty((n, k), dtype=dtype)
+    row_bytes = nbytes // n
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for row in range(0, n, ROWS_PER_CHUNK):
+            rows = min(ROWS_PER_CHUNK, n - row)
+            raw = np.fromfile(f, np.uint8, rows * row_bytes)
+            if kind == "BF16":
+                chunk = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+            else:
+                chunk = torch.from_numpy(raw.view(np.float16 if kind == "F16" else np.float32))
+            w[row:row + rows] = chunk.reshape(rows, k)
+    if permute:  # llama.cpp's rotary reordering of Q and K rows undone, as _unpermute does
+        w = w.reshape(permute, n // permute // 2, 2, k).transpose(1, 2).reshape(n, k)
+    return w
+
+
 def dequantize_packed(p: Packed, rows: torch.Tensor | None = None) -> torch.Tensor:
     """The fp32 weights (rows: only those rows) back from the packed layout."""
     nb, blocks, _ = p.u.shape
@@ -363,11 +385,12 @@ class MemoryPlan:
 
     def lines(self) -> list[str]:
         gb = 1e9
-        parts = ", ".join(f"{kind} {n / gb:.2f} GB" for kind, n in sorted(self.weight_bytes.items()))
+        parts = [f"{kind} {n / gb:.2f} GB" for kind, n in sorted(self.weight_bytes.items())]
+        parts.append(f"dense {self.dense_bytes / gb:.2f} GB")
         total = sum(self.weight_bytes.values()) + self.dense_bytes
         plural = "s" if self.sequences != 1 else ""
         # the slots' pages are backed as they are written (engine.zeros_on_demand)
-        return [f"weights {total / gb:.2f} GB ({parts}; dense {self.dense_bytes / gb:.2f} GB)",
+        return [f"weights {total / gb:.2f} GB ({', '.join(parts)})",
                 f"KV cache {self.kv_bytes_per_slot / gb:.3f} GB per sequence of {self.max_seq_len} tokens, "
                 f"{self.sequences} sequence{plural}: up to {self.sequences * self.kv_bytes_per_slot / gb:.2f} GB, "
                 "held as they fill it"]
@@ -426,10 +449,10 @@ def load_packed(path: Path, dtype: torch.dtype = torch.bfloat16):
         k, n = t.shape[:2]  # ggml order: row length first
         kind = t.kind
         if kind in DENSE:
-            w = _dense(raw(t), kind).reshape(n, k)
-            w = torch.from_numpy(np.ascontiguousarray(_unpermute(w, permute) if permute else w))
-            layer = torch.nn.Linear(k, n, bias=False, dtype=dtype)
-            layer.weight = torch.nn.Parameter(w.to(dtype), requires_grad=False)
+            w = dense_from_file(path, t.offset, t.nbytes, kind, (n, k), dtype, permute)
+            with torch.device("meta"):
+                layer = torch.nn.Linear(k, n, bias=False, dtype=dtype)
+            layer.weight = torch.nn.Parameter(w, requires_grad=False)
             dense += layer.weight.numel() * dtype.itemsize
             return layer
         p = pack_from_file(path, t.offset, t.nbytes, kind, (n, k), permute)
