@@ -257,9 +257,9 @@ class LLMConfig(ServerConfig):
     gemv_rows: int = _help("with --gemv roofserve: the most rows (tokens) per matmul that go to our kernel; 0: "
                            "auto, up to where it beat torch's matmul when measured at start (1 to 256 rows)",
                            default=0)
-    gguf_weights: str = _help("a .gguf model's weights: packed (its own 4- and 8-bit blocks in memory, read by our "
-                              "int8 kernel on CPU, as llama.cpp does: one copy about the file's size; Q4_0, Q4_1, "
-                              "Q4_K and Q8_0 natively, other types requantized to 8 bits), bf16 (dequantized once "
+    gguf_weights: str = _help("a .gguf model's weights: packed (its own 4-, 6- and 8-bit blocks in memory, read by "
+                              "our int8 kernel on CPU, as llama.cpp does: one copy about the file's size; Q4_0, "
+                              "Q4_1, Q4_K, Q6_K and Q8_0 natively, other types requantized to 8 bits), bf16 (dequantized once "
                               "into a cached folder; --quantize, --gemv and --lora apply), or auto: packed for a "
                               ".gguf file on CPU without those flags, bf16 otherwise (the bundled demo model too)",
                               default="auto")

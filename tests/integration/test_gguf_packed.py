@@ -63,7 +63,7 @@ def test_packed_weights_are_llama_cpps_dequantized_ones(kind):
     top = np.abs(reference).max()
     if kind in ("Q4_0", "Q4_1", "Q8_0"):
         assert np.array_equal(got, reference)  # the same blocks, relaid
-    elif kind == "Q4_K":  # its own scales: fp32 products of the same fp16 and 6-bit numbers
+    elif kind in ("Q4_K", "Q6_K"):  # their own scales: fp32 products of the same fp16 and small integers
         assert np.abs(got - reference).max() <= 1e-6 * top
     else:  # requantized to 8 bits: half a step of 1/127 of the block's largest magnitude, and the fp16 step
         blocks = np.abs(reference.reshape(n, -1, 32)).max(-1, keepdims=True)

@@ -8,9 +8,10 @@ folder. Formats and what they become:
 - Q4_1: 5 bits per weight, as stored (an fp16 minimum per block of 32).
 - Q4_K: its own scales (a 6-bit scale and minimum per 32 weights, fp16 d and dmin per 256), each held in
   a byte: 4.625 bits per weight where the file has 4.5.
-- other quantized types (Q6_K, the 6-bit tensors of a Q4_K_M file, in C++; Q5_* and the rest through
-  gguf-py's reference dequantization): requantized to 8 bits per weight (8.5 bits; each weight moves by at
-  most 1/254 of its block's largest magnitude).
+- Q6_K (the 6-bit tensors of a Q4_K_M file): its own scales (an int8 scale per 16 weights, fp16 d per
+  256), 6.5625 bits per weight as in the file.
+- other quantized types (Q5_* and the rest, through gguf-py's reference dequantization): requantized to 8
+  bits per weight (8.5 bits; each weight moves by at most 1/254 of its block's largest magnitude).
 - F32, F16, BF16 matrices: dense weights in the model's precision (torch's matmul).
 The token embedding stays packed too; a lookup dequantizes only the rows it needs.
 """
@@ -97,8 +98,12 @@ WITH_MIN = ("Q4_1",)
 
 def empty_packed(kind: str, n: int, k: int) -> Packed:
     """The packed tensors of an N x K matrix of `kind`, to be filled."""
-    bits = 4 if kind in FOUR_BITS else 8
+    bits = 4 if kind in FOUR_BITS else 6 if kind == "Q6_K" else 8
     u = torch.empty((n // 16, k // QK, bits * 64), dtype=torch.uint8)
+    if kind == "Q6_K":  # d per 256 weights, an int8 scale per half-block of 16
+        d = torch.empty((n // 16, k // 256, 16), dtype=torch.float16)
+        m = torch.empty((n // 16, k // QK, 2, 16), dtype=torch.int8)
+        return Packed(u, d, m, 6, 0.0, kind)
     if kind == "Q4_K":
         d = torch.empty((n // 16, k // 256, 2, 16), dtype=torch.float16)
         m = torch.empty((n // 16, k // QK, 2, 16), dtype=torch.uint8)
@@ -195,8 +200,16 @@ def dequantize_packed(p: Packed, rows: torch.Tensor | None = None) -> torch.Tens
     if p.bits == 8:
         u = p.u.view(nb, blocks, 8, 16, 4)[cb, :, :, c, :].reshape(len(rows), blocks, QK)
     else:
-        v = p.u.view(nb, blocks, 4, 16, 4)[cb, :, :, c, :].reshape(len(rows), blocks, 16)
+        v = p.u[..., :256].reshape(nb, blocks, 4, 16, 4)[cb, :, :, c, :].reshape(len(rows), blocks, 16)
         u = torch.cat([v & 0xF, v >> 4], dim=-1)
+    if p.bits == 6:  # the high 2 bits: vector h's bits 2i..2i+1 belong to k = 4 (4h + i) ..
+        h = p.u[..., 256:].reshape(nb, blocks, 2, 16, 4)[cb, :, :, c, :]  # (rows, blocks, 2 h, 4 t)
+        high = torch.stack([(h >> (2 * i)) & 3 for i in range(4)], dim=-2)  # (rows, blocks, 2 h, 4 i, 4 t)
+        u = u | (high.reshape(len(rows), blocks, QK) << 4)
+        sup = p.d[cb, :, c].float().repeat_interleave(8, dim=1)  # (rows, blocks)
+        scale = p.m[cb, :, :, c].float().repeat_interleave(16, dim=-1)  # (rows, blocks, 32)
+        w = sup[..., None] * scale * (u.float() - 32)
+        return w.reshape(len(rows), blocks * QK)
     if p.m.dtype == torch.uint8:  # Q4_K: super-block d, dmin times each block's 6-bit scale, minimum
         sup = p.d[cb, :, :, c].float().repeat_interleave(8, dim=1)  # (rows, blocks, 2)
         sub = p.m[cb, :, :, c].float()
@@ -321,7 +334,7 @@ def read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
     return meta, tensors
 
 
-PACKED_BYTES_PER_256 = {"Q4_0": 144, "Q4_1": 160, "Q4_K": 148, "Q8_0": 272}  # any other quantized type: 272 (8 bits)
+PACKED_BYTES_PER_256 = {"Q4_0": 144, "Q4_1": 160, "Q4_K": 148, "Q6_K": 210, "Q8_0": 272}  # any other quantized type: 272 (8 bits)
 
 
 def packed_bytes(tensors: dict[str, TensorInfo], dense_bytes: int = 2) -> int:

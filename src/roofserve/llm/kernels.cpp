@@ -494,16 +494,19 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return slot_attention(q, k.contiguous(), v.contiguous(), slot, position.reshape({1}), scale);
 }
 
-// ---- Quantized weights (GGUF's 4- and 8-bit block formats, repacked once at load) ----
+// ---- Quantized weights (GGUF's 4-, 6- and 8-bit block formats, repacked once at load) ----
 // Every format becomes w[n, k] = d[n, b] * u[n, k] + m[n, b] for blocks b of 32 k, with u unsigned (4 or 8
 // bits): Q4_0 is u = q (0..15), m = -8d; Q8_0 is u = q + 128, m = -128d; Q4_1 and Q4_K keep a stored m.
+// Q6_K has a scale per 16 k: w = d * sc * (u - 32), u = q (0..63), so each block's two halves are summed
+// apart (SCALES 3 below), and the inputs carry 32 x the sums of each block's halves for the -32.
 // The inputs are quantized per row and block of 32 to int8 (xq, scale dx), as llama.cpp does, so a block's
 // dot product is an integer one: sum_k w x = d dx sum(u xq) + m dx sum(xq).
 // Layout (pack_quant in Python): per block of 16 output columns, per block of 32 k, the 16 x 32 values as
 // 64-byte vectors of 16 columns x 4 consecutive k, which is what AVX512-VNNI's vpdpbusd multiplies by a
 // broadcast group of 4 input bytes: vector j holds k = 4j..4j+3 (8 bits: 8 vectors, 512 bytes) or, 4 bits,
-// k = 4j.. in the low nibbles and k = 16 + 4j.. in the high ones (4 vectors, 256 bytes). d and m:
-// (N/16, K/32, 16) fp16. Accumulators hold 16 outputs, so no horizontal sums are left, and each loaded
+// k = 4j.. in the low nibbles and k = 16 + 4j.. in the high ones (4 vectors, 256 bytes), or, 6 bits, those
+// 4 vectors of the low 4 bits and 2 of the high 2 (vector h, bits 2i..2i+1: those of vector 4h + i; 384
+// bytes). d and m: (N/16, K/32, 16) fp16. Accumulators hold 16 outputs, so no horizontal sums are left, and each loaded
 // weight vector serves every input row of the tile.
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
@@ -521,10 +524,22 @@ inline float half_to_float(uint16_t h) {
   return f;
 }
 
-// x (M x K fp32) -> xq (M x K int8), dx (M x K/32): each block's absolute maximum / 127, the block's
-// sum(xq) (sx) and cx = dx * sx (what a stored m multiplies).
+// The quantized inputs of M rows: xq (M x K int8), per row and block of 32 k dx (the block's absolute
+// maximum / 127), sx (the block's sum(xq)), cx = dx * sx (what a stored m multiplies) and, for Q6_K's
+// halves, halves (32 x the sums of the block's first and last 16: two per block).
+struct Inputs {
+  const int8_t* xq;
+  const float *dx, *cx;
+  const int32_t *sx, *halves;
+  int64_t K;
+  Inputs from(int64_t row) const {  // rows [row, M)
+    const int64_t r = row * (K / 32);
+    return {xq + row * K, dx + r, cx + r, sx + r, halves + 2 * r, K};
+  }
+};
+
 template <typename T>
-void quantize_inputs(const T* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* cx, int32_t* sx) {
+void quantize_inputs(const T* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* cx, int32_t* sx, int32_t* halves) {
   const int64_t blocks = K / 32;
   for (int64_t i = 0; i < M * blocks; ++i) {
     float v[32];
@@ -537,7 +552,9 @@ void quantize_inputs(const T* x, int64_t M, int64_t K, int8_t* xq, float* dx, fl
       const int q = int(std::nearbyint(v[t] * inv));
       xq[i * 32 + t] = int8_t(q);
       sum += q;
+      if (t == 15) halves[2 * i] = 32 * sum;
     }
+    halves[2 * i + 1] = 32 * sum - halves[2 * i];
     dx[i] = scale;
     cx[i] = scale * float(sum);
     sx[i] = sum;
@@ -562,20 +579,27 @@ inline void store16(at::BFloat16* p, __m512 v) {
 
 // SCALES: 0, fp16 d per block (m = mfac * d); 1, fp16 d and m per block; 2 (Q4_K as stored): per block a
 // 6-bit scale and minimum (uint8, (N/16, K/32, 2, 16)), per 256 weights fp16 d and dmin ((N/16, K/256, 2, 16)):
-// w = d * scale * u - dmin * minimum.
-// One column block's scales (cb of N/16, K/32 blocks): at(b) gives the 16 columns' d and m of block b.
+// w = d * scale * u - dmin * minimum; 3 (Q6_K as stored): per block the int8 scales of its two halves
+// (int8, (N/16, K/32, 2, 16)), per 256 weights fp16 d ((N/16, K/256, 16)): w = d * scale * (u - 32).
+// One column block's scales (cb of N/16, K/32 blocks): at(b) gives the 16 columns' d and m of block b
+// (SCALES 3: the d * scale of its first and second half).
 template <int SCALES>
 struct ColumnScales {
-  const uint16_t* db;  // fp16 d per block, or (SCALES 2) d and dmin per 256 weights
+  const uint16_t* db;  // fp16 d per block, or (SCALES 2) d and dmin, (3) d, per 256 weights
   const uint16_t* mb;  // SCALES 1: fp16 m per block
-  const uint8_t* sb;   // SCALES 2: 6-bit scales and minimums per block
+  const uint8_t* sb;   // SCALES 2: 6-bit scales and minimums per block; 3: int8 scales of the halves
   ColumnScales(const uint16_t* d, const void* mn, int64_t cb, int64_t blocks)
-      : db(d + cb * (SCALES == 2 ? blocks / 8 * 32 : blocks * 16)),
+      : db(d + cb * (SCALES == 2 ? blocks / 8 * 32 : SCALES == 3 ? blocks / 8 * 16 : blocks * 16)),
         mb(SCALES == 1 ? static_cast<const uint16_t*>(mn) + cb * blocks * 16 : nullptr),
-        sb(SCALES == 2 ? static_cast<const uint8_t*>(mn) + cb * blocks * 32 : nullptr) {}
+        sb(SCALES >= 2 ? static_cast<const uint8_t*>(mn) + cb * blocks * 32 : nullptr) {}
 
   inline void at(int64_t b, float mfac, __m512& dw, __m512& mw) const {
-    if (SCALES == 2) {
+    if (SCALES == 3) {
+      const __m512 sd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(db + (b / 8) * 16)));
+      const __m128i* sc = reinterpret_cast<const __m128i*>(sb + b * 32);
+      dw = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sc))));
+      mw = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sc + 1))));
+    } else if (SCALES == 2) {
       const uint16_t* sup = db + (b / 8) * 32;
       const __m512 sd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sup)));
       const __m512 smin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sup + 16)));
@@ -591,20 +615,50 @@ struct ColumnScales {
   }
 };
 
-// One input row's block (index rb into dx, cx, sx) added to its 16 outputs: isum = sum(u xq) per column.
+// One input row's block (index rb of the inputs' blocks) added to its 16 outputs: isum = sum(u xq) per
+// column.
 template <int SCALES>
-inline __m512 add_block(__m512 acc, __m512i isum, __m512 dw, __m512 mw, float mfac, const float* dx, const float* cx,
-                        const int32_t* sx, int64_t rb) {
+inline __m512 add_block(__m512 acc, __m512i isum, __m512 dw, __m512 mw, float mfac, const Inputs& in, int64_t rb) {
   if (SCALES == 0)  // m = mfac d with mfac -8 or -128: the offset in integers, exact (no cancellation)
-    isum = _mm512_add_epi32(isum, _mm512_set1_epi32(int32_t(mfac) * sx[rb]));
-  acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dx[rb])), dw, acc);
-  return SCALES != 0 ? _mm512_fmadd_ps(mw, _mm512_set1_ps(cx[rb]), acc) : acc;
+    isum = _mm512_add_epi32(isum, _mm512_set1_epi32(int32_t(mfac) * in.sx[rb]));
+  acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(in.dx[rb])), dw, acc);
+  return SCALES != 0 ? _mm512_fmadd_ps(mw, _mm512_set1_ps(in.cx[rb]), acc) : acc;
+}
+
+// The same for Q6_K (SCALES 3): the halves' sums lo and hi, less 32 x their inputs' sums (exact integers),
+// times their scales dlo and dhi.
+inline __m512 add_halves(__m512 acc, __m512i lo, __m512i hi, __m512 dlo, __m512 dhi, const Inputs& in, int64_t rb) {
+  lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(in.halves[2 * rb]));
+  hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(in.halves[2 * rb + 1]));
+  const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), dhi, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), dlo));
+  return _mm512_fmadd_ps(v, _mm512_set1_ps(in.dx[rb]), acc);
+}
+
+// A 6-bit block (384 bytes) as the 8 vectors of 8-bit values that the dot products take.
+inline void unpack6(const uint8_t* w, __m512i* wv) {
+  const __m512i low = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
+  const __m512i h0 = _mm512_loadu_si512(w + 256), h1 = _mm512_loadu_si512(w + 320);
+  for (int j = 0; j < 4; ++j) {
+    const __m512i v = _mm512_loadu_si512(w + 64 * j);
+    wv[j] = _mm512_and_si512(v, low);
+    wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+  }
+  // bits 2i..2i+1 of h to bits 4..5: shifts within 16-bit lanes, the bits from the other byte masked off
+  // (ternary logic 0xF8: a | (b & c))
+  wv[0] = _mm512_ternarylogic_epi32(wv[0], _mm512_slli_epi16(h0, 4), top, 0xF8);
+  wv[1] = _mm512_ternarylogic_epi32(wv[1], _mm512_slli_epi16(h0, 2), top, 0xF8);
+  wv[2] = _mm512_ternarylogic_epi32(wv[2], h0, top, 0xF8);
+  wv[3] = _mm512_ternarylogic_epi32(wv[3], _mm512_srli_epi16(h0, 2), top, 0xF8);
+  wv[4] = _mm512_ternarylogic_epi32(wv[4], _mm512_slli_epi16(h1, 4), top, 0xF8);
+  wv[5] = _mm512_ternarylogic_epi32(wv[5], _mm512_slli_epi16(h1, 2), top, 0xF8);
+  wv[6] = _mm512_ternarylogic_epi32(wv[6], h1, top, 0xF8);
+  wv[7] = _mm512_ternarylogic_epi32(wv[7], _mm512_srli_epi16(h1, 2), top, 0xF8);
 }
 
 template <int MB, int BITS, int SCALES, typename OUT>
-inline void quant_tile(const int8_t* xq, const float* dx, const float* cx, const int32_t* sx, int64_t K, const uint8_t* u,
-                       const uint16_t* d, const void* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
-  const int64_t blocks = K / 32, bytes = BITS * 64;
+inline void quant_tile(const Inputs& in, const uint8_t* u, const uint16_t* d, const void* mn, float mfac, OUT* out,
+                       int64_t N, int64_t cb) {
+  const int64_t K = in.K, blocks = K / 32, bytes = BITS * 64;
   const uint8_t* ub = u + cb * blocks * bytes;
   const ColumnScales<SCALES> scales(d, mn, cb, blocks);
   __m512 acc[MB];
@@ -616,14 +670,18 @@ inline void quant_tile(const int8_t* xq, const float* dx, const float* cx, const
     _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 64), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 128), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 192), _MM_HINT_T0);
-    if (BITS == 8) {
+    if (BITS >= 6) {
       _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 256), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 320), _MM_HINT_T0);
+    }
+    if (BITS == 8) {
       _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 384), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 448), _MM_HINT_T0);
     }
     __m512i wv[8];
-    if (BITS == 4) {
+    if (BITS == 6) {
+      unpack6(w, wv);
+    } else if (BITS == 4) {
       for (int j = 0; j < 4; ++j) {
         const __m512i v = _mm512_loadu_si512(w + 64 * j);
         wv[j] = _mm512_and_si512(v, low);
@@ -635,30 +693,30 @@ inline void quant_tile(const int8_t* xq, const float* dx, const float* cx, const
     __m512 dw, mw;
     scales.at(b, mfac, dw, mw);
     for (int i = 0; i < MB; ++i) {
-      const int8_t* xb = xq + i * K + b * 32;
-      __m512i isum = _mm512_setzero_si512();
+      const int8_t* xb = in.xq + i * K + b * 32;
+      __m512i isum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};  // SCALES 3: k 0-15, 16-31
       for (int j = 0; j < 8; ++j) {
         int32_t group;
         __builtin_memcpy(&group, xb + 4 * j, 4);
-        isum = _mm512_dpbusd_epi32(isum, wv[j], _mm512_set1_epi32(group));
+        __m512i& sum = isum[SCALES == 3 && j >= 4];
+        sum = _mm512_dpbusd_epi32(sum, wv[j], _mm512_set1_epi32(group));
       }
-      acc[i] = add_block<SCALES>(acc[i], isum, dw, mw, mfac, dx, cx, sx, i * blocks + b);
+      if (SCALES == 3) acc[i] = add_halves(acc[i], isum[0], isum[1], dw, mw, in, i * blocks + b);
+      else acc[i] = add_block<SCALES>(acc[i], isum[0], dw, mw, mfac, in, i * blocks + b);
     }
   }
   for (int i = 0; i < MB; ++i) store16(out + i * N + cb * 16, acc[i]);
 }
 
 template <int BITS, int SCALES, typename OUT>
-void quant_rows(const int8_t* xq, const float* dx, const float* cx, const int32_t* sx, int64_t M, int64_t K, const uint8_t* u,
-                const uint16_t* d, const void* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
-  const int64_t blocks = K / 32;
+void quant_rows(const Inputs& in, int64_t M, const uint8_t* u, const uint16_t* d, const void* mn, float mfac, OUT* out,
+                int64_t N, int64_t cb) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4)
-    quant_tile<4, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, sx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb);
+  for (; m + 4 <= M; m += 4) quant_tile<4, BITS, SCALES>(in.from(m), u, d, mn, mfac, out + m * N, N, cb);
   switch (M - m) {
-    case 3: quant_tile<3, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, sx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
-    case 2: quant_tile<2, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, sx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
-    case 1: quant_tile<1, BITS, SCALES>(xq + m * K, dx + m * blocks, cx + m * blocks, sx + m * blocks, K, u, d, mn, mfac, out + m * N, N, cb); break;
+    case 3: quant_tile<3, BITS, SCALES>(in.from(m), u, d, mn, mfac, out + m * N, N, cb); break;
+    case 2: quant_tile<2, BITS, SCALES>(in.from(m), u, d, mn, mfac, out + m * N, N, cb); break;
+    case 1: quant_tile<1, BITS, SCALES>(in.from(m), u, d, mn, mfac, out + m * N, N, cb); break;
   }
 }
 
@@ -670,14 +728,17 @@ void quant_rows(const int8_t* xq, const float* dx, const float* cx, const int32_
 // Four blocks are in flight at once (tiles 0-3): while the vector units scale block b's sums, the tile
 // unit works on the blocks after it. Tiles 4-5 hold inputs, 6-7 weights.
 // Block b into sums tile t (0-3): inputs xq (the row tile's, row stride K), weights w (a 512-byte tile).
+// HALF (Q6_K): half-block b (16 k) instead, weights a 256-byte tile (the tiles configured to match).
+template <bool HALF>
 inline void issue_block(int t, const int8_t* xq, int64_t K, int64_t b, const uint8_t* w) {
-  for (int line = 0; line < 8; ++line)
-    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 512 + 64 * line), _MM_HINT_T0);
+  constexpr int64_t k = HALF ? 16 : 32, bytes = HALF ? 256 : 512;
+  for (int line = 0; line < bytes / 64; ++line)
+    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 64 * line), _MM_HINT_T0);
   switch (t) {
-    case 0: _tile_loadd(4, xq + b * 32, K); _tile_loadd(6, w, 64); _tile_zero(0); _tile_dpbsud(0, 4, 6); break;
-    case 1: _tile_loadd(5, xq + b * 32, K); _tile_loadd(7, w, 64); _tile_zero(1); _tile_dpbsud(1, 5, 7); break;
-    case 2: _tile_loadd(4, xq + b * 32, K); _tile_loadd(6, w, 64); _tile_zero(2); _tile_dpbsud(2, 4, 6); break;
-    default: _tile_loadd(5, xq + b * 32, K); _tile_loadd(7, w, 64); _tile_zero(3); _tile_dpbsud(3, 5, 7); break;
+    case 0: _tile_loadd(4, xq + b * k, K); _tile_loadd(6, w, 64); _tile_zero(0); _tile_dpbsud(0, 4, 6); break;
+    case 1: _tile_loadd(5, xq + b * k, K); _tile_loadd(7, w, 64); _tile_zero(1); _tile_dpbsud(1, 5, 7); break;
+    case 2: _tile_loadd(4, xq + b * k, K); _tile_loadd(6, w, 64); _tile_zero(2); _tile_dpbsud(2, 4, 6); break;
+    default: _tile_loadd(5, xq + b * k, K); _tile_loadd(7, w, 64); _tile_zero(3); _tile_dpbsud(3, 5, 7); break;
   }
 }
 
@@ -691,35 +752,51 @@ inline void store_sums(int t, int32_t* sums) {
 }
 
 // Rows [0, M) (M <= MB <= 16; the scratch holds MB rows) by column block cb, all of K; tiles: the column
-// block's weights as 8-bit tiles, 512 bytes per block of 32 k.
+// block's weights as 8-bit tiles, 512 bytes per block of 32 k. Q6_K (SCALES 3) goes by half-blocks, each
+// into its own sums tile, so that each half meets its own scale as on the vector path.
 template <int MB, int SCALES, typename OUT>
-void amx_quant_tile(const int8_t* xq, const float* dx, const float* cx, const int32_t* sx, int64_t M, int64_t K,
-                    const uint8_t* tiles, const uint16_t* d, const void* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
-  const int64_t blocks = K / 32;
+void amx_quant_tile(const Inputs& in, int64_t M, const uint8_t* tiles, const uint16_t* d, const void* mn, float mfac,
+                    OUT* out, int64_t N, int64_t cb) {
+  constexpr bool HALF = SCALES == 3;
+  constexpr int64_t per = HALF ? 2 : 1, bytes = HALF ? 256 : 512;  // tile blocks per block of 32 k
+  const int64_t K = in.K, blocks = K / 32, steps = blocks * per;
   const ColumnScales<SCALES> scales(d, mn, cb, blocks);
-  alignas(64) int32_t sums[16][16];
+  alignas(64) int32_t sums[2][16][16];
   __m512 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < std::min<int64_t>(4, blocks); ++b) issue_block(int(b), xq, K, b, tiles + b * 512);
+  for (int64_t h = 0; h < std::min<int64_t>(4, steps); ++h) issue_block<HALF>(int(h), in.xq, K, h, tiles + h * bytes);
   for (int64_t b = 0; b < blocks; ++b) {
-    const int t = int(b & 3);
-    store_sums(t, &sums[0][0]);
-    if (b + 4 < blocks) issue_block(t, xq, K, b + 4, tiles + (b + 4) * 512);
+    for (int64_t e = 0; e < per; ++e) {
+      const int64_t h = b * per + e;
+      store_sums(int(h & 3), &sums[e][0][0]);
+      if (h + 4 < steps) issue_block<HALF>(int(h & 3), in.xq, K, h + 4, tiles + (h + 4) * bytes);
+    }
     __m512 dw, mw;
     scales.at(b, mfac, dw, mw);
     for (int i = 0; i < MB; ++i)
-      acc[i] = add_block<SCALES>(acc[i], _mm512_load_si512(sums[i]), dw, mw, mfac, dx, cx, sx, i * blocks + b);
+      acc[i] = HALF ? add_halves(acc[i], _mm512_load_si512(sums[0][i]), _mm512_load_si512(sums[1][i]), dw, mw, in,
+                                 i * blocks + b)
+                    : add_block<SCALES>(acc[i], _mm512_load_si512(sums[0][i]), dw, mw, mfac, in, i * blocks + b);
   }
   for (int i = 0; i < MB; ++i)
     if (i < M) store16(out + i * N + cb * 16, acc[i]);
 }
 
-// A column block's 4-bit weights (blocks of 256 bytes) as 8-bit tiles (512 bytes), once for all row tiles.
+// A column block's 4- or 6-bit weights (blocks of 256 or 384 bytes) as 8-bit tiles (512 bytes), once for
+// all row tiles.
+template <int BITS>
 inline void unpack_tiles(const uint8_t* w, int64_t blocks, uint8_t* tiles) {
+  constexpr int64_t bytes = BITS * 64;
   const __m512i low = _mm512_set1_epi8(0x0F);
-  for (int64_t b = 0; b < blocks; ++b, w += 256, tiles += 512) {
-    for (int line = 0; line < 4; ++line)
-      _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * 256 + 64 * line), _MM_HINT_T0);
+  for (int64_t b = 0; b < blocks; ++b, w += bytes, tiles += 512) {
+    for (int line = 0; line < bytes / 64; ++line)
+      _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 64 * line), _MM_HINT_T0);
+    if (BITS == 6) {
+      __m512i wv[8];
+      unpack6(w, wv);
+      for (int r = 0; r < 8; ++r) _mm512_store_si512(tiles + 64 * r, wv[r]);
+      continue;
+    }
     for (int r = 0; r < 4; ++r) {
       const __m512i v = _mm512_loadu_si512(w + 64 * r);
       _mm512_store_si512(tiles + 64 * r, _mm512_and_si512(v, low));
@@ -728,51 +805,53 @@ inline void unpack_tiles(const uint8_t* w, int64_t blocks, uint8_t* tiles) {
   }
 }
 
-// Tiles 0-3 (sums) and 4-5 (inputs) of `rows` rows, 6-7 one block of weights.
-inline void configure_quant_tiles(int64_t rows) {
+// Tiles 0-3 (sums) and 4-5 (inputs) of `rows` rows, 6-7 one block of weights (half a block: 16 k).
+inline void configure_quant_tiles(int64_t rows, bool half) {
   alignas(64) TileConfig cfg = {};
   cfg.palette_id = 1;
   for (int t = 0; t < 4; ++t) cfg.rows[t] = uint8_t(rows), cfg.colsb[t] = 64;
-  for (int t = 4; t < 6; ++t) cfg.rows[t] = uint8_t(rows), cfg.colsb[t] = 32;
-  for (int t = 6; t < 8; ++t) cfg.rows[t] = 8, cfg.colsb[t] = 64;
+  for (int t = 4; t < 6; ++t) cfg.rows[t] = uint8_t(rows), cfg.colsb[t] = half ? 16 : 32;
+  for (int t = 6; t < 8; ++t) cfg.rows[t] = half ? 4 : 8, cfg.colsb[t] = 64;
   asm volatile("" : : "r"(&cfg) : "memory");  // g++ 12 dropped the stores above (the config reads 64 bytes)
   _tile_loadconfig(&cfg);
 }
 
 // All M rows: groups of 4 column blocks split among threads; per group, tiles of 16 rows one after the
-// other, each through the group's 4 blocks: the weights come from memory once (4-bit ones unpacked once)
-// and then from the core's cache, and each row tile's inputs are read once per 4 column blocks.
+// other, each through the group's 4 blocks: the weights come from memory once (4- and 6-bit ones unpacked
+// once) and then from the core's cache, and each row tile's inputs are read once per 4 column blocks.
 template <int BITS, int SCALES, typename OUT>
-void amx_quant(const int8_t* xq, const float* dx, const float* cx, const int32_t* sx, int64_t M, int64_t K,
-               const uint8_t* u, const uint16_t* d, const void* mn, float mfac, OUT* out, int64_t N) {
+void amx_quant(const Inputs& in, int64_t M, const uint8_t* u, const uint16_t* d, const void* mn, float mfac, OUT* out,
+               int64_t N) {
   constexpr int64_t G = 4;
-  const int64_t cblocks = N / 16, blocks = K / 32;
+  constexpr bool unpack = BITS != 8;
+  const int64_t cblocks = N / 16, blocks = in.K / 32;
   at::parallel_for(0, (cblocks + G - 1) / G, 1, [&](int64_t g0, int64_t g1) {
-    thread_local std::vector<uint8_t> unpacked;  // a group's tiles (4-bit weights), kept between calls
-    if (BITS == 4) unpacked.resize(G * blocks * 512 + 64);
-    uint8_t* buffer = BITS == 4 ? reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(unpacked.data()) + 63) & ~uintptr_t(63))
-                                : nullptr;
+    thread_local std::vector<uint8_t> unpacked;  // a group's tiles (4- and 6-bit weights), kept between calls
+    if (unpack) unpacked.resize(G * blocks * 512 + 64);
+    uint8_t* buffer = unpack ? reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(unpacked.data()) + 63) & ~uintptr_t(63))
+                             : nullptr;
     int64_t configured = 0;
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t first = g * G, count = std::min<int64_t>(G, cblocks - first);
       const uint8_t* tiles[G];
       for (int64_t j = 0; j < count; ++j) {
         tiles[j] = u + (first + j) * blocks * BITS * 64;
-        if (BITS == 4) {
-          unpack_tiles(tiles[j], blocks, buffer + j * blocks * 512);
+        if (unpack) {
+          unpack_tiles<BITS>(tiles[j], blocks, buffer + j * blocks * 512);
           tiles[j] = buffer + j * blocks * 512;
         }
       }
       for (int64_t m = 0; m < M; m += 16) {
-        const int64_t rows = std::min<int64_t>(16, M - m), r = m * blocks;
-        if (rows != configured) configure_quant_tiles(rows), configured = rows;
+        const int64_t rows = std::min<int64_t>(16, M - m);
+        if (rows != configured) configure_quant_tiles(rows, SCALES == 3), configured = rows;
+        const Inputs part = in.from(m);
         for (int64_t j = 0; j < count; ++j) {
           if (rows > 8)
-            amx_quant_tile<16, SCALES>(xq + m * K, dx + r, cx + r, sx + r, rows, K, tiles[j], d, mn, mfac, out + m * N, N, first + j);
+            amx_quant_tile<16, SCALES>(part, rows, tiles[j], d, mn, mfac, out + m * N, N, first + j);
           else if (rows > 4)
-            amx_quant_tile<8, SCALES>(xq + m * K, dx + r, cx + r, sx + r, rows, K, tiles[j], d, mn, mfac, out + m * N, N, first + j);
+            amx_quant_tile<8, SCALES>(part, rows, tiles[j], d, mn, mfac, out + m * N, N, first + j);
           else
-            amx_quant_tile<4, SCALES>(xq + m * K, dx + r, cx + r, sx + r, rows, K, tiles[j], d, mn, mfac, out + m * N, N, first + j);
+            amx_quant_tile<4, SCALES>(part, rows, tiles[j], d, mn, mfac, out + m * N, N, first + j);
         }
       }
     }
@@ -784,25 +863,33 @@ void amx_quant(const int8_t* xq, const float* dx, const float* cx, const int32_t
 #else
 // Plain loops over the same layout, for CPUs without AVX512-VNNI.
 template <int BITS, int SCALES, typename OUT>
-void quant_rows(const int8_t* xq, const float* dx, const float* cx, const int32_t* sx, int64_t M, int64_t K, const uint8_t* u,
-                const uint16_t* d, const void* mn, float mfac, OUT* out, int64_t N, int64_t cb) {
-  const int64_t blocks = K / 32, bytes = BITS * 64;
+void quant_rows(const Inputs& in, int64_t M, const uint8_t* u, const uint16_t* d, const void* mn, float mfac, OUT* out,
+                int64_t N, int64_t cb) {
+  const int64_t K = in.K, blocks = K / 32, bytes = BITS * 64;
   const uint16_t* mh = static_cast<const uint16_t*>(mn);
   const uint8_t* sb = static_cast<const uint8_t*>(mn);
   for (int64_t i = 0; i < M; ++i) {
     float acc[16] = {0};
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* w = u + (cb * blocks + b) * bytes;
-      const int8_t* xb = xq + i * K + b * 32;
-      int32_t isum[16] = {0};
+      const int8_t* xb = in.xq + i * K + b * 32;
+      const int64_t rb = i * blocks + b;
+      int32_t isum[2][16] = {};  // SCALES 3: k 0-15, 16-31 apart
       for (int j = 0; j < 8; ++j)
         for (int c = 0; c < 16; ++c)
           for (int t = 0; t < 4; ++t) {
-            const int v = BITS == 8 ? w[j * 64 + 4 * c + t]
-                                    : (w[(j & 3) * 64 + 4 * c + t] >> (j < 4 ? 0 : 4)) & 0x0F;
-            isum[c] += v * int(xb[4 * j + t]);
+            int v = BITS == 8 ? w[j * 64 + 4 * c + t] : (w[(j & 3) * 64 + 4 * c + t] >> (j < 4 ? 0 : 4)) & 0x0F;
+            if (BITS == 6) v |= ((w[256 + (j / 4) * 64 + 4 * c + t] >> (2 * (j % 4))) & 3) << 4;
+            isum[SCALES == 3 && j >= 4][c] += v * int(xb[4 * j + t]);
           }
       for (int c = 0; c < 16; ++c) {
+        if (SCALES == 3) {
+          const float sd = half_to_float(d[(cb * blocks / 8 + b / 8) * 16 + c]);
+          const int8_t* sc = reinterpret_cast<const int8_t*>(sb) + (cb * blocks + b) * 32;
+          const float lo = float(isum[0][c] - in.halves[2 * rb]), hi = float(isum[1][c] - in.halves[2 * rb + 1]);
+          acc[c] += (hi * (sd * float(sc[16 + c])) + lo * (sd * float(sc[c]))) * in.dx[rb];
+          continue;
+        }
         float dw, mw;
         if (SCALES == 2) {
           const uint16_t* sup = d + (cb * blocks / 8 + b / 8) * 32;
@@ -812,8 +899,8 @@ void quant_rows(const int8_t* xq, const float* dx, const float* cx, const int32_
           dw = half_to_float(d[(cb * blocks + b) * 16 + c]);
           mw = SCALES == 1 ? half_to_float(mh[(cb * blocks + b) * 16 + c]) : dw * mfac;
         }
-        if (SCALES == 0) acc[c] += dw * dx[i * blocks + b] * float(isum[c] + int32_t(mfac) * sx[i * blocks + b]);
-        else acc[c] += dw * dx[i * blocks + b] * float(isum[c]) + mw * cx[i * blocks + b];
+        if (SCALES == 0) acc[c] += dw * in.dx[rb] * float(isum[0][c] + int32_t(mfac) * in.sx[rb]);
+        else acc[c] += dw * in.dx[rb] * float(isum[0][c]) + mw * in.cx[rb];
       }
     }
     for (int c = 0; c < 16; ++c) out[i * N + cb * 16 + c] = acc[c];
@@ -830,22 +917,27 @@ int64_t amx_quant_min_rows = AMX_QUANT_MIN_ROWS;
 
 int64_t set_amx_quant_min_rows(int64_t rows) { return std::exchange(amx_quant_min_rows, rows); }
 
-// x (..., K) with M rows; u, d, m as laid out above (m empty: m = mfac * d); bits 4 or 8 -> (..., N) in x's
+// x (..., K) with M rows; u, d, m as laid out above (m empty: m = mfac * d); bits 4, 6 or 8 -> (..., N) in x's
 // dtype. Any row count: decode steps (few rows) and prompt chunks (each 4-row tile re-reads the column
 // block's weights from the core's cache).
 at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& u, const at::Tensor& d, const at::Tensor& m,
                       int64_t bits, double mfac) {
-  TORCH_CHECK(bits == 4 || bits == 8, "gemm_quant: bits must be 4 or 8");
+  TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "gemm_quant: bits must be 4, 6 or 8");
   TORCH_CHECK(u.scalar_type() == at::kByte && u.dim() == 3 && u.size(2) == bits * 64 && u.is_contiguous(),
               "gemm_quant: u must be (N/16, K/32, bits * 64) uint8");
   const int64_t cblocks = u.size(0), blocks = u.size(1), N = cblocks * 16, K = blocks * 32;
   TORCH_CHECK(x.size(-1) == K, "gemm_quant: x's last dimension must be the weights' K");
-  // m: empty (SCALES 0), fp16 per block (1), or uint8 6-bit scales and minimums with fp16 super-blocks in d (2)
-  const int scales = m.numel() == 0 ? 0 : m.scalar_type() == at::kByte ? 2 : 1;
+  // m: empty (SCALES 0), fp16 per block (1), uint8 6-bit scales and minimums with fp16 super-blocks in d (2),
+  // or int8 scales of the halves with an fp16 d per super-block (3, 6 bits)
+  const int scales = m.numel() == 0 ? 0 : m.scalar_type() == at::kByte ? 2 : m.scalar_type() == at::kChar ? 3 : 1;
+  TORCH_CHECK((scales == 3) == (bits == 6), "gemm_quant: 6-bit weights go with int8 half-block scales");
   TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous()
-              && d.numel() == (scales == 2 ? N * (blocks / 8) * 2 : N * blocks), "gemm_quant: bad d");
-  TORCH_CHECK(scales == 0 || (m.is_contiguous() && m.numel() == N * blocks * (scales == 2 ? 2 : 1)
-                              && (scales == 2 ? blocks % 8 == 0 && bits == 4 : m.scalar_type() == at::kHalf)),
+              && d.numel() == (scales == 2 ? N * (blocks / 8) * 2 : scales == 3 ? N * (blocks / 8) : N * blocks),
+              "gemm_quant: bad d");
+  TORCH_CHECK(scales == 0 || (m.is_contiguous() && m.numel() == N * blocks * (scales >= 2 ? 2 : 1)
+                              && (scales == 2   ? blocks % 8 == 0 && bits == 4
+                                  : scales == 3 ? blocks % 8 == 0
+                                                : m.scalar_type() == at::kHalf)),
               "gemm_quant: bad m");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "gemm_quant: bf16 or fp32 inputs");
   const int64_t M = x.numel() / K;
@@ -853,42 +945,43 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& u, const at::Tensor
   // per-thread scratch for the quantized inputs, kept between calls (no allocation per decode step)
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> dx, cx;
-  thread_local std::vector<int32_t> sx;
+  thread_local std::vector<int32_t> sx, halves;
   const int64_t padded = (M + 15) / 16 * 16;  // the tile path reads whole tiles of rows (the rest unused)
   xq.resize(padded * K);
   dx.resize(padded * blocks);
   cx.resize(padded * blocks);
   sx.resize(padded * blocks);
+  halves.resize(2 * padded * blocks);
   if (x.scalar_type() == at::kBFloat16)
-    quantize_inputs(xc.data_ptr<at::BFloat16>(), M, K, xq.data(), dx.data(), cx.data(), sx.data());
+    quantize_inputs(xc.data_ptr<at::BFloat16>(), M, K, xq.data(), dx.data(), cx.data(), sx.data(), halves.data());
   else
-    quantize_inputs(xc.data_ptr<float>(), M, K, xq.data(), dx.data(), cx.data(), sx.data());
+    quantize_inputs(xc.data_ptr<float>(), M, K, xq.data(), dx.data(), cx.data(), sx.data(), halves.data());
   auto out = out_like(xc, N);
   const uint8_t* up = u.data_ptr<uint8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
   const void* mp = scales ? m.data_ptr() : nullptr;
   const float mf = float(mfac);
-  const int8_t* q = xq.data();
-  const float *dxp = dx.data(), *cxp = cx.data();
-  const int32_t* sxp = sx.data();
+  const Inputs in{xq.data(), dx.data(), cx.data(), sx.data(), halves.data(), K};
   auto run = [&](auto* op) {
 #ifdef HAVE_AMX_QUANT
     if (M >= amx_quant_min_rows && amx_ready()) {
-      if (bits == 4 && scales == 2) amx_quant<4, 2>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N);
-      else if (bits == 4 && scales == 1) amx_quant<4, 1>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N);
-      else if (bits == 4) amx_quant<4, 0>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N);
-      else if (scales == 1) amx_quant<8, 1>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N);
-      else amx_quant<8, 0>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N);
+      if (bits == 6) amx_quant<6, 3>(in, M, up, dp, mp, mf, op, N);
+      else if (bits == 4 && scales == 2) amx_quant<4, 2>(in, M, up, dp, mp, mf, op, N);
+      else if (bits == 4 && scales == 1) amx_quant<4, 1>(in, M, up, dp, mp, mf, op, N);
+      else if (bits == 4) amx_quant<4, 0>(in, M, up, dp, mp, mf, op, N);
+      else if (scales == 1) amx_quant<8, 1>(in, M, up, dp, mp, mf, op, N);
+      else amx_quant<8, 0>(in, M, up, dp, mp, mf, op, N);
       return;
     }
 #endif
     at::parallel_for(0, cblocks, 4, [&](int64_t c0, int64_t c1) {
       for (int64_t cb = c0; cb < c1; ++cb) {
-        if (bits == 4 && scales == 2) quant_rows<4, 2>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N, cb);
-        else if (bits == 4 && scales == 1) quant_rows<4, 1>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N, cb);
-        else if (bits == 4) quant_rows<4, 0>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N, cb);
-        else if (scales == 1) quant_rows<8, 1>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N, cb);
-        else quant_rows<8, 0>(q, dxp, cxp, sxp, M, K, up, dp, mp, mf, op, N, cb);
+        if (bits == 6) quant_rows<6, 3>(in, M, up, dp, mp, mf, op, N, cb);
+        else if (bits == 4 && scales == 2) quant_rows<4, 2>(in, M, up, dp, mp, mf, op, N, cb);
+        else if (bits == 4 && scales == 1) quant_rows<4, 1>(in, M, up, dp, mp, mf, op, N, cb);
+        else if (bits == 4) quant_rows<4, 0>(in, M, up, dp, mp, mf, op, N, cb);
+        else if (scales == 1) quant_rows<8, 1>(in, M, up, dp, mp, mf, op, N, cb);
+        else quant_rows<8, 0>(in, M, up, dp, mp, mf, op, N, cb);
       }
     });
   };
@@ -903,7 +996,8 @@ struct Decoded {
   uint8_t u[32];
   float d, m;
   uint8_t scale, minimum;  // Q4_K: the block's 6-bit scale and minimum (d and m above: times the super-block's)
-  uint16_t sd, smin;       // Q4_K: the super-block's fp16 d and dmin, as stored
+  uint16_t sd, smin;       // Q4_K: the super-block's fp16 d and dmin, as stored (Q6_K: d)
+  int8_t halves[2];        // Q6_K: the int8 scales of the block's two halves
 };
 
 inline float read_half(const uint8_t* p) {
@@ -912,7 +1006,7 @@ inline float read_half(const uint8_t* p) {
   return half_to_float(h);
 }
 
-// GGUF types by the codes llm/gguf.py passes: 0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4_K, 4 Q6_K (requantized to 8 bits)
+// GGUF types by the codes llm/gguf.py passes: 0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4_K, 4 Q6_K
 inline void decode_block(const uint8_t* row, int64_t b, int64_t kind, Decoded& out) {
   if (kind == 0 || kind == 1) {  // d (, m), 16 bytes: low nibbles are weights 0-15, high nibbles 16-31
     const uint8_t* blk = row + b * (kind == 0 ? 18 : 20);
@@ -945,39 +1039,34 @@ inline void decode_block(const uint8_t* row, int64_t b, int64_t kind, Decoded& o
     const uint8_t* ql = blk + 64 * half;
     const uint8_t* qh = blk + 128 + 32 * half;
     const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192) + 8 * half;
-    const float d = read_half(blk + 208);
-    float w[32], top = 0.f;
     for (int l = 0; l < 32; ++l) {
       const int low = ql[l + 32 * (quarter & 1)];
-      const int q = ((quarter < 2 ? low & 0xF : low >> 4) | (((qh[l] >> (2 * quarter)) & 3) << 4)) - 32;
-      w[l] = d * float(sc[l / 16 + 2 * quarter]) * float(q);
-      top = std::max(top, std::fabs(w[l]));
+      out.u[l] = uint8_t((quarter < 2 ? low & 0xF : low >> 4) | (((qh[l] >> (2 * quarter)) & 3) << 4));
     }
-    out.d = top / 127.f;
-    out.m = -128.f * out.d;
-    const float inv = top > 0.f ? 127.f / top : 0.f;
-    for (int l = 0; l < 32; ++l) out.u[l] = uint8_t(int(std::nearbyint(w[l] * inv)) + 128);
+    out.halves[0] = sc[2 * quarter], out.halves[1] = sc[2 * quarter + 1];
+    __builtin_memcpy(&out.sd, blk + 208, 2);
   }
 }
 
 // raw (rows, bytes per row) of `kind`, rows a multiple of 16, into u (rows/16, K/32, bits * 64), d and m
 // ((rows/16, K/32, 16) fp16; m is written for Q4_1 only); Q4_K keeps its own scales: d (rows/16, K/256, 2,
-// 16) fp16 super-block d and dmin, m (rows/16, K/32, 2, 16) uint8 scales and minimums (SCALES 2 above).
+// 16) fp16 super-block d and dmin, m (rows/16, K/32, 2, 16) uint8 scales and minimums (SCALES 2 above);
+// Q6_K too: d (rows/16, K/256, 16) fp16, m (rows/16, K/32, 2, 16) int8 scales of the halves (SCALES 3).
 void pack_gguf(const at::Tensor& raw, int64_t kind, int64_t k, const at::Tensor& u, const at::Tensor& d,
                const at::Tensor& m) {
   TORCH_CHECK(raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.is_contiguous(), "pack_gguf: raw bytes");
   const int64_t rows = raw.size(0), row_bytes = raw.size(1), blocks = k / 32;
-  const int64_t bits = kind <= 1 || kind == 3 ? 4 : 8;
-  const bool has_min = kind == 1, super = kind == 3;
+  const int64_t bits = kind <= 1 || kind == 3 ? 4 : kind == 4 ? 6 : 8;
+  const bool has_min = kind == 1, super = kind == 3, six = kind == 4;
   TORCH_CHECK(rows % 16 == 0 && u.numel() == rows * blocks * bits * 4
-              && d.numel() == (super ? rows * (blocks / 8) * 2 : rows * blocks)
-              && (!super || m.numel() == rows * blocks * 2) && (!has_min || m.numel() == rows * blocks),
+              && d.numel() == (super ? rows * (blocks / 8) * 2 : six ? rows * (blocks / 8) : rows * blocks)
+              && (!(super || six) || m.numel() == rows * blocks * 2) && (!has_min || m.numel() == rows * blocks),
               "pack_gguf: output sizes do not match");
   const uint8_t* rp = raw.data_ptr<uint8_t>();
   uint8_t* up = u.data_ptr<uint8_t>();
   uint16_t* dp = reinterpret_cast<uint16_t*>(d.data_ptr());
   uint16_t* mp = has_min ? reinterpret_cast<uint16_t*>(m.data_ptr()) : nullptr;
-  uint8_t* sp = super ? m.data_ptr<uint8_t>() : nullptr;
+  uint8_t* sp = super ? m.data_ptr<uint8_t>() : six ? reinterpret_cast<uint8_t*>(m.data_ptr<int8_t>()) : nullptr;
   at::parallel_for(0, rows / 16, 1, [&](int64_t c0, int64_t c1) {
     Decoded blk;
     for (int64_t cb = c0; cb < c1; ++cb)
@@ -991,7 +1080,20 @@ void pack_gguf(const at::Tensor& raw, int64_t kind, int64_t k, const at::Tensor&
               for (int t = 0; t < 4; ++t) out[j * 64 + 4 * c + t] = blk.u[4 * j + t];
           } else {
             for (int j = 0; j < 4; ++j)
-              for (int t = 0; t < 4; ++t) out[j * 64 + 4 * c + t] = blk.u[4 * j + t] | (blk.u[16 + 4 * j + t] << 4);
+              for (int t = 0; t < 4; ++t)
+                out[j * 64 + 4 * c + t] = (blk.u[4 * j + t] & 0xF) | ((blk.u[16 + 4 * j + t] & 0xF) << 4);
+          }
+          if (six) {  // the high 2 bits: vector h's bits 2i..2i+1 are those of vector 4h + i
+            for (int h = 0; h < 2; ++h)
+              for (int t = 0; t < 4; ++t) {
+                uint8_t v = 0;
+                for (int i = 0; i < 4; ++i) v |= uint8_t((blk.u[4 * (4 * h + i) + t] >> 4) << (2 * i));
+                out[256 + h * 64 + 4 * c + t] = v;
+              }
+            sp[(cb * blocks + b) * 32 + c] = uint8_t(blk.halves[0]);
+            sp[(cb * blocks + b) * 32 + 16 + c] = uint8_t(blk.halves[1]);
+            if (b % 8 == 0) dp[(cb * blocks / 8 + b / 8) * 16 + c] = blk.sd;
+            continue;
           }
           if (super) {
             sp[(cb * blocks + b) * 32 + c] = blk.scale;

@@ -100,7 +100,7 @@ def gguf_bytes_per_token(path: str) -> int:
 
 def packed_gguf_bytes_per_token(path: str, dense_bytes: int = 2) -> int:
     """Bytes per token of a GGUF file's weights as `--gguf-weights packed` holds them (llm/gguf.py): Q4_0 and
-    Q4_1 and Q8_0 as stored, Q4_K at 148 bytes per 256 weights, other quantized types at 34 per 32 (8 bits),
+    Q4_1, Q6_K and Q8_0 as stored, Q4_K at 148 bytes per 256 weights, other quantized types at 34 per 32 (8 bits),
     F32/F16/BF16 tensors at the model's precision (dense_bytes per weight)."""
     from pathlib import Path
 
