@@ -213,8 +213,8 @@ ATTENTIONS = ("auto", "sdpa", "eager", "roofserve")
 BACKENDS = ("torch", "llamacpp", "llama-server")
 GEMVS = ("torch", "roofserve")
 GGUF_WEIGHTS = ("auto", "bf16", "packed")
-# --max-batch-size auto on the torch backend: experiments/llm-users-cpu.toml put batch 16 within 3% of one at
-# a time at one user and 4x it at 8 users; 8 halves the buckets to compile and the KV cache of 16
+# --max-batch-size auto on the torch backend: a batch costs one user little and multiplies what many get
+# (docs/many-users.md); 8 rather than 16 halves the buckets to compile and the KV cache held
 AUTO_LLM_BATCH = 8
 
 

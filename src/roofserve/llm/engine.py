@@ -16,8 +16,8 @@ without waiting for each other.
 - Decode steps run padded to a power-of-two bucket of rows (the spare rows write to a scratch slot),
   so torch.compile makes one graph per bucket, all compiled at warm-up.
 - The prefill can be compiled too (`compile_prefill`): one graph with dynamic shapes for every chunk
-  length, start and slot, which halves a 64-token prompt's time on a 2-core CPU (eager, its ~900 small
-  ops cost as much as its matmuls).
+  length, start and slot (eager, a short prompt's hundreds of small ops can cost as much as its matmuls;
+  docs/results/2026-11-29-ttft-2-cores.md).
 - Attention of a decode step: roofserve's slot kernel (bf16 on CPU) reads only each row's filled
   positions; otherwise the plain matmul-softmax on CPU (SDPA's CPU kernel is slow for one query), SDPA
   on GPU, over the rows' slots with a mask: eager as far as the longest row has reached, compiled

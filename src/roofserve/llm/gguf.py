@@ -265,8 +265,7 @@ class TensorInfo:
 
 def read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
     """A GGUF file's metadata (arrays left out: the tokenizer's 100k+ strings) and tensor table, read in a
-    fraction of a second where gguf-py's reader builds a numpy view per field (about 9 s for a 128k vocab
-    on this VM)."""
+    fraction of a second where gguf-py's reader builds a numpy view per field (seconds for a 128k vocab)."""
     import struct
 
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType

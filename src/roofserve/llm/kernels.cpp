@@ -501,7 +501,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // apart (SCALES 3 below), and the inputs carry 32 x the sums of each block's halves for the -32.
 // The inputs are quantized per row and block of 32 to int8 (xq, scale dx), as llama.cpp does, so a block's
 // dot product is an integer one: sum_k w x = d dx sum(u xq) + m dx sum(xq).
-// Layout (pack_quant in Python): per block of 16 output columns, per block of 32 k, the 16 x 32 values as
+// Layout (pack_gguf below; pack8 in llm/gguf.py): per block of 16 output columns, per block of 32 k, the 16 x 32 values as
 // 64-byte vectors of 16 columns x 4 consecutive k, which is what AVX512-VNNI's vpdpbusd multiplies by a
 // broadcast group of 4 input bytes: vector j holds k = 4j..4j+3 (8 bits: 8 vectors, 512 bytes) or, 4 bits,
 // k = 4j.. in the low nibbles and k = 16 + 4j.. in the high ones (4 vectors, 256 bytes), or, 6 bits, those

@@ -72,8 +72,8 @@ def check_source(source: str) -> None:
 
 def _converted(path: Path, part: str, make) -> Path | None:
     """A folder that make(folder) fills once from the GGUF `path` and that later loads read in a fraction
-    of a second: transformers parses a GGUF's 300k vocabulary fields and maps its tensors in Python (about
-    25 s for SmolLM2-135M's model and 5 s for its tokenizer on 2 cores, in every process that loads it).
+    of a second: transformers parses a GGUF's 300k vocabulary fields and maps its tensors in Python, which
+    takes tens of seconds for SmolLM2-135M, in every process that loads it (docs/serving-llm.md).
     Keyed by the file (path, size, mtime) and the transformers version; None if the cache is not writable."""
     import hashlib
     import os

@@ -1,5 +1,5 @@
-"""Ours against llama.cpp on the same GGUF file, alternated round by round (this VM's bandwidth drifts
-within minutes): `roofserve bench gguf`.
+"""Ours against llama.cpp on the same GGUF file, alternated round by round (a shared machine's bandwidth
+can drift within minutes): `roofserve bench gguf`.
 
 Each round runs, as separate processes on all cores, `roofserve bench llm-engine --gguf-weights packed`
 (prefill of a P-token prompt, then decode) and `llama-bench -p P -n N` (prefill of P tokens; decode of N

@@ -64,8 +64,8 @@ def bench_model(model: str, weights: str | None, device: str, ceilings: VisionCe
         photos, _ = photo_batch(pre)
         reference = reference_probs(model, weights, photos)
     del net
-    # every runner is built first, then measured in alternating rounds: this VM's speed drifts by tens of
-    # percent within minutes, and configs are compared only side by side
+    # every runner is built first, then measured in alternating rounds: a shared machine's speed can drift
+    # by tens of percent within minutes, and configs are compared only side by side
     runners, rows = [], []
     for runtime, precision in runtime_pairs(ceilings, dev):
         compile = ceilings.compile and runtime == "torch"
