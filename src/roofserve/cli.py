@@ -609,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # a line per request
+    from roofserve.config import inductor_cache
+
+    inductor_cache()  # before anything asks inductor for its cache folder; every process started from here inherits it
     try:
         if args.command in ("bench", "sweep", "demo", "peak"):
             from roofserve.server.env import reexec_with, tuned_environ

@@ -40,6 +40,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("ROOFSERVE_CACHE") or Path.home() / ".cache" / "roofserve")
 
 
+def inductor_cache() -> str:
+    """Where torch.compile's inductor keeps what it compiled: $TORCHINDUCTOR_CACHE_DIR, else cache_root()/inductor
+    rather than inductor's /tmp default, which a reboot empties. A model's first compiled start takes minutes;
+    later starts of the same model and config read their graphs from here. Set before inductor first asks."""
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
 def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 

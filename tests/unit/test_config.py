@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,13 @@ def test_llama_server_backend_checks_our_api_key_and_keeps_it_off_its_command_li
                     "--api-key-file", str(key)], env=env, check=True, timeout=120, capture_output=True)
     seen_key, argv = record.read_text().splitlines()
     assert seen_key == "s3cret-key" and "s3cret" not in argv and "--parallel" in argv
+
+
+def test_compiled_graphs_are_kept_with_roofserves_caches_unless_the_user_says_where(monkeypatch, tmp_path):
+    from roofserve.config import inductor_cache
+
+    monkeypatch.setenv("ROOFSERVE_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert inductor_cache() == str(tmp_path / "inductor") == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    assert inductor_cache() == "/elsewhere"

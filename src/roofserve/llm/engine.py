@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from roofserve.config import LLMConfig
+from roofserve.config import LLMConfig, inductor_cache
 from roofserve.errors import UserError
 from roofserve.llm.sampling import Sampling, sample
 
@@ -368,6 +368,7 @@ def _compile(model: SlotModel, forward, dynamic: bool):
     decode step and the prefill of one engine can be set up one after the other."""
     import torch._inductor.config as inductor
 
+    inductor_cache()
     torch._dynamo.reset()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     if next(model.parameters()).device.type == "cuda":

@@ -118,6 +118,10 @@ class TorchGenerator(Generator):
 
             self.batch = Engine(model, cfg)
             log.info("warm-up of batch sizes %s took %.1f s", self.batch.buckets, self.batch.warm_up())
+            if cfg.compile or cfg.compile_prefill:
+                from roofserve.config import inductor_cache
+
+                log.info("compiled graphs are cached in %s: later starts of this model reuse them", inductor_cache())
         else:
             from functools import partial
 
