@@ -96,8 +96,8 @@ class ServerConfig:
     send_buffer_bytes: int = _help("kernel and user-space send buffer per connection: what is held for a client "
                                    "that does not read", default=256 * 1024)
     # platforms/rayserve.py
-    platform: str = _help("where the server runs: litserve (one machine) or ray (Ray Serve replicas behind Ray's proxy; pip install "
-                        "'roofserve[ray]')", default="litserve")
+    platform: str = _help("where the server runs: litserve (one machine) or ray (Ray Serve replicas behind Ray's "
+                          "proxy; pip install 'roofserve[ray]')", default="litserve")
     ray_replicas: int = _help("--platform ray: replicas (the autoscaler's floor with --ray-max-replicas)", default=1)
     ray_max_replicas: int = _help("--platform ray: autoscale up to this many replicas (0: fixed at --ray-replicas)",
                                   default=0)
@@ -266,7 +266,8 @@ class LLMConfig(ServerConfig):
                            default=0)
     gguf_weights: str = _help("a .gguf model's weights: packed (its own 4-, 6- and 8-bit blocks in memory, read by "
                               "our int8 kernel on CPU, as llama.cpp does: one copy about the file's size; Q4_0, "
-                              "Q4_1, Q4_K, Q6_K and Q8_0 natively, other types requantized to 8 bits), bf16 (dequantized once "
+                              "Q4_1, Q4_K, Q6_K and Q8_0 natively, other types requantized to 8 bits), bf16 "
+                              "(dequantized once "
                               "into a cached folder; --quantize, --gemv and --lora apply), or auto: packed for a "
                               ".gguf file on CPU without those flags, bf16 otherwise (the bundled demo model too)",
                               default="auto")

@@ -333,7 +333,8 @@ def read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
     return meta, tensors
 
 
-PACKED_BYTES_PER_256 = {"Q4_0": 144, "Q4_1": 160, "Q4_K": 148, "Q6_K": 210, "Q8_0": 272}  # any other quantized type: 272 (8 bits)
+# any other quantized type: 272 (8 bits)
+PACKED_BYTES_PER_256 = {"Q4_0": 144, "Q4_1": 160, "Q4_K": 148, "Q6_K": 210, "Q8_0": 272}
 
 
 def packed_bytes(tensors: dict[str, TensorInfo], dense_bytes: int = 2) -> int:

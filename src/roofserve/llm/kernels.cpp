@@ -501,13 +501,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // apart (SCALES 3 below), and the inputs carry 32 x the sums of each block's halves for the -32.
 // The inputs are quantized per row and block of 32 to int8 (xq, scale dx), as llama.cpp does, so a block's
 // dot product is an integer one: sum_k w x = d dx sum(u xq) + m dx sum(xq).
-// Layout (pack_gguf below; pack8 in llm/gguf.py): per block of 16 output columns, per block of 32 k, the 16 x 32 values as
-// 64-byte vectors of 16 columns x 4 consecutive k, which is what AVX512-VNNI's vpdpbusd multiplies by a
-// broadcast group of 4 input bytes: vector j holds k = 4j..4j+3 (8 bits: 8 vectors, 512 bytes) or, 4 bits,
-// k = 4j.. in the low nibbles and k = 16 + 4j.. in the high ones (4 vectors, 256 bytes), or, 6 bits, those
-// 4 vectors of the low 4 bits and 2 of the high 2 (vector h, bits 2i..2i+1: those of vector 4h + i; 384
-// bytes). d and m: (N/16, K/32, 16) fp16. Accumulators hold 16 outputs, so no horizontal sums are left, and each loaded
-// weight vector serves every input row of the tile.
+// Layout (pack_gguf below; pack8 in llm/gguf.py): per block of 16 output columns, per block of 32 k, the
+// 16 x 32 values as 64-byte vectors of 16 columns x 4 consecutive k, which is what AVX512-VNNI's vpdpbusd
+// multiplies by a broadcast group of 4 input bytes: vector j holds k = 4j..4j+3 (8 bits: 8 vectors, 512
+// bytes) or, 4 bits, k = 4j.. in the low nibbles and k = 16 + 4j.. in the high ones (4 vectors, 256 bytes),
+// or, 6 bits, those 4 vectors of the low 4 bits and 2 of the high 2 (vector h, bits 2i..2i+1: those of
+// vector 4h + i; 384 bytes). d and m: (N/16, K/32, 16) fp16. Accumulators hold 16 outputs, so no
+// horizontal sums are left, and each loaded weight vector serves every input row of the tile.
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
   uint32_t bits;
@@ -828,8 +828,8 @@ void amx_quant(const Inputs& in, int64_t M, const uint8_t* u, const uint16_t* d,
   at::parallel_for(0, (cblocks + G - 1) / G, 1, [&](int64_t g0, int64_t g1) {
     thread_local std::vector<uint8_t> unpacked;  // a group's tiles (4- and 6-bit weights), kept between calls
     if (unpack) unpacked.resize(G * blocks * 512 + 64);
-    uint8_t* buffer = unpack ? reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(unpacked.data()) + 63) & ~uintptr_t(63))
-                             : nullptr;
+    uint8_t* buffer =
+        unpack ? reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(unpacked.data()) + 63) & ~uintptr_t(63)) : nullptr;
     int64_t configured = 0;
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t first = g * G, count = std::min<int64_t>(G, cblocks - first);
