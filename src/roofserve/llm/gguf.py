@@ -151,22 +151,27 @@ def pack_tensor(raw: np.ndarray, kind: str, shape: tuple[int, int], permute: int
     return out
 
 
+def _row_chunks(path: Path, offset: int, nbytes: int, n: int):
+    """(first row, raw bytes of up to ROWS_PER_CHUNK rows) of an n-row tensor in a file, by file reads, not a
+    memory map, whose pages would count as this process's memory next to the copy being built."""
+    row_bytes = nbytes // n
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for row in range(0, n, ROWS_PER_CHUNK):
+            rows = min(ROWS_PER_CHUNK, n - row)
+            yield row, np.fromfile(f, np.uint8, rows * row_bytes).reshape(rows, row_bytes)
+
+
 def pack_from_file(path: Path, offset: int, nbytes: int, kind: str, shape: tuple[int, int],
                    permute: int | None = None) -> Packed:
-    """pack_tensor of a tensor in a file, read a chunk of rows at a time (file reads, not a memory map,
-    whose pages would count as this process's memory next to the packed copy)."""
+    """pack_tensor of a tensor in a file, read a chunk of rows at a time (_row_chunks)."""
     n, k = shape
     _check_shape(kind, n, k)
-    row_bytes = nbytes // n
     if permute:  # Q and K matrices are small: whole
         return pack_tensor(np.fromfile(path, np.uint8, nbytes, offset=offset), kind, shape, permute)
     out = empty_packed(kind, n, k)
-    with open(path, "rb") as f:
-        for row in range(0, n, ROWS_PER_CHUNK):
-            rows = min(ROWS_PER_CHUNK, n - row)
-            f.seek(offset + row * row_bytes)
-            raw = np.fromfile(f, np.uint8, rows * row_bytes).reshape(rows, row_bytes)
-            pack_rows(raw, kind, k, out, row)
+    for row, raw in _row_chunks(path, offset, nbytes, n):
+        pack_rows(raw, kind, k, out, row)
     return out
 
 
@@ -176,17 +181,12 @@ def dense_from_file(path: Path, offset: int, nbytes: int, kind: str, shape: tupl
     fp32 copy of the whole matrix next to it (a 1B model's bf16 embedding would pass through 1 GB of fp32)."""
     n, k = shape
     w = torch.empty((n, k), dtype=dtype)
-    row_bytes = nbytes // n
-    with open(path, "rb") as f:
-        f.seek(offset)
-        for row in range(0, n, ROWS_PER_CHUNK):
-            rows = min(ROWS_PER_CHUNK, n - row)
-            raw = np.fromfile(f, np.uint8, rows * row_bytes)
-            if kind == "BF16":
-                chunk = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
-            else:
-                chunk = torch.from_numpy(raw.view(np.float16 if kind == "F16" else np.float32))
-            w[row:row + rows] = chunk.reshape(rows, k)
+    for row, raw in _row_chunks(path, offset, nbytes, n):
+        if kind == "BF16":
+            chunk = torch.from_numpy(raw.reshape(-1).view(np.int16)).view(torch.bfloat16)
+        else:
+            chunk = torch.from_numpy(raw.reshape(-1).view(np.float16 if kind == "F16" else np.float32))
+        w[row:row + len(raw)] = chunk.reshape(len(raw), k)
     if permute:  # llama.cpp's rotary reordering of Q and K rows undone, as _unpermute does
         w = w.reshape(permute, n // permute // 2, 2, k).transpose(1, 2).reshape(n, k)
     return w
