@@ -11,11 +11,10 @@ top logit (a wrong row order, scale or format would put it tens below).
 
 Needs llama.cpp's tools (`make llama-server`, about 6 minutes); skipped without them, so CI skips it."""
 
-import json
 import shutil
 import subprocess
-import urllib.request
 
+import httpx
 import pytest
 import torch
 
@@ -55,15 +54,9 @@ def _chat(prompt: str) -> str:  # SmolLM2's chat format, written out (the server
 
 def _llama_cpp_answers(path: str) -> list[str]:
     args = ["llm", "--model", path, "--backend", "llama-server", "--max-seq-len", "512", "--max-batch-size", "1"]
-    answers = []
     with running_server(args) as url:
-        for prompt in PROMPTS:
-            body = json.dumps({"prompt": _chat(prompt), "max_tokens": TOKENS, "temperature": 0}).encode()
-            request = urllib.request.Request(url + "/v1/completions", data=body,
-                                             headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=300) as response:
-                answers.append(json.loads(response.read())["choices"][0]["text"])
-    return answers
+        return [httpx.post(url + "/v1/completions", json={"prompt": _chat(p), "max_tokens": TOKENS, "temperature": 0},
+                           timeout=300).json()["choices"][0]["text"] for p in PROMPTS]
 
 
 @pytest.mark.parametrize("kind", ["Q4_1 (bundled)", "Q4_0", "Q8_0", "Q4_K_M"])
