@@ -71,7 +71,7 @@ def test_packed_weights_are_llama_cpps_dequantized_ones(kind):
 
 
 @pytest.mark.parametrize("kind", FORMATS)
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 17, 64])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 7, 8, 14, 17, 64])  # tiles of 8 rows and each remainder
 def test_kernel_matches_the_same_math_in_torch(kind, rows):
     n, k = 64, 768 if kind not in ("Q4_K", "Q6_K") else 512
     p = pack_tensor(random_blocks(kind, n, k, seed=rows), kind, (n, k))

@@ -498,7 +498,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // Every format becomes w[n, k] = d[n, b] * u[n, k] + m[n, b] for blocks b of 32 k, with u unsigned (4 or 8
 // bits): Q4_0 is u = q (0..15), m = -8d; Q8_0 is u = q + 128, m = -128d; Q4_1 and Q4_K keep a stored m.
 // Q6_K has a scale per 16 k: w = d * sc * (u - 32), u = q (0..63), so each block's two halves are summed
-// apart (SCALES 3 below), and the inputs carry 32 x the sums of each block's halves for the -32.
+// apart (SCALES 3 below), and the inputs carry -32 x the sums of each block's halves for the -32.
 // The inputs are quantized per row and block of 32 to int8 (xq, scale dx), as llama.cpp does, so a block's
 // dot product is an integer one: sum_k w x = d dx sum(u xq) + m dx sum(xq).
 // Layout (pack_gguf below; pack8 in llm/gguf.py): per block of 16 output columns, per block of 32 k, the
@@ -525,21 +525,23 @@ inline float half_to_float(uint16_t h) {
 }
 
 // The quantized inputs of M rows: xq (M x K int8), per row and block of 32 k dx (the block's absolute
-// maximum / 127), sx (the block's sum(xq)), cx = dx * sx (what a stored m multiplies) and, for Q6_K's
-// halves, halves (32 x the sums of the block's first and last 16: two per block).
+// maximum / 127), cx = dx * sum(xq) (what a stored m multiplies), off = mfac * sum(xq) (where a block's
+// integer sums start when m = mfac * d: the -8 or -128 of Q4_0 and Q8_0, exact) and, for Q6_K's halves,
+// halves (-32 x the sums of the block's first and last 16: two per block).
 struct Inputs {
   const int8_t* xq;
   const float *dx, *cx;
-  const int32_t *sx, *halves;
+  const int32_t *off, *halves;
   int64_t K;
   Inputs from(int64_t row) const {  // rows [row, M)
     const int64_t r = row * (K / 32);
-    return {xq + row * K, dx + r, cx + r, sx + r, halves + 2 * r, K};
+    return {xq + row * K, dx + r, cx + r, off + r, halves + 2 * r, K};
   }
 };
 
 template <typename T>
-void quantize_inputs(const T* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* cx, int32_t* sx, int32_t* halves) {
+void quantize_inputs(const T* x, int64_t M, int64_t K, int32_t mfac, int8_t* xq, float* dx, float* cx, int32_t* off,
+                     int32_t* halves) {
   const int64_t blocks = K / 32;
   for (int64_t i = 0; i < M * blocks; ++i) {
     float v[32];
@@ -552,12 +554,12 @@ void quantize_inputs(const T* x, int64_t M, int64_t K, int8_t* xq, float* dx, fl
       const int q = int(std::nearbyint(v[t] * inv));
       xq[i * 32 + t] = int8_t(q);
       sum += q;
-      if (t == 15) halves[2 * i] = 32 * sum;
+      if (t == 15) halves[2 * i] = -32 * sum;
     }
-    halves[2 * i + 1] = 32 * sum - halves[2 * i];
+    halves[2 * i + 1] = -32 * sum - halves[2 * i];
     dx[i] = scale;
     cx[i] = scale * float(sum);
-    sx[i] = sum;
+    off[i] = mfac * sum;
   }
 }
 
@@ -616,20 +618,18 @@ struct ColumnScales {
 };
 
 // One input row's block (index rb of the inputs' blocks) added to its 16 outputs: isum = sum(u xq) per
-// column.
+// column, from in.off (SCALES 0).
 template <int SCALES>
-inline __m512 add_block(__m512 acc, __m512i isum, __m512 dw, __m512 mw, float mfac, const Inputs& in, int64_t rb) {
-  if (SCALES == 0)  // m = mfac d with mfac -8 or -128: the offset in integers, exact (no cancellation)
-    isum = _mm512_add_epi32(isum, _mm512_set1_epi32(int32_t(mfac) * in.sx[rb]));
+inline __m512 add_block(__m512 acc, __m512i isum, __m512 dw, __m512 mw, const Inputs& in, int64_t rb) {
   acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(in.dx[rb])), dw, acc);
   return SCALES != 0 ? _mm512_fmadd_ps(mw, _mm512_set1_ps(in.cx[rb]), acc) : acc;
 }
 
-// The same for Q6_K (SCALES 3): the halves' sums lo and hi, less 32 x their inputs' sums (exact integers),
-// times their scales dlo and dhi.
+// The same for Q6_K (SCALES 3): the halves' sums lo and hi plus in.halves (exact integers), times their
+// scales dlo and dhi.
 inline __m512 add_halves(__m512 acc, __m512i lo, __m512i hi, __m512 dlo, __m512 dhi, const Inputs& in, int64_t rb) {
-  lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(in.halves[2 * rb]));
-  hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(in.halves[2 * rb + 1]));
+  lo = _mm512_add_epi32(lo, _mm512_set1_epi32(in.halves[2 * rb]));
+  hi = _mm512_add_epi32(hi, _mm512_set1_epi32(in.halves[2 * rb + 1]));
   const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), dhi, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), dlo));
   return _mm512_fmadd_ps(v, _mm512_set1_ps(in.dx[rb]), acc);
 }
@@ -694,15 +694,17 @@ inline void quant_tile(const Inputs& in, const uint8_t* u, const uint16_t* d, co
     scales.at(b, mfac, dw, mw);
     for (int i = 0; i < MB; ++i) {
       const int8_t* xb = in.xq + i * K + b * 32;
-      __m512i isum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};  // SCALES 3: k 0-15, 16-31
+      const int64_t rb = i * blocks + b;
+      // SCALES 3: k 0-15, 16-31
+      __m512i isum[2] = {SCALES == 0 ? _mm512_set1_epi32(in.off[rb]) : _mm512_setzero_si512(), _mm512_setzero_si512()};
       for (int j = 0; j < 8; ++j) {
         int32_t group;
         __builtin_memcpy(&group, xb + 4 * j, 4);
         __m512i& sum = isum[SCALES == 3 && j >= 4];
         sum = _mm512_dpbusd_epi32(sum, wv[j], _mm512_set1_epi32(group));
       }
-      if (SCALES == 3) acc[i] = add_halves(acc[i], isum[0], isum[1], dw, mw, in, i * blocks + b);
-      else acc[i] = add_block<SCALES>(acc[i], isum[0], dw, mw, mfac, in, i * blocks + b);
+      if (SCALES == 3) acc[i] = add_halves(acc[i], isum[0], isum[1], dw, mw, in, rb);
+      else acc[i] = add_block<SCALES>(acc[i], isum[0], dw, mw, in, rb);
     }
   }
   for (int i = 0; i < MB; ++i) store16(out + i * N + cb * 16, acc[i]);
@@ -712,8 +714,12 @@ template <int BITS, int SCALES, typename OUT>
 void quant_rows(const Inputs& in, int64_t M, const uint8_t* u, const uint16_t* d, const void* mn, float mfac, OUT* out,
                 int64_t N, int64_t cb) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) quant_tile<4, BITS, SCALES>(in.from(m), u, d, mn, mfac, out + m * N, N, cb);
+  for (; m + 8 <= M; m += 8) quant_tile<8, BITS, SCALES>(in.from(m), u, d, mn, mfac, out + m * N, N, cb);
   switch (M - m) {
+    case 7: quant_tile<7, BITS, SCALES>(in.from(m), u, d, mn, mfac, out + m * N, N, cb); break;
+    case 6: quant_tile<6, BITS, SCALES>(in.from(m), u, d, mn, mfac, out + m * N, N, cb); break;
+    case 5: quant_tile<5, BITS, SCALES>(in.from(m), u, d, mn, mfac, out + m * N, N, cb); break;
+    case 4: quant_tile<4, BITS, SCALES>(in.from(m), u, d, mn, mfac, out + m * N, N, cb); break;
     case 3: quant_tile<3, BITS, SCALES>(in.from(m), u, d, mn, mfac, out + m * N, N, cb); break;
     case 2: quant_tile<2, BITS, SCALES>(in.from(m), u, d, mn, mfac, out + m * N, N, cb); break;
     case 1: quant_tile<1, BITS, SCALES>(in.from(m), u, d, mn, mfac, out + m * N, N, cb); break;
@@ -773,10 +779,13 @@ void amx_quant_tile(const Inputs& in, int64_t M, const uint8_t* tiles, const uin
     }
     __m512 dw, mw;
     scales.at(b, mfac, dw, mw);
-    for (int i = 0; i < MB; ++i)
-      acc[i] = HALF ? add_halves(acc[i], _mm512_load_si512(sums[0][i]), _mm512_load_si512(sums[1][i]), dw, mw, in,
-                                 i * blocks + b)
-                    : add_block<SCALES>(acc[i], _mm512_load_si512(sums[0][i]), dw, mw, mfac, in, i * blocks + b);
+    for (int i = 0; i < MB; ++i) {
+      const int64_t rb = i * blocks + b;
+      const __m512i s0 = _mm512_load_si512(sums[0][i]);
+      acc[i] = HALF ? add_halves(acc[i], s0, _mm512_load_si512(sums[1][i]), dw, mw, in, rb)
+             : add_block<SCALES>(acc[i], SCALES == 0 ? _mm512_add_epi32(s0, _mm512_set1_epi32(in.off[rb])) : s0, dw, mw,
+                                 in, rb);
+    }
   }
   for (int i = 0; i < MB; ++i)
     if (i < M) store16(out + i * N + cb * 16, acc[i]);
@@ -886,7 +895,7 @@ void quant_rows(const Inputs& in, int64_t M, const uint8_t* u, const uint16_t* d
         if (SCALES == 3) {
           const float sd = half_to_float(d[(cb * blocks / 8 + b / 8) * 16 + c]);
           const int8_t* sc = reinterpret_cast<const int8_t*>(sb) + (cb * blocks + b) * 32;
-          const float lo = float(isum[0][c] - in.halves[2 * rb]), hi = float(isum[1][c] - in.halves[2 * rb + 1]);
+          const float lo = float(isum[0][c] + in.halves[2 * rb]), hi = float(isum[1][c] + in.halves[2 * rb + 1]);
           acc[c] += (hi * (sd * float(sc[16 + c])) + lo * (sd * float(sc[c]))) * in.dx[rb];
           continue;
         }
@@ -899,7 +908,7 @@ void quant_rows(const Inputs& in, int64_t M, const uint8_t* u, const uint16_t* d
           dw = half_to_float(d[(cb * blocks + b) * 16 + c]);
           mw = SCALES == 1 ? half_to_float(mh[(cb * blocks + b) * 16 + c]) : dw * mfac;
         }
-        if (SCALES == 0) acc[c] += dw * in.dx[rb] * float(isum[0][c] + int32_t(mfac) * in.sx[rb]);
+        if (SCALES == 0) acc[c] += dw * in.dx[rb] * float(isum[0][c] + in.off[rb]);
         else acc[c] += dw * in.dx[rb] * float(isum[0][c]) + mw * in.cx[rb];
       }
     }
@@ -945,23 +954,24 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& u, const at::Tensor
   // per-thread scratch for the quantized inputs, kept between calls (no allocation per decode step)
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> dx, cx;
-  thread_local std::vector<int32_t> sx, halves;
+  thread_local std::vector<int32_t> off, halves;
   const int64_t padded = (M + 15) / 16 * 16;  // the tile path reads whole tiles of rows (the rest unused)
+  const int32_t moff = scales == 0 ? int32_t(mfac) : 0;  // m = mfac * d: -8 (4 bits) or -128 (8 bits)
   xq.resize(padded * K);
   dx.resize(padded * blocks);
   cx.resize(padded * blocks);
-  sx.resize(padded * blocks);
+  off.resize(padded * blocks);
   halves.resize(2 * padded * blocks);
   if (x.scalar_type() == at::kBFloat16)
-    quantize_inputs(xc.data_ptr<at::BFloat16>(), M, K, xq.data(), dx.data(), cx.data(), sx.data(), halves.data());
+    quantize_inputs(xc.data_ptr<at::BFloat16>(), M, K, moff, xq.data(), dx.data(), cx.data(), off.data(), halves.data());
   else
-    quantize_inputs(xc.data_ptr<float>(), M, K, xq.data(), dx.data(), cx.data(), sx.data(), halves.data());
+    quantize_inputs(xc.data_ptr<float>(), M, K, moff, xq.data(), dx.data(), cx.data(), off.data(), halves.data());
   auto out = out_like(xc, N);
   const uint8_t* up = u.data_ptr<uint8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
   const void* mp = scales ? m.data_ptr() : nullptr;
   const float mf = float(mfac);
-  const Inputs in{xq.data(), dx.data(), cx.data(), sx.data(), halves.data(), K};
+  const Inputs in{xq.data(), dx.data(), cx.data(), off.data(), halves.data(), K};
   auto run = [&](auto* op) {
 #ifdef HAVE_AMX_QUANT
     if (M >= amx_quant_min_rows && amx_ready()) {
