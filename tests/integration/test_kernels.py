@@ -194,9 +194,10 @@ for kind in ("Q4_0", "Q4_1", "Q8_0"):
     assert (got - expected).abs().max() <= 0.03 * expected.abs().max(), kind
 from roofserve.llm.gguf import dequantize_packed
 rng = np.random.default_rng(1)
-for kind, size, scale in (("Q4_K", 144, slice(0, 4)), ("Q6_K", 210, slice(208, 210))):  # any bytes are a block
+for kind, size, scales in (("Q4_K", 144, slice(0, 4)), ("Q6_K", 210, slice(208, 210))):  # any bytes are a block
     raw = rng.integers(0, 256, (32, 1, size), dtype=np.uint8)
-    raw[..., scale] = rng.uniform(1e-4, 1e-3, (32, 1, (scale.stop - scale.start) // 2)).astype(np.float16).view(np.uint8)
+    d = rng.uniform(1e-4, 1e-3, (32, 1, (scales.stop - scales.start) // 2)).astype(np.float16)
+    raw[..., scales] = d.view(np.uint8)  # small fp16 super-block scales
     p = pack_tensor(raw.reshape(32, size), kind, (32, 256))
     x = torch.randn(3, 256)
     expected = x @ dequantize_packed(p).T

@@ -927,8 +927,8 @@ int64_t amx_quant_min_rows = AMX_QUANT_MIN_ROWS;
 int64_t set_amx_quant_min_rows(int64_t rows) { return std::exchange(amx_quant_min_rows, rows); }
 
 // x (..., K) with M rows; u, d, m as laid out above (m empty: m = mfac * d); bits 4, 6 or 8 -> (..., N) in x's
-// dtype. Any row count: decode steps (few rows) and prompt chunks (each 4-row tile re-reads the column
-// block's weights from the core's cache).
+// dtype. Any row count: decode steps (few rows) and prompt chunks (each tile of up to 8 rows re-reads the
+// column block's weights from the core's cache).
 at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& u, const at::Tensor& d, const at::Tensor& m,
                       int64_t bits, double mfac) {
   TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "gemm_quant: bits must be 4, 6 or 8");
@@ -962,10 +962,11 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& u, const at::Tensor
   cx.resize(padded * blocks);
   off.resize(padded * blocks);
   halves.resize(2 * padded * blocks);
-  if (x.scalar_type() == at::kBFloat16)
-    quantize_inputs(xc.data_ptr<at::BFloat16>(), M, K, moff, xq.data(), dx.data(), cx.data(), off.data(), halves.data());
-  else
-    quantize_inputs(xc.data_ptr<float>(), M, K, moff, xq.data(), dx.data(), cx.data(), off.data(), halves.data());
+  auto quantize = [&](const auto* xp) {
+    quantize_inputs(xp, M, K, moff, xq.data(), dx.data(), cx.data(), off.data(), halves.data());
+  };
+  if (x.scalar_type() == at::kBFloat16) quantize(xc.data_ptr<at::BFloat16>());
+  else quantize(xc.data_ptr<float>());
   auto out = out_like(xc, N);
   const uint8_t* up = u.data_ptr<uint8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
