@@ -440,6 +440,8 @@ class LLMLadderConfig(LLMLoadConfig):
     rounds: int = _help("served and in-process alternate this many times per step", default=3)
     engine: bool = _help("also measure the engine in-process", default=True)
     prompt_lengths: list[int] = _help("in-process prefill prompt lengths", default_factory=lambda: [32, 256])
+    # the keys that do nothing without `engine` (a ladder that sets them where it is false is refused)
+    ENGINE_ONLY = ("rounds", "prompt_lengths")
 
     def validate(self) -> None:
         super().validate()

@@ -105,6 +105,25 @@ def test_a_ladder_typo_names_the_step_and_the_key(tmp_path):
         load_ladder(str(path))
 
 
+def test_a_ladder_key_that_does_nothing_where_it_is_set_is_refused(tmp_path):
+    """`rounds` alternates served and in-process runs: with engine = false it used to be accepted and do
+    nothing (a ladder of ours claimed A B A B that way and ran A B)."""
+    from roofserve.config import LLMConfig
+    from roofserve.sweep.ladder import load_ladder
+
+    path = tmp_path / "ladder.toml"
+    path.write_text('[bench]\nrounds = 2\nengine = false\n[[step]]\nname = "A"\n[[step]]\nname = "B"\n')
+    with pytest.raises(UserError, match=r"\[bench\]: rounds only apply with engine = true.*repeat"):
+        load_ladder(str(path), LLMConfig)
+    path.write_text('[bench]\nengine = true\n[[step]]\nname = "A"\n'
+                    '[[step]]\nname = "B"\nengine = false\nprompt_lengths = [64]\n')
+    with pytest.raises(UserError, match="step 'B' in .*: prompt_lengths only apply with engine = true"):
+        load_ladder(str(path), LLMConfig)
+    # where some step runs in-process, [bench]'s rounds do something (for that step)
+    path.write_text('[bench]\nrounds = 2\n[[step]]\nname = "A"\n[[step]]\nname = "B"\nengine = false\n')
+    assert [s.bench.rounds for s in load_ladder(str(path), LLMConfig).steps] == [2, 2]
+
+
 def test_ladder_steps_are_cumulative_and_repeat_starts_from_an_earlier_step(tmp_path):
     """A B A B: without `repeat` the second A would keep B's change (that is how two of our own A/B runs
     compared B with B)."""

@@ -80,8 +80,21 @@ def load_ladder(path: str, cls: type = VisionConfig, overrides: dict[str, Any] |
         where = f"step {table['name']!r} in {path}"
         config = _checked(where, lambda: make_config(cls, server))
         step_bench = _checked(where, lambda: make_config(bench_cls, dataclasses.asdict(bench), step_load, overrides))
+        _refuse_inert(where, set(step_load), step_bench)
         steps.append(Step(table["name"], table.get("why", ""), config, step_bench))
+    if not any(getattr(s.bench, "engine", True) for s in steps):
+        _refuse_inert(f"{path} [bench]", set(doc.get("bench", {})), steps[0].bench)
     return Ladder(path, doc, steps, ceilings)
+
+
+def _refuse_inert(where: str, given: set[str], bench) -> None:
+    """Keys that apply to in-process runs only, given where none run: the user meant something that
+    does not happen (e.g. `rounds` to alternate served steps; `repeat` does that)."""
+    inert = sorted(given & set(getattr(bench, "ENGINE_ONLY", ())))
+    if inert and not bench.engine:
+        raise UserError(f"{where}: {', '.join(inert)} only apply with engine = true (the in-process runs); "
+                        "here engine = false, so remove them (to alternate steps, add steps with "
+                        "repeat = \"<step name>\")")
 
 
 def _checked(where: str, build):
