@@ -4,6 +4,8 @@ per-request behaviour (limits, stop strings, seeds, usage, disconnects, errors) 
 tests marked ONCE check what only the HTTP process does (routes, validation, the tokenizer, the bench
 client) and run against the one-at-a-time server alone."""
 
+from collections import Counter
+
 import httpx
 import openai
 import pytest
@@ -63,6 +65,23 @@ def test_usage_counts_match_the_tokenizer(client, tokenizer):
     content_ids = tokenizer(answer.choices[0].message.content, add_special_tokens=False)["input_ids"]
     assert answer.usage.completion_tokens == len(content_ids)
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+
+
+def test_top_k_min_p_and_penalties_reach_the_sampler(client, tokenizer):
+    """vLLM's and llama-server's top_k and min_p, OpenAI's frequency_penalty: with top_k 1 (or min_p 1)
+    sampling at any temperature is greedy; a frequency penalty makes the greedy answer repeat itself less."""
+    ask = {"model": MODEL, "prompt": "yes, yes, yes, yes, yes, yes, yes,", "max_tokens": 16, "temperature": 0}
+
+    def answer(**change) -> str:
+        return client.completions.create(**{**ask, **change}).choices[0].text
+
+    greedy = answer()
+    assert answer(temperature=1.5, seed=7, extra_body={"top_k": 1}) == greedy
+    assert answer(temperature=1.5, seed=7, extra_body={"min_p": 1.0}) == greedy
+    assert answer(temperature=1.5, seed=7, extra_body={"top_k": 1, "min_p": 0.1, "top_p": 0.5}) == greedy
+    penalized = answer(frequency_penalty=2.0)
+    most = lambda text: max(Counter(tokenizer(text, add_special_tokens=False)["input_ids"]).values())
+    assert most(greedy) >= 5 and most(penalized) < most(greedy), (greedy, penalized)
 
 
 def test_max_tokens_stops_with_length(client):
@@ -206,8 +225,7 @@ def test_unsupported_fields_are_named_in_a_400_and_neutral_values_pass(url):
                "response_format": {"type": "json_object"}, "presence_penalty": 0.5, "top_k": 5}
     response = httpx.post(url + "/v1/chat/completions", json=refused, timeout=60)
     assert response.status_code == 400
-    assert response.json()["error"]["message"].startswith(
-        "unsupported fields: logit_bias, presence_penalty, response_format, tools, top_k")
+    assert response.json()["error"]["message"].startswith("unsupported fields: logit_bias, response_format, tools")
     neutral = {"messages": QUESTION, "max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0.0, "n": 1,
                "logprobs": False, "tools": [], "user": "someone", "logit_bias": {}}
     assert httpx.post(url + "/v1/chat/completions", json=neutral, timeout=60).status_code == 200
@@ -234,6 +252,11 @@ BAD = {
     "temperature NaN": {"messages": QUESTION, "temperature": float("nan")},  # json's NaN literal
     "top_p infinite": {"messages": QUESTION, "top_p": float("inf")},
     "seed over 64 bits": {"messages": QUESTION, "seed": 2 ** 70},
+    "top_k below -1": {"messages": QUESTION, "top_k": -2},
+    "top_k a float": {"messages": QUESTION, "top_k": 2.5},
+    "min_p over 1": {"messages": QUESTION, "min_p": 1.5},
+    "presence_penalty over 2": {"messages": QUESTION, "presence_penalty": 3},
+    "repetition_penalty zero": {"messages": QUESTION, "repetition_penalty": 0},
     "lone surrogate": {"messages": [{"role": "user", "content": "\ud800"}]},
     "prompt far over context": {"messages": [{"role": "user", "content": "x" * (CONTEXT * 128 + 1)}]},
 }

@@ -93,6 +93,62 @@ def test_tiny_temperatures_are_greedy():
     assert not Sampling(temperature=0.5).greedy
 
 
+def test_top_k_min_p_and_the_penalties_are_checked_and_passed_on():
+    chat = validate_chat_request({"messages": HELLO, "top_k": 40, "min_p": 0.05, "presence_penalty": -0.5,
+                                  "frequency_penalty": 1, "repetition_penalty": 1.1}, CFG, SERVED)
+    assert (chat["top_k"], chat["min_p"], chat["presence_penalty"], chat["frequency_penalty"],
+            chat["repetition_penalty"]) == (40, 0.05, -0.5, 1.0, 1.1)
+    plain = validate_completion_request({"prompt": "x", "top_k": -1}, CFG, SERVED)  # vLLM's "all"
+    assert (plain["top_k"], plain["min_p"], plain["presence_penalty"], plain["repetition_penalty"]) == (0, 0, 0, 1)
+    for field, value in (("top_k", -2), ("top_k", 1.5), ("min_p", 2), ("frequency_penalty", -3),
+                         ("repetition_penalty", 0)):
+        assert field in _refused(validate_chat_request, {"messages": HELLO, field: value}, CFG, SERVED).detail
+    llamacpp = make_config(LLMConfig, {"backend": "llamacpp"})
+    assert validate_chat_request({"messages": HELLO, "top_k": 5, "presence_penalty": 0}, llamacpp, SERVED)["top_k"] == 5
+    refused = _refused(validate_chat_request, {"messages": HELLO, "repetition_penalty": 1.2}, llamacpp, SERVED)
+    assert "'repetition_penalty' is not available with the llamacpp backend" in refused.detail
+
+
+def test_sampling_filters_keep_what_they_promise():
+    import torch
+
+    from roofserve.llm.sampling import Sampling, sample
+
+    logits = torch.tensor([0.0, 4.0, 3.9, 3.8, -2.0])
+    seen = lambda sampling: {sample(logits, sampling, torch.Generator().manual_seed(i)) for i in range(200)}
+    assert seen(Sampling(temperature=1.0)) >= {1, 2, 3}  # unfiltered: several tokens
+    assert seen(Sampling(temperature=1.0, top_k=1)) == {1}
+    assert seen(Sampling(temperature=1.0, top_k=2)) == {1, 2}
+    # min_p: tokens at least min_p times as likely as token 1 (2 and 3: e^-0.1 = 0.90 and e^-0.2 = 0.82 of it,
+    # 0: e^-4 = 0.018)
+    assert seen(Sampling(temperature=1.0, min_p=0.5)) == {1, 2, 3}
+    assert seen(Sampling(temperature=1.0, min_p=0.85)) == {1, 2}
+    assert seen(Sampling(temperature=1.0, min_p=0.95)) == {1}
+
+
+def test_penalties_count_the_output_and_repetition_the_prompt_too():
+    import torch
+
+    from roofserve.llm.sampling import Sampling, sample
+
+    logits = torch.tensor([0.0, 4.0, 3.0, 1.0])
+    plain = Sampling()  # greedy, unpenalized: the same token every time
+    assert [sample(logits, plain, None) for _ in range(3)] == [1, 1, 1]
+    # presence 3.5, once however often: once 1 (4.0 -> 0.5) and 2 (3.0 -> -0.5) were said, 3 (1.0) is
+    # next, then 1 again (0.5 against 0.0 and -2.5)
+    presence = Sampling(presence_penalty=3.5)
+    presence.start([0])
+    assert [sample(logits, presence, None) for _ in range(4)] == [1, 2, 3, 1]
+    frequency = Sampling(frequency_penalty=0.6)  # 4.0 - 0.6 n against 3.0 - 0.6 m
+    frequency.start([0])
+    assert [sample(logits, frequency, None) for _ in range(4)] == [1, 1, 2, 1]
+    repetition = Sampling(repetition_penalty=2.0)  # a prompt token: 4.0 / 2 = 2.0, below 3.0
+    repetition.start([1])
+    assert sample(logits, repetition, None) == 2
+    repetition.start([3])  # a new sequence forgets the last one's tokens
+    assert sample(logits, repetition, None) == 1 and sample(logits, repetition, None) == 2
+
+
 def test_json_nested_too_deeply_is_a_short_value_error():
     from roofserve.server.http import parse_json
 

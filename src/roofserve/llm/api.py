@@ -223,7 +223,9 @@ class LLMAPI(ls.LitAPI):
             return [rejection, None]
         gen = self.generator
         scores, observe = logprob_hook(request["logprobs"])
-        sampling = Sampling(max_tokens, request["temperature"], request["top_p"], request["seed"], observe)
+        sampling = Sampling(max_tokens, request["temperature"], request["top_p"], request["seed"], observe,
+                            **{key: request[key] for key in ("top_k", "min_p", "presence_penalty", "frequency_penalty",
+                                                             "repetition_penalty")})
         gen.batch.add(uid, ids, sampling, set() if request["ignore_eos"] else gen.stop_ids)
         self.jobs[uid] = _Job(request["request_id"], request.get("deadline", float("inf")),
                               TextStream(gen.decode, request["stop"], max_tokens, len(ids), scores),

@@ -29,6 +29,7 @@ def transformers_tokens(model: torch.nn.Module, prompt_ids: list[int], sampling:
 
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
+    sampling.start(prompt_ids)
     cache = DynamicCache(config=model.config)
     ids = torch.tensor([prompt_ids], device=device)
     positions = torch.arange(len(prompt_ids), device=device)

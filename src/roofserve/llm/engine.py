@@ -242,6 +242,7 @@ class Engine:
             raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({sampling.max_new_tokens}) "
                              f"exceeds {self.max_seq_len}")
         generator = torch.Generator(device="cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
+        sampling.start(prompt_ids)
         self.waiting.append(Sequence(seq_id, list(prompt_ids), sampling, set(stop_ids), generator))
 
     def cancel(self, seq_id: Hashable) -> None:
@@ -305,7 +306,7 @@ class Engine:
             logits, best = self._decode(tokens, positions, slots, max(len(s.prompt) + s.generated for s in rows))
         best = best.tolist()
         for i, seq in enumerate(rows):
-            if seq.sampling.greedy:
+            if seq.sampling.greedy and not seq.sampling.penalized:
                 token = best[i]
             else:
                 token = sample(logits[i].cpu() if seq.generator else logits[i], seq.sampling, seq.generator)

@@ -51,7 +51,9 @@ class LlamaCppGenerator(Generator):
             self.llm.set_seed(sampling.seed)
         self.llm.reset()  # no prefix reuse between requests: every prompt is prefilled, as in our engine
         count = 0
-        for token in self.llm.generate(ids, temp=sampling.temperature, top_p=sampling.top_p, top_k=0, reset=True):
+        # min_p and top_k given even when off: llama-cpp-python's defaults (0.05, 40) would filter unasked
+        for token in self.llm.generate(ids, temp=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                                       min_p=sampling.min_p, reset=True):
             if token in stop_ids:
                 return
             yield token

@@ -21,14 +21,17 @@ ROLES = ("system", "user", "assistant")
 # Fields that change nothing (informational), and fields we do not implement with the values that
 # mean "off": anything else in them is a 400.
 IGNORED = {"user", "metadata", "store", "service_tier"}
-NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
+NEUTRAL = {"logit_bias": ({},),
            "tools": ([],), "tool_choice": ("none",),
            "parallel_tool_calls": (False, True), "response_format": ({"type": "text"},),
            "echo": (False,), "suffix": ("",), "best_of": (1,), "n": (1,)}
-CHAT_FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-               "stream", "stream_options", "ignore_eos", "logprobs", "top_logprobs"}
-COMPLETION_FIELDS = {"prompt", "model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
-                     "stream_options", "ignore_eos", "logprobs"}
+# sampling: OpenAI's fields, and vLLM's and llama-server's top_k, min_p and repetition_penalty
+SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "seed"}
+CHAT_FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "stop", "stream", "stream_options",
+               "ignore_eos", "logprobs", "top_logprobs", *SAMPLING_FIELDS}
+COMPLETION_FIELDS = {"prompt", "model", "max_tokens", "stop", "stream", "stream_options", "ignore_eos", "logprobs",
+                     *SAMPLING_FIELDS}
 MAX_TOP_LOGPROBS = 20
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
 # No tokenizer we know has a token longer than this (SmolLM2's longest: 81 characters of spaces), so a
@@ -151,10 +154,22 @@ def _common(doc: dict, cfg: LLMConfig) -> dict:
     ignore_eos = doc.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise bad("'ignore_eos' must be true or false")
+    top_k = doc.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1):
+        raise bad("'top_k' must be an integer: the number of most likely tokens to sample from (0 or -1: all)")
+    penalties = {key: _number(doc, key, 0.0, -2.0, 2.0) for key in ("presence_penalty", "frequency_penalty")}
+    penalties["repetition_penalty"] = _number(doc, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True)
+    if cfg.backend == "llamacpp":  # llama.cpp's penalties count the last 64 tokens of prompt and output
+        for key, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+            if penalties[key] != off:
+                raise bad(f"'{key}' is not available with the llamacpp backend")
     return {
         "max_tokens": max_tokens,
         "temperature": _number(doc, "temperature", 1.0, 0.0, 2.0),
         "top_p": _number(doc, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        "top_k": max(top_k or 0, 0),
+        "min_p": _number(doc, "min_p", 0.0, 0.0, 1.0),
+        **penalties,
         "seed": seed,
         "stop": stop or [],
         "stream": stream,
