@@ -187,7 +187,7 @@ def test_bf16_with_kernels_and_compile_follows_torch_bf16(prompts):
             fast.running[s.id].generated, fast.running[s.id].token = s.generated, s.token
 
 
-def test_compiled_prefill_is_one_graph_for_every_chunk_length_start_and_slot():
+def test_compiled_prefill_is_one_graph_for_every_chunk_length_start_and_slot(caplog):
     """--compile-prefill: after warm-up, one graph (dynamic shapes) prefills chunks of any length, start
     and slot with the eager prefill's logits and cache entries, and the engine's greedy tokens are the
     eager engine's; nothing compiles again while serving (a recompile would stall every user for
@@ -197,7 +197,9 @@ def test_compiled_prefill_is_one_graph_for_every_chunk_length_start_and_slot():
     model = _tiny_llama()
     eager = make_engine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16)
     compiled = make_engine(model, max_batch_size=4, max_seq_len=128, prefill_chunk=16, compile_prefill=True)
-    compiled.warm_up()
+    with caplog.at_level("INFO", logger="roofserve.llm.engine"):
+        compiled.warm_up()
+    assert "compiling the prefill step" in caplog.text  # what a user waits for, said before it starts
     graphs = counters["stats"]["unique_graphs"]
     with torch.inference_mode():
         for (length, start, slot), got, want in _prefills(compiled, eager, [(5, 0, 0), (20, 0, 1), (7, 16, 3),

@@ -334,11 +334,18 @@ class Engine:
         the others join; a bucket first met while serving would compile then, for a minute.)"""
         start = time.perf_counter()
         scratch = self.slots.scratch
-        for size in self.buckets:
+        if self.compiled:
+            log.info("compiling the decode step for %d batch sizes (%s): minutes on a small CPU the first "
+                     "time, seconds once inductor's cache holds them", len(self.buckets), self.buckets)
+        for i, size in enumerate(self.buckets, 1):
             for _ in range(2):  # three distinct tensors, as in serving (dynamo guards on aliasing too)
                 tokens, positions = (torch.zeros(size, dtype=torch.long, device=self.device) for _ in range(2))
                 self._decode(tokens, positions, torch.full((size,), scratch, device=self.device))
+            if self.compiled:
+                log.info("decode step for %d row%s ready (%d of %d, %.0f s so far)", size, "s" if size > 1 else "",
+                         i, len(self.buckets), time.perf_counter() - start)
         if self._compiled_prefill is not None:
+            log.info("compiling the prefill step")
             # a chunk length unlike the start: torch.compile gives equal ints one symbol (a guard that
             # they stay equal), which the next prompt would break, compiling again while serving
             length = max(self.compiled_prefill_min, prompt_len, 6)
