@@ -219,6 +219,42 @@ def test_bench_llm_serve_sends_exact_lengths_at_a_rate_and_writes_vllms_keys(url
     assert result["input_lens"] == [40 + probe] * 6 and result["output_lens"] == [6] * 6
 
 
+def test_a_mistake_in_the_servers_checks_is_one_line_and_exit_status_2(tmp_path):
+    """The checks run in a child process (above): its UserError still reaches the user as one line."""
+    import subprocess
+    import sys
+
+    for args, message in ((["--model", str(tmp_path / "missing.gguf")], "GGUF file not found"),
+                          (["--device", "cpu", "--precision", "fp16"], "fp16 is slow or unsupported on CPU")):
+        done = subprocess.run([sys.executable, "-m", "roofserve", "serve", "llm", *args], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-1000:]
+        assert "Traceback" not in done.stderr and done.stderr.count("roofserve: error:") == 1
+
+
+def test_the_http_process_and_its_forks_do_not_load_torch():
+    """Only the worker runs the model: torch (~0.3 GB resident in each process that loads it) stays out of
+    the HTTP process and the processes LitServe forks from it (the server's checks run in a child), until
+    /tokenize first needs the tokenizer there (transformers imports torch). A server of its own: the
+    module's servers answer /tokenize in other tests."""
+    import psutil
+
+    from roofserve.load.process import server_process
+
+    def torch_loaded(p: psutil.Process) -> bool:
+        return any("libtorch_cpu" in m.path for m in p.memory_maps())
+
+    with server_process(["llm", "--max-seq-len", str(CONTEXT)]) as server:
+        assert httpx.post(server.url + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2},
+                          timeout=60).status_code == 200
+        http = psutil.Process(server.proc.pid)
+        family = [http, *[c for c in http.children(recursive=True) if "spawn_main" not in " ".join(c.cmdline())]]
+        workers = [c for c in http.children() if "spawn_main" in " ".join(c.cmdline())]
+        assert len(family) >= 2 and workers  # the HTTP process, LitServe's forks of it, the worker it spawned
+        assert not [p.cmdline() for p in family if torch_loaded(p)]
+        assert all(torch_loaded(w) for w in workers)
+
+
 @ONCE
 def test_unsupported_fields_are_named_in_a_400_and_neutral_values_pass(url):
     refused = {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}], "logit_bias": {"5": 1},

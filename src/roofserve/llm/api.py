@@ -17,12 +17,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import litserve as ls
-import torch
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from roofserve.config import LLMConfig
-from roofserve.llm.sampling import Sampling, logprob_hook
 from roofserve.llm.protocol import Formatter, parse_body, validate_chat_request, validate_completion_request
 from roofserve.llm.text import Coalescer, TextStream
 from roofserve.server.app import worker_threads
@@ -162,6 +160,8 @@ class LLMAPI(ls.LitAPI):
 
     # --- worker process -------------------------------------------------------------------
     def setup(self, device: str) -> None:
+        import torch  # here, in the worker: the HTTP process never imports torch
+
         from roofserve.llm.runtime import build_generator
 
         worker_logging()
@@ -221,6 +221,8 @@ class LLMAPI(ls.LitAPI):
         ids, max_tokens, rejection = self._prompt(request)
         if rejection:
             return [rejection, None]
+        from roofserve.llm.sampling import Sampling, logprob_hook  # torch: the worker's
+
         gen = self.generator
         scores, observe = logprob_hook(request["logprobs"])
         sampling = Sampling(max_tokens, request["temperature"], request["top_p"], request["seed"], observe,

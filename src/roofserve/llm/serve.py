@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from roofserve.config import LLMConfig
 from roofserve.llm.generator import chat_template_ids
-from roofserve.llm.preflight import preflight
+from roofserve.llm.preflight import preflight, preflight_apart
 from roofserve.llm.protocol import parse_body, validate_detokenize_request, validate_tokenize_request
 from roofserve.server.app import make_server, run_server
 from roofserve.server.env import reexec_with, tuned_environ
@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 def serve(cfg: LLMConfig) -> None:
     reexec_with(tuned_environ(cfg.allocator))
-    accelerator, model_id, random_weights = preflight(cfg)
+    # on LitServe, this process only speaks HTTP: it checks in a child and never imports torch
+    accelerator, model_id, random_weights = preflight(cfg) if cfg.platform == "ray" else preflight_apart(cfg)
     if cfg.backend == "llama-server":
         from roofserve.llm.llama_server import exec_server
 
