@@ -21,8 +21,7 @@ ROLES = ("system", "user", "assistant")
 # Fields that change nothing (informational), and fields we do not implement with the values that
 # mean "off": anything else in them is a 400.
 IGNORED = {"user", "metadata", "store", "service_tier"}
-NEUTRAL = {"logit_bias": ({},),
-           "tools": ([],), "tool_choice": ("none",),
+NEUTRAL = {"logit_bias": ({},), "tools": ([],), "tool_choice": ("none",),
            "parallel_tool_calls": (False, True), "response_format": ({"type": "text"},),
            "echo": (False,), "suffix": ("",), "best_of": (1,), "n": (1,)}
 # sampling: OpenAI's fields, and vLLM's and llama-server's top_k, min_p and repetition_penalty
