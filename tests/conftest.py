@@ -34,3 +34,19 @@ def metric(url: str, name: str) -> float:
     """The value of one metric, labels included in `name` if it has any, from the server's /metrics."""
     lines = httpx.get(url + "/metrics").text.splitlines()
     return float(next(line for line in lines if line.startswith(name + " ")).split()[-1])
+
+
+def torch_in_server_processes(server) -> tuple[list[list[str]], int, int]:
+    """For a running ServerProcess: (command lines of its HTTP process and LitServe's forks of it that have
+    torch loaded, how many such processes there are, how many of its spawned workers have torch loaded).
+    Only the workers run models; the others should hold no torch (~0.3 GB resident in each)."""
+    import psutil
+
+    def loaded(p: psutil.Process) -> bool:
+        return any("libtorch_cpu" in m.path for m in p.memory_maps())
+
+    http = psutil.Process(server.proc.pid)
+    spawned = lambda p: "spawn_main" in " ".join(p.cmdline())  # noqa: E731
+    family = [http, *[c for c in http.children(recursive=True) if not spawned(c) and not spawned(c.parent())]]
+    workers = [c for c in http.children() if spawned(c)]
+    return [p.cmdline() for p in family if loaded(p)], len(family), sum(loaded(w) for w in workers)

@@ -233,26 +233,17 @@ def test_a_mistake_in_the_servers_checks_is_one_line_and_exit_status_2(tmp_path)
 
 
 def test_the_http_process_and_its_forks_do_not_load_torch():
-    """Only the worker runs the model: torch (~0.3 GB resident in each process that loads it) stays out of
-    the HTTP process and the processes LitServe forks from it (the server's checks run in a child), until
-    /tokenize first needs the tokenizer there (transformers imports torch). A server of its own: the
-    module's servers answer /tokenize in other tests."""
-    import psutil
-
+    """Only the worker runs the model: torch stays out of the HTTP process and the processes LitServe
+    forks from it (the server's checks run in a child), until /tokenize first needs the tokenizer there
+    (transformers imports torch). A server of its own: the module's servers answer /tokenize in other tests."""
     from roofserve.load.process import server_process
-
-    def torch_loaded(p: psutil.Process) -> bool:
-        return any("libtorch_cpu" in m.path for m in p.memory_maps())
+    from tests.conftest import torch_in_server_processes
 
     with server_process(["llm", "--max-seq-len", str(CONTEXT)]) as server:
         assert httpx.post(server.url + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2},
                           timeout=60).status_code == 200
-        http = psutil.Process(server.proc.pid)
-        family = [http, *[c for c in http.children(recursive=True) if "spawn_main" not in " ".join(c.cmdline())]]
-        workers = [c for c in http.children() if "spawn_main" in " ".join(c.cmdline())]
-        assert len(family) >= 2 and workers  # the HTTP process, LitServe's forks of it, the worker it spawned
-        assert not [p.cmdline() for p in family if torch_loaded(p)]
-        assert all(torch_loaded(w) for w in workers)
+        loaded, processes, workers = torch_in_server_processes(server)
+        assert loaded == [] and processes >= 2 and workers == 1  # the HTTP process and its forks; the worker
 
 
 @ONCE

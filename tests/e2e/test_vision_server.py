@@ -144,3 +144,17 @@ def test_default_runtime_is_recorded(url):
 
     config = httpx.get(url + "/info").json()["model"]["config"]
     assert config["runtime"] in RUNTIMES and config["precision"] in ("fp32", "bf16")
+
+
+def test_the_http_process_and_its_forks_do_not_load_torch(images):
+    """Only the workers run the model: torch stays out of the HTTP process and LitServe's forks of it
+    (the server's checks run in a child); each of the two workers has it."""
+    from roofserve.load.process import server_process
+    from tests.conftest import torch_in_server_processes
+
+    with server_process(["vision", "--workers-per-device", "2"]) as server:
+        response = httpx.post(server.url + "/predict", content=images["chelsea"],
+                              headers={"content-type": "image/png"}, timeout=60)
+        assert response.status_code == 200 and "cat" in response.text
+        loaded, processes, workers = torch_in_server_processes(server)
+        assert loaded == [] and processes >= 2 and workers == 2

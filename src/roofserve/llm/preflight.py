@@ -1,47 +1,19 @@
-"""The LLM server's checks, run in the main process before any worker starts: a user mistake is one
-line here, not a traceback in a worker. Benches and sweeps run the same checks."""
+"""The LLM server's checks, run before any worker starts (for a LitServe server in a child of its HTTP
+process, which never imports torch): a user mistake is one line here, not a traceback in a worker.
+Benches and sweeps run the same checks."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from roofserve.config import LLMConfig, as_dict, make_config
+from roofserve.config import LLMConfig
 from roofserve.errors import UserError
-
-_USER_ERROR = "roofserve-preflight-user-error: "
 
 
 def preflight_apart(cfg: LLMConfig) -> tuple[str, str, bool]:
-    """preflight(cfg) in a child process, for the HTTP process of a server: the checks need torch (the
-    device, the model's files, the CPU kernels' build), and torch would hold ~0.3 GB of that process's
-    memory (and of the two processes LitServe forks from it) for nothing: only the workers run models."""
-    fields = {k: v for k, v in as_dict(cfg, hide=()).items() if k != "api_key"}
-    code = "import json, sys; from roofserve.llm.preflight import _child; _child(json.loads(sys.argv[1]))"
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(fields)], stdout=subprocess.PIPE, text=True,
-                          check=False)  # stderr: the user's terminal (the kernels' build says what it does)
-    lines = done.stdout.strip().splitlines()
-    if lines and lines[-1].startswith(_USER_ERROR):
-        raise UserError(json.loads(lines[-1].removeprefix(_USER_ERROR)))
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"the server's checks failed (exit status {done.returncode}); see the lines above")
-    accelerator, model_id, random_weights = json.loads(lines[-1])
+    """preflight in a child process (server.env.call_apart): the HTTP process never imports torch."""
+    from roofserve.server.env import call_apart
+
+    accelerator, model_id, random_weights = call_apart("roofserve.llm.preflight:preflight", cfg)
     return accelerator, model_id, random_weights
-
-
-def _child(fields: dict) -> None:
-    import logging
-
-    from roofserve.server.env import LOG_FORMAT
-
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    try:
-        result = preflight(make_config(LLMConfig, fields))
-    except UserError as e:
-        print(_USER_ERROR + json.dumps(str(e)), flush=True)
-        return
-    print(json.dumps(result), flush=True)
 
 
 def preflight(cfg: LLMConfig) -> tuple[str, str, bool]:

@@ -8,7 +8,6 @@ import logging
 import time
 
 import litserve as ls
-import torch
 from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 
@@ -17,7 +16,6 @@ from roofserve.server.app import worker_threads
 from roofserve.server.env import worker_logging
 from roofserve.server.http import Rejection, parse_json
 from roofserve.vision.labels import describe
-from roofserve.vision.preprocess import BadImage, decode, to_batch
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +75,9 @@ class VisionAPI(ls.LitAPI):
 
     # --- worker process -------------------------------------------------------------------
     def setup(self, device: str) -> None:
+        import torch  # here, in the worker: the HTTP process never imports torch
+
+        from roofserve.vision.preprocess import to_batch
         from roofserve.vision.runtimes import build_runner
 
         worker_logging()
@@ -110,6 +111,8 @@ class VisionAPI(ls.LitAPI):
             row["mean_abs_prob_diff"])
 
     def decode_request(self, request: dict):
+        from roofserve.vision.preprocess import BadImage, decode
+
         payload = request
         try:
             data = payload["body"] if payload["kind"] == "raw" else image_from_json(payload["body"])
@@ -128,6 +131,8 @@ class VisionAPI(ls.LitAPI):
         good = [i for i, x in enumerate(inputs) if not isinstance(x, Rejection)]
         outputs = list(inputs)
         if good:
+            from roofserve.vision.preprocess import to_batch
+
             probs = self._run(to_batch([inputs[i] for i in good]))
             for row, i in enumerate(good):
                 outputs[i] = describe(probs[row], self.cfg.model)
@@ -140,6 +145,8 @@ class VisionAPI(ls.LitAPI):
         return output
 
     def _run(self, images: torch.Tensor) -> torch.Tensor:
+        import torch
+
         n = images.shape[0]
         if self.buckets:
             size = next(b for b in self.buckets if b >= n)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from roofserve.config import VisionConfig
-from roofserve.device import resolve_accelerator
 from roofserve.errors import UserError
+
+
+def resolved(cfg: VisionConfig) -> list[str]:
+    """[accelerator, runtime, precision] after preflight: what a server's HTTP process gets from the
+    checks run apart (server.env.call_apart), where preflight's changes to cfg would be lost."""
+    return [preflight(cfg), cfg.runtime, cfg.precision]
 
 
 def preflight(cfg: VisionConfig) -> str:
@@ -13,6 +18,7 @@ def preflight(cfg: VisionConfig) -> str:
     import torch
 
     from roofserve.config import DEFAULT_VISION_MODEL
+    from roofserve.device import resolve_accelerator
     from roofserve.vision.model import default_weights_path
 
     if not timm.is_model(cfg.model):
