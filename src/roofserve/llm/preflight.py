@@ -8,14 +8,6 @@ from roofserve.config import LLMConfig
 from roofserve.errors import UserError
 
 
-def preflight_apart(cfg: LLMConfig) -> tuple[str, str, bool]:
-    """preflight in a child process (server.env.call_apart): the HTTP process never imports torch."""
-    from roofserve.server.env import call_apart
-
-    accelerator, model_id, random_weights = call_apart("roofserve.llm.preflight:preflight", cfg)
-    return accelerator, model_id, random_weights
-
-
 def preflight(cfg: LLMConfig) -> tuple[str, str, bool]:
     """(accelerator, model id, random weights?) or a UserError before any worker starts."""
     import importlib.util

@@ -11,10 +11,10 @@ from fastapi.responses import JSONResponse
 
 from roofserve.config import LLMConfig
 from roofserve.llm.generator import chat_template_ids
-from roofserve.llm.preflight import preflight, preflight_apart
+from roofserve.llm.preflight import preflight
 from roofserve.llm.protocol import parse_body, validate_detokenize_request, validate_tokenize_request
 from roofserve.server.app import make_server, run_server
-from roofserve.server.env import reexec_with, tuned_environ
+from roofserve.server.env import call_apart, reexec_with, tuned_environ
 from roofserve.server.http import read_body
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 def serve(cfg: LLMConfig) -> None:
     reexec_with(tuned_environ(cfg.allocator))
     # on LitServe, this process only speaks HTTP: it checks in a child and never imports torch
-    accelerator, model_id, random_weights = preflight(cfg) if cfg.platform == "ray" else preflight_apart(cfg)
+    accelerator, model_id, random_weights = preflight(cfg) if cfg.platform == "ray" else \
+        call_apart("roofserve.llm.preflight:preflight", cfg)
     if cfg.backend == "llama-server":
         from roofserve.llm.llama_server import exec_server
 
