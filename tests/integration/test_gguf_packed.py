@@ -41,10 +41,11 @@ def random_blocks(kind: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     raise ValueError(kind)
 
 
-def q8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """What the kernel computes, in fp32 torch: inputs rounded to int8 per block of 32 (scale: the block's
-    largest magnitude / 127, as llama.cpp's Q8 activations), times the dequantized weights."""
-    b = x.double().reshape(*x.shape[:-1], -1, 32)  # fp64: an fp32 product here can land on the other side
+def q8_reference(x: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tensor:
+    """What the kernel computes, in fp32 torch: inputs rounded to int8 per group of k (Packed.input_group;
+    scale: the group's largest magnitude / 127, as llama.cpp's Q8 activations), times the dequantized
+    weights."""
+    b = x.double().reshape(*x.shape[:-1], -1, group)  # fp64: an fp32 product here can land on the other side
     top = b.abs().amax(-1, keepdim=True)             # of a rounding edge than the kernel's
     inv = torch.where(top > 0, 127 / top, torch.zeros_like(top))
     xq = (torch.round(b * inv) * (top / 127)).reshape(x.shape)
@@ -78,11 +79,11 @@ def test_kernel_matches_the_same_math_in_torch(kind, rows):
     w = dequantize_packed(p)
     torch.manual_seed(rows)
     x = torch.randn(rows, k)
-    expected = q8_reference(x, w)
+    expected = q8_reference(x, w, p.input_group)
     for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
         got = QuantLinear(p)(x.to(dtype).view(rows, 1, k))
         assert got.shape == (rows, 1, n) and got.dtype == dtype
-        exact = q8_reference(x.to(dtype).float(), w)  # bf16 inputs: the same rounding first
+        exact = q8_reference(x.to(dtype).float(), w, p.input_group)  # bf16 inputs: the same rounding first
         assert (got.float().view(rows, n) - exact).abs().max() <= tolerance * exact.abs().max()
     # and the int8 inputs cost little against exact fp32 inputs
     assert (expected - x @ w.T).norm() <= 0.02 * (x @ w.T).norm()
@@ -146,9 +147,9 @@ def test_the_bundled_gguf_packed_computes_what_its_math_in_torch_computes(bundle
         originals = {}
         for m in bundled.model.modules():
             if isinstance(m, QuantLinear):
-                w = dequantize_packed(m.packed())
+                w, group = dequantize_packed(m.packed()), m.packed().input_group
                 originals[m] = m.forward
-                m.forward = (lambda w: lambda x: q8_reference(x, w).to(x.dtype))(w)
+                m.forward = (lambda w, group: lambda x: q8_reference(x, w, group).to(x.dtype))(w, group)
         try:
             reference = bundled.model(answer).logits[0, ids.shape[1] - 1:-1]
         finally:

@@ -57,6 +57,12 @@ class Packed:
         return self.u.shape[0] * 16, self.u.shape[1] * QK
 
     @property
+    def input_group(self) -> int:
+        """How many k share one scale of the kernel's int8 inputs: 256 for Q6_K (llama.cpp's Q8_K inputs),
+        32 for the rest (its Q8_0)."""
+        return 256 if self.m.dtype == torch.int8 else QK
+
+    @property
     def nbytes(self) -> int:
         return self.u.numel() + 2 * self.d.numel() + self.m.element_size() * self.m.numel()
 

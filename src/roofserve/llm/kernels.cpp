@@ -499,8 +499,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // bits): Q4_0 is u = q (0..15), m = -8d; Q8_0 is u = q + 128, m = -128d; Q4_1 and Q4_K keep a stored m.
 // Q6_K has a scale per 16 k: w = d * sc * (u - 32), u = q (0..63), so each block's two halves are summed
 // apart (SCALES 3 below), and the inputs carry -32 x the sums of each block's halves for the -32.
-// The inputs are quantized per row and block of 32 to int8 (xq, scale dx), as llama.cpp does, so a block's
-// dot product is an integer one: sum_k w x = d dx sum(u xq) + m dx sum(xq).
+// The inputs are quantized per row to int8 (xq, scale dx) as llama.cpp does, so a block's dot product is an
+// integer one: sum_k w x = d dx sum(u xq) + m dx sum(xq); one scale per block of 32 k (llama.cpp's Q8_0
+// inputs), except for Q6_K: one per 256 k (its Q8_K), applied once per 256 k instead of once per block.
 // Layout (pack_gguf below; pack8 in llm/gguf.py): per block of 16 output columns, per block of 32 k, the
 // 16 x 32 values as 64-byte vectors of 16 columns x 4 consecutive k, which is what AVX512-VNNI's vpdpbusd
 // multiplies by a broadcast group of 4 input bytes: vector j holds k = 4j..4j+3 (8 bits: 8 vectors, 512
@@ -524,10 +525,10 @@ inline float half_to_float(uint16_t h) {
   return f;
 }
 
-// The quantized inputs of M rows: xq (M x K int8), per row and block of 32 k dx (the block's absolute
-// maximum / 127), cx = dx * sum(xq) (what a stored m multiplies), off = mfac * sum(xq) (where a block's
-// integer sums start when m = mfac * d: the -8 or -128 of Q4_0 and Q8_0, exact) and, for Q6_K's halves,
-// halves (-32 x the sums of the block's first and last 16: two per block).
+// The quantized inputs of M rows: xq (M x K int8), per row and block of 32 k dx (the absolute maximum / 127 of
+// the block's group: the block, or its 256 k), cx = dx * sum(xq) (what a stored m multiplies), off = mfac *
+// sum(xq) (where a block's integer sums start when m = mfac * d: the -8 or -128 of Q4_0 and Q8_0, exact) and,
+// for Q6_K's halves, halves (-32 x the sums of the block's first and last 16: two per block).
 struct Inputs {
   const int8_t* xq;
   const float *dx, *cx;
@@ -539,27 +540,28 @@ struct Inputs {
   }
 };
 
+// group: 32 or 256 k per scale (a divisor of K)
 template <typename T>
-void quantize_inputs(const T* x, int64_t M, int64_t K, int32_t mfac, int8_t* xq, float* dx, float* cx, int32_t* off,
-                     int32_t* halves) {
-  const int64_t blocks = K / 32;
-  for (int64_t i = 0; i < M * blocks; ++i) {
-    float v[32];
-    for (int t = 0; t < 32; ++t) v[t] = float(x[i * 32 + t]);
+void quantize_inputs(const T* x, int64_t M, int64_t K, int64_t group, int32_t mfac, int8_t* xq, float* dx, float* cx,
+                     int32_t* off, int32_t* halves) {
+  const int64_t per = group / 32;  // blocks per group
+  for (int64_t g = 0; g < M * (K / 32); g += per) {
     float top = 0.f;
-    for (int t = 0; t < 32; ++t) top = std::max(top, std::fabs(v[t]));
+    for (int64_t t = 0; t < group; ++t) top = std::max(top, std::fabs(float(x[g * 32 + t])));
     const float scale = top / 127.f, inv = top > 0.f ? 127.f / top : 0.f;
-    int sum = 0;
-    for (int t = 0; t < 32; ++t) {
-      const int q = int(std::nearbyint(v[t] * inv));
-      xq[i * 32 + t] = int8_t(q);
-      sum += q;
-      if (t == 15) halves[2 * i] = -32 * sum;
+    for (int64_t i = g; i < g + per; ++i) {
+      int sum = 0;
+      for (int t = 0; t < 32; ++t) {
+        const int q = int(std::nearbyint(float(x[i * 32 + t]) * inv));
+        xq[i * 32 + t] = int8_t(q);
+        sum += q;
+        if (t == 15) halves[2 * i] = -32 * sum;
+      }
+      halves[2 * i + 1] = -32 * sum - halves[2 * i];
+      dx[i] = scale;
+      cx[i] = scale * float(sum);
+      off[i] = mfac * sum;
     }
-    halves[2 * i + 1] = -32 * sum - halves[2 * i];
-    dx[i] = scale;
-    cx[i] = scale * float(sum);
-    off[i] = mfac * sum;
   }
 }
 
@@ -625,13 +627,12 @@ inline __m512 add_block(__m512 acc, __m512i isum, __m512 dw, __m512 mw, const In
   return SCALES != 0 ? _mm512_fmadd_ps(mw, _mm512_set1_ps(in.cx[rb]), acc) : acc;
 }
 
-// The same for Q6_K (SCALES 3): the halves' sums lo and hi plus in.halves (exact integers), times their
-// scales dlo and dhi.
-inline __m512 add_halves(__m512 acc, __m512i lo, __m512i hi, __m512 dlo, __m512 dhi, const Inputs& in, int64_t rb) {
-  lo = _mm512_add_epi32(lo, _mm512_set1_epi32(in.halves[2 * rb]));
-  hi = _mm512_add_epi32(hi, _mm512_set1_epi32(in.halves[2 * rb + 1]));
-  const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), dhi, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), dlo));
-  return _mm512_fmadd_ps(v, _mm512_set1_ps(in.dx[rb]), acc);
+// The same for Q6_K (SCALES 3): a block's half sums lo and hi (each from -32 x the inputs' sum, in.halves:
+// exact integers) times their scales dlo and dhi, into its super-block's part (not yet times the inputs'
+// scale, which is one per 256 k).
+inline __m512 add_halves(__m512 part, __m512i lo, __m512i hi, __m512 dlo, __m512 dhi) {
+  part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), dlo, part);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), dhi, part);
 }
 
 // A 6-bit block (384 bytes) as the 8 vectors of 8-bit values that the dot products take.
@@ -661,53 +662,68 @@ inline void quant_tile(const Inputs& in, const uint8_t* u, const uint16_t* d, co
   const int64_t K = in.K, blocks = K / 32, bytes = BITS * 64;
   const uint8_t* ub = u + cb * blocks * bytes;
   const ColumnScales<SCALES> scales(d, mn, cb, blocks);
+  // Q6_K (SCALES 3): the inputs' scale applied once per 256 k, part holding the super-block's sums before it
+  constexpr bool SUPER = SCALES == 3;
+  constexpr int64_t G = SUPER ? 8 : 1;  // blocks per input scale applied
   __m512 acc[MB];
+  alignas(64) float total[SUPER ? MB : 1][16] = {};  // SUPER: the outputs so far (registers hold part)
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* w = ub + b * bytes;
-    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 64), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 128), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 192), _MM_HINT_T0);
-    if (BITS >= 6) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 256), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 320), _MM_HINT_T0);
-    }
-    if (BITS == 8) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 384), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 448), _MM_HINT_T0);
-    }
-    __m512i wv[8];
-    if (BITS == 6) {
-      unpack6(w, wv);
-    } else if (BITS == 4) {
-      for (int j = 0; j < 4; ++j) {
-        const __m512i v = _mm512_loadu_si512(w + 64 * j);
-        wv[j] = _mm512_and_si512(v, low);
-        wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+  for (int64_t b0 = 0; b0 < blocks; b0 += G) {
+    __m512 part[MB];
+    for (int i = 0; i < MB; ++i) part[i] = _mm512_setzero_ps();
+    for (int64_t b = b0; b < b0 + G; ++b) {
+      const uint8_t* w = ub + b * bytes;
+      _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 128), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 192), _MM_HINT_T0);
+      if (BITS >= 6) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 256), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 320), _MM_HINT_T0);
       }
-    } else {
-      for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(w + 64 * j);
-    }
-    __m512 dw, mw;
-    scales.at(b, mfac, dw, mw);
-    for (int i = 0; i < MB; ++i) {
-      const int8_t* xb = in.xq + i * K + b * 32;
-      const int64_t rb = i * blocks + b;
-      // SCALES 3: k 0-15, 16-31
-      __m512i isum[2] = {SCALES == 0 ? _mm512_set1_epi32(in.off[rb]) : _mm512_setzero_si512(), _mm512_setzero_si512()};
-      for (int j = 0; j < 8; ++j) {
-        int32_t group;
-        __builtin_memcpy(&group, xb + 4 * j, 4);
-        __m512i& sum = isum[SCALES == 3 && j >= 4];
-        sum = _mm512_dpbusd_epi32(sum, wv[j], _mm512_set1_epi32(group));
+      if (BITS == 8) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 384), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + QPF_BLOCKS * bytes + 448), _MM_HINT_T0);
       }
-      if (SCALES == 3) acc[i] = add_halves(acc[i], isum[0], isum[1], dw, mw, in, rb);
-      else acc[i] = add_block<SCALES>(acc[i], isum[0], dw, mw, in, rb);
+      __m512i wv[8];
+      if (BITS == 6) {
+        unpack6(w, wv);
+      } else if (BITS == 4) {
+        for (int j = 0; j < 4; ++j) {
+          const __m512i v = _mm512_loadu_si512(w + 64 * j);
+          wv[j] = _mm512_and_si512(v, low);
+          wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        }
+      } else {
+        for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(w + 64 * j);
+      }
+      __m512 dw, mw;
+      scales.at(b, mfac, dw, mw);
+      for (int i = 0; i < MB; ++i) {
+        const int8_t* xb = in.xq + i * K + b * 32;
+        const int64_t rb = i * blocks + b;
+        // SCALES 3: k 0-15, 16-31, each from its -32 x the inputs' sum
+        __m512i isum[2] = {SCALES == 0   ? _mm512_set1_epi32(in.off[rb])
+                           : SCALES == 3 ? _mm512_set1_epi32(in.halves[2 * rb])
+                                         : _mm512_setzero_si512(),
+                           SCALES == 3 ? _mm512_set1_epi32(in.halves[2 * rb + 1]) : _mm512_setzero_si512()};
+        for (int j = 0; j < 8; ++j) {
+          int32_t group;
+          __builtin_memcpy(&group, xb + 4 * j, 4);
+          __m512i& sum = isum[SCALES == 3 && j >= 4];
+          sum = _mm512_dpbusd_epi32(sum, wv[j], _mm512_set1_epi32(group));
+        }
+        if (SCALES == 3) part[i] = add_halves(part[i], isum[0], isum[1], dw, mw);  // dw, mw: the halves' scales
+        else acc[i] = add_block<SCALES>(acc[i], isum[0], dw, mw, in, rb);
+      }
     }
+    if (SUPER)
+      for (int i = 0; i < MB; ++i)
+        _mm512_store_ps(total[i], _mm512_fmadd_ps(part[i], _mm512_set1_ps(in.dx[i * blocks + b0]),
+                                                  _mm512_load_ps(total[i])));
   }
-  for (int i = 0; i < MB; ++i) store16(out + i * N + cb * 16, acc[i]);
+  for (int i = 0; i < MB; ++i) store16(out + i * N + cb * 16, SUPER ? _mm512_load_ps(total[i]) : acc[i]);
 }
 
 template <int BITS, int SCALES, typename OUT>
@@ -768,8 +784,8 @@ void amx_quant_tile(const Inputs& in, int64_t M, const uint8_t* tiles, const uin
   const int64_t K = in.K, blocks = K / 32, steps = blocks * per;
   const ColumnScales<SCALES> scales(d, mn, cb, blocks);
   alignas(64) int32_t sums[2][16][16];
-  __m512 acc[MB];
-  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  __m512 acc[MB], part[MB];  // part: Q6_K's super-block sums, as on the vector path
+  for (int i = 0; i < MB; ++i) acc[i] = part[i] = _mm512_setzero_ps();
   for (int64_t h = 0; h < std::min<int64_t>(4, steps); ++h) issue_block<HALF>(int(h), in.xq, K, h, tiles + h * bytes);
   for (int64_t b = 0; b < blocks; ++b) {
     for (int64_t e = 0; e < per; ++e) {
@@ -782,10 +798,20 @@ void amx_quant_tile(const Inputs& in, int64_t M, const uint8_t* tiles, const uin
     for (int i = 0; i < MB; ++i) {
       const int64_t rb = i * blocks + b;
       const __m512i s0 = _mm512_load_si512(sums[0][i]);
-      acc[i] = HALF ? add_halves(acc[i], s0, _mm512_load_si512(sums[1][i]), dw, mw, in, rb)
-             : add_block<SCALES>(acc[i], SCALES == 0 ? _mm512_add_epi32(s0, _mm512_set1_epi32(in.off[rb])) : s0, dw, mw,
-                                 in, rb);
+      if (HALF) {
+        const __m512i lo = _mm512_add_epi32(s0, _mm512_set1_epi32(in.halves[2 * rb]));
+        const __m512i hi = _mm512_add_epi32(_mm512_load_si512(sums[1][i]), _mm512_set1_epi32(in.halves[2 * rb + 1]));
+        part[i] = add_halves(part[i], lo, hi, dw, mw);
+      } else {
+        acc[i] = add_block<SCALES>(acc[i], SCALES == 0 ? _mm512_add_epi32(s0, _mm512_set1_epi32(in.off[rb])) : s0, dw,
+                                   mw, in, rb);
+      }
     }
+    if (HALF && b % 8 == 7)
+      for (int i = 0; i < MB; ++i) {
+        acc[i] = _mm512_fmadd_ps(part[i], _mm512_set1_ps(in.dx[i * blocks + b]), acc[i]);
+        part[i] = _mm512_setzero_ps();
+      }
   }
   for (int i = 0; i < MB; ++i)
     if (i < M) store16(out + i * N + cb * 16, acc[i]);
@@ -963,7 +989,7 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& u, const at::Tensor
   off.resize(padded * blocks);
   halves.resize(2 * padded * blocks);
   auto quantize = [&](const auto* xp) {
-    quantize_inputs(xp, M, K, moff, xq.data(), dx.data(), cx.data(), off.data(), halves.data());
+    quantize_inputs(xp, M, K, scales == 3 ? 256 : 32, moff, xq.data(), dx.data(), cx.data(), off.data(), halves.data());
   };
   if (x.scalar_type() == at::kBFloat16) quantize(xc.data_ptr<at::BFloat16>());
   else quantize(xc.data_ptr<float>());
