@@ -666,7 +666,6 @@ inline void quant_tile(const Inputs& in, const uint8_t* u, const uint16_t* d, co
   constexpr bool SUPER = SCALES == 3;
   constexpr int64_t G = SUPER ? 8 : 1;  // blocks per input scale applied
   __m512 acc[MB];
-  alignas(64) float total[SUPER ? MB : 1][16] = {};  // SUPER: the outputs so far (registers hold part)
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t b0 = 0; b0 < blocks; b0 += G) {
@@ -719,11 +718,9 @@ inline void quant_tile(const Inputs& in, const uint8_t* u, const uint16_t* d, co
       }
     }
     if (SUPER)
-      for (int i = 0; i < MB; ++i)
-        _mm512_store_ps(total[i], _mm512_fmadd_ps(part[i], _mm512_set1_ps(in.dx[i * blocks + b0]),
-                                                  _mm512_load_ps(total[i])));
+      for (int i = 0; i < MB; ++i) acc[i] = _mm512_fmadd_ps(part[i], _mm512_set1_ps(in.dx[i * blocks + b0]), acc[i]);
   }
-  for (int i = 0; i < MB; ++i) store16(out + i * N + cb * 16, SUPER ? _mm512_load_ps(total[i]) : acc[i]);
+  for (int i = 0; i < MB; ++i) store16(out + i * N + cb * 16, acc[i]);
 }
 
 template <int BITS, int SCALES, typename OUT>
