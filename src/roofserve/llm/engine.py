@@ -138,21 +138,27 @@ class SlotModel(torch.nn.Module):
         x = self.lm.model.embed_tokens(tokens.view(b, 1))
         rotary = self._rotary(x, positions.view(b, 1))
         for i, layer in enumerate(self.layers):
-            kc, vc = self.caches(i)
-            q, k, v = self._qkv(layer, layer.input_layernorm(x), rotary)
-            kc[slots, :, positions] = k[:, :, 0]  # each row's new entry at its own slot and position
-            vc[slots, :, positions] = v[:, :, 0]
-            if self.kernel_attention:
-                out = torch.ops.roofserve.slot_attention(q, kc, vc, slots, positions, self.scale)  # (b, 1, H, D)
-            elif self.matmul_attention:
-                out = self._one_query_attention(q, kc[rows, :, :length], vc[rows, :, :length], positions)
-            else:
-                mask = (torch.arange(length, device=kc.device)[None, :] <= positions[:, None]).view(b, 1, 1, -1)
-                out = F.scaled_dot_product_attention(q, kc[rows, :, :length], vc[rows, :, :length], attn_mask=mask,
-                                                     scale=self.scale, enable_gqa=True).transpose(1, 2)
-            x = self._mlp_block(layer, x, out.reshape(b, 1, -1))
+            x = self.decode_layer(layer, *self.caches(i), x, rotary, positions, slots, rows, length)
         logits = self.lm.lm_head(self.lm.model.norm(x))[:, 0].float()
         return logits, torch.argmax(logits, dim=-1)
+
+    def decode_layer(self, layer, kc: torch.Tensor, vc: torch.Tensor, x: torch.Tensor,
+                     rotary: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor, slots: torch.Tensor,
+                     rows: slice | torch.Tensor, length: int) -> torch.Tensor:
+        """One decoder layer of decode(): x (b, 1, hidden) -> (b, 1, hidden), the layer's cache written."""
+        b = x.shape[0]
+        q, k, v = self._qkv(layer, layer.input_layernorm(x), rotary)
+        kc[slots, :, positions] = k[:, :, 0]  # each row's new entry at its own slot and position
+        vc[slots, :, positions] = v[:, :, 0]
+        if self.kernel_attention:
+            out = torch.ops.roofserve.slot_attention(q, kc, vc, slots, positions, self.scale)  # (b, 1, H, D)
+        elif self.matmul_attention:
+            out = self._one_query_attention(q, kc[rows, :, :length], vc[rows, :, :length], positions)
+        else:
+            mask = (torch.arange(length, device=kc.device)[None, :] <= positions[:, None]).view(b, 1, 1, -1)
+            out = F.scaled_dot_product_attention(q, kc[rows, :, :length], vc[rows, :, :length], attn_mask=mask,
+                                                 scale=self.scale, enable_gqa=True).transpose(1, 2)
+        return self._mlp_block(layer, x, out.reshape(b, 1, -1))
 
     def _one_query_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              positions: torch.Tensor) -> torch.Tensor:
@@ -177,14 +183,21 @@ class SlotModel(torch.nn.Module):
         causal = torch.arange(end, device=tokens.device)[None, :] <= pos.view(t, 1)  # (t, end)
         rotary = self._rotary(x, pos)
         for i, layer in enumerate(self.layers):
-            kc, vc = self.caches(i)
-            q, k, v = self._qkv(layer, layer.input_layernorm(x), rotary)
-            kc[index, :, pos[0]] = k[0].transpose(0, 1)  # (t, kv_heads, head_dim) at the slot's positions
-            vc[index, :, pos[0]] = v[0].transpose(0, 1)
-            out = F.scaled_dot_product_attention(q, kc[index, :, :end], vc[index, :, :end], attn_mask=causal,
-                                                 scale=self.scale, enable_gqa=True)
-            x = self._mlp_block(layer, x, out.transpose(1, 2).reshape(1, t, -1))
+            x = self.prefill_layer(layer, *self.caches(i), x, rotary, pos, index, causal)
         return self.lm.lm_head(self.lm.model.norm(x[:, -1]))[0].float()
+
+    def prefill_layer(self, layer, kc: torch.Tensor, vc: torch.Tensor, x: torch.Tensor,
+                      rotary: tuple[torch.Tensor, torch.Tensor], pos: torch.Tensor, index: torch.Tensor,
+                      causal: torch.Tensor) -> torch.Tensor:
+        """One decoder layer of prefill(): x (1, t, hidden) -> (1, t, hidden), the chunk's keys and values
+        written to the slot `index` (1,) at positions pos (1, t); causal (t, end) masks the keys."""
+        t, end = causal.shape
+        q, k, v = self._qkv(layer, layer.input_layernorm(x), rotary)
+        kc[index, :, pos[0]] = k[0].transpose(0, 1)  # (t, kv_heads, head_dim) at the slot's positions
+        vc[index, :, pos[0]] = v[0].transpose(0, 1)
+        out = F.scaled_dot_product_attention(q, kc[index, :, :end], vc[index, :, :end], attn_mask=causal,
+                                             scale=self.scale, enable_gqa=True)
+        return self._mlp_block(layer, x, out.transpose(1, 2).reshape(1, t, -1))
 
     def prefill_shifted(self, tokens: torch.Tensor, start2: int, slot: torch.Tensor) -> torch.Tensor:
         """prefill(tokens, start2 - 2, slot), for compiling with dynamic shapes: torch.compile specializes
@@ -347,10 +360,12 @@ class Engine:
         if self._compiled_prefill is not None:
             log.info("compiling the prefill step")
             # a chunk length unlike the start: torch.compile gives equal ints one symbol (a guard that
-            # they stay equal), which the next prompt would break, compiling again while serving
+            # they stay equal), which the next prompt would break, compiling again while serving; and a
+            # second length, as a graph compiled per layer makes its sizes dynamic when they change
             length = max(self.compiled_prefill_min, prompt_len, 6)
             slot = torch.tensor([scratch], device=self.device)
-            self._compiled_prefill(torch.ones(length, dtype=torch.long, device=self.device), 3 + 2, slot)
+            for n in (length, length + 1):
+                self._compiled_prefill(torch.ones(n, dtype=torch.long, device=self.device), 3 + 2, slot)
         self.add(("warm-up",), [1] * prompt_len, Sampling(2, 0.0))
         while self.has_work():
             self.step()
@@ -358,33 +373,55 @@ class Engine:
 
 
 def compile_decode(model: SlotModel):
-    """torch.compile the decode step: one graph per bucket of rows (dynamic=False); CUDA graphs on GPU."""
+    """torch.compile the decode step: one graph per bucket of rows (dynamic=False); CUDA graphs on GPU.
+    Packed weights compile one layer's step (see _per_layer)."""
+    if _per_layer(model):
+        model.decode_layer = _compile(model, model.decode_layer, dynamic=False, per_layer=True)
+        return model.decode
     return _compile(model, model.decode, dynamic=False)
 
 
 def compile_prefill_step(model: SlotModel):
     """torch.compile the prefill of a chunk: one graph with dynamic shapes (chunk length, start, slot);
     no CUDA graphs on GPU (the shapes vary). Compiling takes minutes on a small CPU."""
+    if _per_layer(model):  # sizes made dynamic where they change (warm_up's second chunk): the weights' are
+        # inputs here, and dynamic=True would give their sizes symbols too, which a chunk length that equals
+        # one of them (16 rows and a head_dim of 16) would share ("duck sizing") and specialize with
+        model.prefill_layer = _compile(model, model.prefill_layer, dynamic=None, per_layer=True)
+        return model.prefill_shifted
     return _compile(model, model.prefill_shifted, dynamic=True)
 
 
-def _compile(model: SlotModel, forward, dynamic: bool):
+def _per_layer(model: SlotModel) -> bool:
+    """Whether to compile one layer's step, which every layer then runs with its own weights as the graph's
+    inputs, rather than the whole model: on CPU where the layers hold no dense weight matrix (GGUF weights
+    packed: every matmul is our kernel). Freezing would have nothing to prepack for oneDNN there, and a
+    whole-model graph took minutes per bucket of rows on 2 cores for 16 layers (an 8B model's 32 had not
+    compiled in 11 minutes). A layer of another format (Q4_K_M's Q6_K ones) is a graph of its own, picked
+    by the guards on its bit width."""
+    return next(model.parameters()).device.type == "cpu" and not any(p.dim() == 2 for p in model.layers.parameters())
+
+
+def _compile(model: SlotModel, forward, dynamic: bool | None, per_layer: bool = False):
     """One of the model's forwards compiled: inductor with frozen weights (oneDNN's prepacked matmuls) and
     a C++ wrapper on CPU, guards only on the inputs (the weights and the cache buffers do not change while
-    serving). It first drops what an earlier engine in this process compiled: with the module guards
-    skipped, its graphs (and their frozen weights) would serve this engine too. Compiling is lazy, so the
-    decode step and the prefill of one engine can be set up one after the other."""
+    serving). per_layer: a function of one layer, whose weights are inputs (not frozen) and whose module
+    guards stay (they tell one layer's format from another's); an engine compiles all its steps one way
+    (freezing is inductor's global setting, read when a graph compiles). It first drops what an earlier
+    engine in this process compiled: with the module guards skipped, its graphs (and their frozen weights)
+    would serve this engine too. Compiling is lazy, so the decode step and the prefill of one engine can be
+    set up one after the other."""
     import torch._inductor.config as inductor
 
     inductor_cache()
     torch._dynamo.reset()
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if next(model.parameters()).device.type == "cuda":
         return torch.compile(forward, mode=None if dynamic else "reduce-overhead", fullgraph=True, dynamic=dynamic)
-    inductor.freezing = True
+    inductor.freezing = not per_layer
     inductor.cpp_wrapper = True
-    return torch.compile(forward, fullgraph=True, dynamic=dynamic,
-                         options={"guard_filter_fn": _skip_module_and_cache_guards})
+    options = {} if per_layer else {"guard_filter_fn": _skip_module_and_cache_guards}
+    return torch.compile(forward, fullgraph=True, dynamic=dynamic, options=options)
 
 
 def _skip_module_and_cache_guards(entries) -> list[bool]:
