@@ -214,13 +214,13 @@ def test_random_weight_files_load_packed_in_their_own_format(tiny_files, kind):
     assert logits.shape == (1, 3, 49152) and torch.isfinite(logits).all()
 
 
-def test_compiling_packed_weights_makes_a_graph_per_layer_format_not_per_layer(tiny_files):
-    """--compile (and --compile-prefill) over packed weights compile one layer's step, which every layer runs
-    with its own weights, so compiling does not grow with depth (a whole-model graph per bucket of rows
-    took minutes on 2 cores for 16 layers). Four layers, Q4_0 with a Q8_0 one among them, 2 buckets: a
-    decode graph per bucket and format, prefill graphs per format, and the eager engine's logits step by
-    step, within the few tenths of a percent that fused fp32 sums move an int8-rounded input by (a layer run
-    through the other format's graph would read its blocks as the wrong format: logits of another model)."""
+def test_compiled_packed_weights_give_each_layer_its_own_format(tiny_files):
+    """--compile (and --compile-prefill) over packed weights trace one layer's step and reuse it for every
+    layer (nested regions for decode, one layer's graph for prefill), so compiling does not grow with depth
+    (unrolled, a 16-layer graph per bucket of rows took minutes on 2 cores). Four layers, Q4_0 with a Q8_0
+    one among them, 2 buckets: the eager engine's logits step by step, within the few tenths of a percent
+    that fused fp32 sums move an int8-rounded input by (a layer run through the other format's code would
+    read its blocks as the wrong format: logits of another model), and nothing compiles after warm-up."""
     from torch._dynamo.utils import counters
 
     from tests.integration.conftest import make_engine
@@ -235,13 +235,14 @@ def test_compiling_packed_weights_makes_a_graph_per_layer_format_not_per_layer(t
     before = counters["stats"]["unique_graphs"]
     compiled.warm_up()
     graphs = counters["stats"]["unique_graphs"] - before
-    assert graphs == 2 * 2 + 2 * 2  # decode: 2 buckets x 2 formats; prefill: per format, first static, then dynamic
+    assert graphs == 2 + 2 * 2  # decode: a graph per bucket; prefill, per layer: per format, static then dynamic
     with torch.inference_mode():  # tensors made inside it, as the engine's steps make them (dynamo guards on that)
         for length, start, slot in [(5, 0, 0), (9, 5, 0), (7, 0, 1)]:
             ids = torch.randint(0, 49152, (length,))
             want = eager.slots.prefill(ids, start, slot)
             got = compiled._compiled_prefill(ids, start + 2, torch.tensor([slot]))
             assert (got - want).norm() <= 0.02 * want.norm(), (length, start, slot)
+        compiled.slots.prefill(torch.tensor([7]), 7, 1)  # a 1-token chunk runs eager: it must not compile
         tokens, slots = torch.tensor([5, 900]), torch.tensor([0, 1])
         for position in range(14, 20):  # the same tokens into both engines' caches, step by step
             positions = torch.tensor([position, position - 7])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
@@ -171,10 +172,11 @@ class SlotModel(torch.nn.Module):
         out = torch.softmax(scores, dim=-1).to(v.dtype) @ v  # (b, KV, group, D)
         return out.view(b, 1, self.heads, d)
 
-    def prefill(self, tokens: torch.Tensor, start: int, slot: int | torch.Tensor) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, start: int, slot: int | torch.Tensor, layer_step=None) -> torch.Tensor:
         """A chunk of one sequence's prompt: tokens (t,) at positions start.. in `slot` -> the last
         position's logits (vocab,) fp32 (the LM head runs on that position only). The slot is an int or
-        a (1,) tensor (the compiled prefill's: torch.compile specializes an int index to its value)."""
+        a (1,) tensor (the compiled prefill's: torch.compile specializes an int index to its value).
+        layer_step: what runs each layer, prefill_layer unless given (compiled, compile_prefill_step)."""
         t = tokens.shape[0]
         index = slot if isinstance(slot, torch.Tensor) else torch.tensor([slot], device=tokens.device)
         x = self.lm.model.embed_tokens(tokens.view(1, t))
@@ -183,7 +185,7 @@ class SlotModel(torch.nn.Module):
         causal = torch.arange(end, device=tokens.device)[None, :] <= pos.view(t, 1)  # (t, end)
         rotary = self._rotary(x, pos)
         for i, layer in enumerate(self.layers):
-            x = self.prefill_layer(layer, *self.caches(i), x, rotary, pos, index, causal)
+            x = (layer_step or self.prefill_layer)(layer, *self.caches(i), x, rotary, pos, index, causal)
         return self.lm.lm_head(self.lm.model.norm(x[:, -1]))[0].float()
 
     def prefill_layer(self, layer, kc: torch.Tensor, vc: torch.Tensor, x: torch.Tensor,
@@ -361,7 +363,7 @@ class Engine:
             log.info("compiling the prefill step")
             # a chunk length unlike the start: torch.compile gives equal ints one symbol (a guard that
             # they stay equal), which the next prompt would break, compiling again while serving; and a
-            # second length, as a graph compiled per layer makes its sizes dynamic when they change
+            # second length, for a prefill compiled per layer (compile_prefill_step)
             length = max(self.compiled_prefill_min, prompt_len, 6)
             slot = torch.tensor([scratch], device=self.device)
             for n in (length, length + 1):
@@ -374,53 +376,51 @@ class Engine:
 
 def compile_decode(model: SlotModel):
     """torch.compile the decode step: one graph per bucket of rows (dynamic=False); CUDA graphs on GPU.
-    Packed weights compile one layer's step (see _per_layer)."""
-    if _per_layer(model):
-        model.decode_layer = _compile(model, model.decode_layer, dynamic=False, per_layer=True)
-        return model.decode
+    With packed weights each layer is a nested compile region (see _packed): traced and compiled once,
+    called by every layer inside the one graph (a layer of another format, as Q4_K_M's Q6_K ones, traces
+    to a region of its own)."""
+    if _packed(model):
+        model.decode_layer = types.MethodType(torch.compiler.nested_compile_region(SlotModel.decode_layer), model)
     return _compile(model, model.decode, dynamic=False)
 
 
 def compile_prefill_step(model: SlotModel):
     """torch.compile the prefill of a chunk: one graph with dynamic shapes (chunk length, start, slot);
-    no CUDA graphs on GPU (the shapes vary). Compiling takes minutes on a small CPU."""
-    if _per_layer(model):  # sizes made dynamic where they change (warm_up's second chunk): the weights' are
-        # inputs here, and dynamic=True would give their sizes symbols too, which a chunk length that equals
-        # one of them (16 rows and a head_dim of 16) would share ("duck sizing") and specialize with
-        model.prefill_layer = _compile(model, model.prefill_layer, dynamic=None, per_layer=True)
-        return model.prefill_shifted
+    no CUDA graphs on GPU (the shapes vary). Compiling takes minutes on a small CPU. With packed weights
+    one layer's prefill is compiled instead and run for every layer, its weights as inputs: torch 2.14's
+    nested regions fail on the slot slicing with a dynamic length. Its sizes are made dynamic where they
+    change (warm_up's second chunk), not all at once: dynamic=True would give the weights' sizes symbols,
+    which a chunk length equal to one of them would share ("duck sizing") and specialize with."""
+    if _packed(model):  # the eager prefill (chunks below compiled_prefill_min) keeps the eager layer
+        step = _compile(model, model.prefill_layer, dynamic=None, guard_modules=True)
+        return lambda tokens, start2, slot: model.prefill(tokens, start2 - 2, slot, step)
     return _compile(model, model.prefill_shifted, dynamic=True)
 
 
-def _per_layer(model: SlotModel) -> bool:
-    """Whether to compile one layer's step, which every layer then runs with its own weights as the graph's
-    inputs, rather than the whole model: on CPU where the layers hold no dense weight matrix (GGUF weights
-    packed: every matmul is our kernel). Freezing would have nothing to prepack for oneDNN there, and a
-    whole-model graph took minutes per bucket of rows on 2 cores for 16 layers (an 8B model's 32 had not
-    compiled in 11 minutes). A layer of another format (Q4_K_M's Q6_K ones) is a graph of its own, picked
-    by the guards on its bit width."""
+def _packed(model: SlotModel) -> bool:
+    """On CPU, layers without a dense weight matrix (GGUF weights packed: every matmul is our kernel), where
+    freezing has nothing to prepack for oneDNN, and a graph of every layer unrolled took minutes per bucket
+    of rows on 2 cores for 16 layers (an 8B model's 32 had not compiled in 11 minutes)."""
     return next(model.parameters()).device.type == "cpu" and not any(p.dim() == 2 for p in model.layers.parameters())
 
 
-def _compile(model: SlotModel, forward, dynamic: bool | None, per_layer: bool = False):
+def _compile(model: SlotModel, forward, dynamic: bool | None, guard_modules: bool = False):
     """One of the model's forwards compiled: inductor with frozen weights (oneDNN's prepacked matmuls) and
     a C++ wrapper on CPU, guards only on the inputs (the weights and the cache buffers do not change while
-    serving). per_layer: a function of one layer, whose weights are inputs (not frozen) and whose module
-    guards stay (they tell one layer's format from another's); an engine compiles all its steps one way
-    (freezing is inductor's global setting, read when a graph compiles). It first drops what an earlier
-    engine in this process compiled: with the module guards skipped, its graphs (and their frozen weights)
-    would serve this engine too. Compiling is lazy, so the decode step and the prefill of one engine can be
-    set up one after the other."""
+    serving); for packed weights neither freezing nor the C++ wrapper, which cannot call a nested region
+    (torch 2.14). guard_modules: keep the guards on modules, for a function of one layer, which tell one
+    layer's format from another's. It first drops what an earlier engine in this process compiled: with
+    the module guards skipped, its graphs (and their frozen weights) would serve this engine too. Compiling
+    is lazy, so the decode step and the prefill of one engine can be set up one after the other."""
     import torch._inductor.config as inductor
 
     inductor_cache()
     torch._dynamo.reset()
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     if next(model.parameters()).device.type == "cuda":
         return torch.compile(forward, mode=None if dynamic else "reduce-overhead", fullgraph=True, dynamic=dynamic)
-    inductor.freezing = not per_layer
-    inductor.cpp_wrapper = True
-    options = {} if per_layer else {"guard_filter_fn": _skip_module_and_cache_guards}
+    inductor.freezing = inductor.cpp_wrapper = not _packed(model)
+    options = {} if guard_modules else {"guard_filter_fn": _skip_module_and_cache_guards}
     return torch.compile(forward, fullgraph=True, dynamic=dynamic, options=options)
 
 
