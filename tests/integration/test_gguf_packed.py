@@ -15,7 +15,7 @@ from roofserve.llm.gguf import QuantLinear, dequantize_packed, load_packed, pack
 from roofserve.llm.kernels import load_kernel
 from roofserve.llm.model import bundled_gguf, load
 from roofserve.llm.random_gguf import write_random
-from tests.integration.conftest import chat_ids
+from tests.integration.conftest import chat_ids, make_engine
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -222,8 +222,6 @@ def test_compiled_packed_weights_give_each_layer_its_own_format(tiny_files):
     that fused fp32 sums move an int8-rounded input by (a layer run through the other format's code would
     read its blocks as the wrong format: logits of another model), and nothing compiles after warm-up."""
     from torch._dynamo.utils import counters
-
-    from tests.integration.conftest import make_engine
 
     q4, _, _ = load_packed(tiny_files["Q4_0"], torch.float32)
     q8, _, _ = load_packed(tiny_files["Q8_0"], torch.float32)

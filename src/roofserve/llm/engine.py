@@ -29,6 +29,7 @@ at a time from an iterator: llama.cpp and the transformers baseline (llm.baselin
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import types
@@ -201,11 +202,12 @@ class SlotModel(torch.nn.Module):
                                              scale=self.scale, enable_gqa=True)
         return self._mlp_block(layer, x, out.transpose(1, 2).reshape(1, t, -1))
 
-    def prefill_shifted(self, tokens: torch.Tensor, start2: int, slot: torch.Tensor) -> torch.Tensor:
-        """prefill(tokens, start2 - 2, slot), for compiling with dynamic shapes: torch.compile specializes
-        an int argument of 0 or 1 to a constant, and every prompt starts at 0 (a graph for the first chunk,
-        another for the rest); shifted by 2, one graph serves them all."""
-        return self.prefill(tokens, start2 - 2, slot)
+    def prefill_shifted(self, tokens: torch.Tensor, start2: int, slot: torch.Tensor,
+                        layer_step=None) -> torch.Tensor:
+        """prefill(tokens, start2 - 2, slot, layer_step), for compiling with dynamic shapes: torch.compile
+        specializes an int argument of 0 or 1 to a constant, and every prompt starts at 0 (a graph for the
+        first chunk, another for the rest); shifted by 2, one graph serves them all."""
+        return self.prefill(tokens, start2 - 2, slot, layer_step)
 
 
 @dataclass
@@ -393,7 +395,7 @@ def compile_prefill_step(model: SlotModel):
     which a chunk length equal to one of them would share ("duck sizing") and specialize with."""
     if _packed(model):  # the eager prefill (chunks below compiled_prefill_min) keeps the eager layer
         step = _compile(model, model.prefill_layer, dynamic=None, guard_modules=True)
-        return lambda tokens, start2, slot: model.prefill(tokens, start2 - 2, slot, step)
+        return functools.partial(model.prefill_shifted, layer_step=step)
     return _compile(model, model.prefill_shifted, dynamic=True)
 
 
