@@ -217,10 +217,11 @@ def test_random_weight_files_load_packed_in_their_own_format(tiny_files, kind):
 def test_compiled_packed_weights_give_each_layer_its_own_format(tiny_files):
     """--compile (and --compile-prefill) over packed weights trace one layer's step and reuse it for every
     layer (nested regions for decode, one layer's graph for prefill), so compiling does not grow with depth
-    (unrolled, a 16-layer graph per bucket of rows took minutes on 2 cores). Four layers, Q4_0 with a Q8_0
-    one among them, 2 buckets: the eager engine's logits step by step, within the few tenths of a percent
-    that fused fp32 sums move an int8-rounded input by (a layer run through the other format's code would
-    read its blocks as the wrong format: logits of another model), and nothing compiles after warm-up."""
+    (unrolled, a 16-layer graph per bucket of rows took minutes on 2 cores), and the decode step's row count
+    is dynamic from 2 rows on (no padding to buckets). Four layers, Q4_0 with a Q8_0 one among them, up to 4
+    rows: the eager engine's logits step by step at 2 and 3 rows, within the few tenths of a percent that
+    fused fp32 sums move an int8-rounded input by (a layer run through the other format's code would read
+    its blocks as the wrong format: logits of another model), and nothing compiles after warm-up."""
     from torch._dynamo.utils import counters
 
     q4, _, _ = load_packed(tiny_files["Q4_0"], torch.float32)
@@ -228,12 +229,13 @@ def test_compiled_packed_weights_give_each_layer_its_own_format(tiny_files):
     a, b = q4.model.layers, q8.model.layers
     q4.model.layers = torch.nn.ModuleList([a[0], b[0], a[1], a[0]])  # the same layer twice: its own cache each
     q4.config.num_hidden_layers = 4
-    eager = make_engine(q4, max_batch_size=2, max_seq_len=64)
-    compiled = make_engine(q4, max_batch_size=2, max_seq_len=64, compile=True, compile_prefill=True)
+    eager = make_engine(q4, max_batch_size=4, max_seq_len=64)
+    compiled = make_engine(q4, max_batch_size=4, max_seq_len=64, compile=True, compile_prefill=True)
+    assert compiled.buckets == eager.buckets == [1, 2, 3, 4]  # steps run at their own row count, unpadded
     before = counters["stats"]["unique_graphs"]
     compiled.warm_up()
     graphs = counters["stats"]["unique_graphs"] - before
-    assert graphs == 2 + 2 * 2  # decode: a graph per bucket; prefill, per layer: per format, static then dynamic
+    assert graphs == 2 + 2 * 2  # decode: 1 row, 2-4 rows; prefill, per layer: per format, static then dynamic
     with torch.inference_mode():  # tensors made inside it, as the engine's steps make them (dynamo guards on that)
         for length, start, slot in [(5, 0, 0), (9, 5, 0), (7, 0, 1)]:
             ids = torch.randint(0, 49152, (length,))
@@ -241,13 +243,14 @@ def test_compiled_packed_weights_give_each_layer_its_own_format(tiny_files):
             got = compiled._compiled_prefill(ids, start + 2, torch.tensor([slot]))
             assert (got - want).norm() <= 0.02 * want.norm(), (length, start, slot)
         compiled.slots.prefill(torch.tensor([7]), 7, 1)  # a 1-token chunk runs eager: it must not compile
-        tokens, slots = torch.tensor([5, 900]), torch.tensor([0, 1])
+        tokens, slots = torch.tensor([5, 900, 77]), torch.tensor([0, 1, 2])
         for position in range(14, 20):  # the same tokens into both engines' caches, step by step
-            positions = torch.tensor([position, position - 7])
-            want, _ = eager.slots.decode(tokens, positions, slots)
-            got, _ = compiled._decode(tokens, positions, slots)
+            rows = 2 if position < 17 else 3  # slot 2 joins at position 17 - 9 = 8 (its cache zeros before)
+            positions = torch.tensor([position, position - 7, position - 9])[:rows]
+            want, _ = eager.slots.decode(tokens[:rows], positions, slots[:rows])
+            got, _ = compiled._decode(tokens[:rows], positions, slots[:rows])
             assert (got - want).norm() <= 0.02 * want.norm(), position
-            tokens = want.argmax(-1)
+            tokens[:rows] = want.argmax(-1)
     assert counters["stats"]["unique_graphs"] - before == graphs, "nothing compiled after warm-up"
 
 

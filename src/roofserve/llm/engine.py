@@ -13,8 +13,10 @@ without waiting for each other.
 - Prefill is chunked: at most `prefill_chunk` prompt tokens run per step, so a newcomer's long prompt
   delays the running sequences by one chunk per step, not by the whole prompt, and a long prompt's
   activations are one chunk's at a time.
-- Decode steps run padded to a power-of-two bucket of rows (the spare rows write to a scratch slot),
-  so torch.compile makes one graph per bucket, all compiled at warm-up.
+- Decode steps run at the rows they have, eager and compiled over packed GGUF weights (one graph for one
+  row, one with the row count dynamic for more). Where a compiled step needs fixed row counts (CUDA
+  graphs, a dense model's unrolled graph) they run padded to a power-of-two bucket of rows (the spare
+  rows write to a scratch slot), a graph per bucket. Every graph is compiled at warm-up.
 - The prefill can be compiled too (`compile_prefill`): one graph with dynamic shapes for every chunk
   length, start and slot (eager, a short prompt's hundreds of small ops can cost as much as its matmuls;
   docs/results/2026-11-29-ttft-2-cores.md).
@@ -48,7 +50,8 @@ log = logging.getLogger(__name__)
 
 
 def buckets(max_batch_size: int) -> list[int]:
-    """Row counts a decode step is padded to: powers of two up to max_batch_size, and max_batch_size."""
+    """Row counts a decode step is padded to where its graph needs fixed ones: powers of two up to
+    max_batch_size, and max_batch_size."""
     out, b = [], 1
     while b < max_batch_size:
         out.append(b)
@@ -239,9 +242,11 @@ class Engine:
         self.free = list(range(self.max_batch_size))
         self.waiting: deque[Sequence] = deque()
         self.running: dict[Hashable, Sequence] = {}
-        self.buckets = buckets(self.max_batch_size)
-        self.last_batch_size = 0
         self.compiled = cfg.compile
+        # the row counts a decode step runs at: any, unless its compiled graphs are fixed (compile_decode)
+        fixed = cfg.compile and not _packed(self.slots)
+        self.buckets = buckets(self.max_batch_size) if fixed else list(range(1, self.max_batch_size + 1))
+        self.last_batch_size = 0
         self._decode = compile_decode(self.slots) if cfg.compile else self.slots.decode
         # chunks shorter than this prefill eagerly: a 1-token one would be specialized by torch.compile
         # (another graph), and where our GEMM kernel takes only some chunk lengths (GemvLinear's max_rows),
@@ -351,16 +356,18 @@ class Engine:
         the others join; a bucket first met while serving would compile then, for a minute.)"""
         start = time.perf_counter()
         scratch = self.slots.scratch
+        sizes = buckets(self.max_batch_size)  # where the rows are dynamic, 1 and 2 compile, the others reuse 2's
         if self.compiled:
-            log.info("compiling the decode step for %d batch sizes (%s): minutes on a small CPU the first "
-                     "time, seconds once inductor's cache holds them", len(self.buckets), self.buckets)
-        for i, size in enumerate(self.buckets, 1):
+            log.info("compiling the decode step for %s rows: minutes on a small CPU the first time, seconds "
+                     "once inductor's cache holds them", sizes if len(self.buckets) == len(sizes)
+                     else f"1 and 2-{self.max_batch_size}" if self.max_batch_size > 1 else "1")
+        for i, size in enumerate(sizes, 1):
             for _ in range(2):  # three distinct tensors, as in serving (dynamo guards on aliasing too)
                 tokens, positions = (torch.zeros(size, dtype=torch.long, device=self.device) for _ in range(2))
                 self._decode(tokens, positions, torch.full((size,), scratch, device=self.device))
             if self.compiled:
                 log.info("decode step for %d row%s ready (%d of %d, %.0f s so far)", size, "s" if size > 1 else "",
-                         i, len(self.buckets), time.perf_counter() - start)
+                         i, len(sizes), time.perf_counter() - start)
         if self._compiled_prefill is not None:
             log.info("compiling the prefill step")
             # a chunk length unlike the start: torch.compile gives equal ints one symbol (a guard that
@@ -378,11 +385,14 @@ class Engine:
 
 def compile_decode(model: SlotModel):
     """torch.compile the decode step: one graph per bucket of rows (dynamic=False); CUDA graphs on GPU.
-    With packed weights each layer is a nested compile region (see _packed): traced and compiled once,
-    called by every layer inside the one graph (a layer of another format, as Q4_K_M's Q6_K ones, traces
-    to a region of its own)."""
+    With packed weights (see _packed) each layer is a nested compile region, traced and compiled once,
+    called by every layer inside the graph (a layer of another format, as Q4_K_M's Q6_K ones, traces to a
+    region of its own), and the row count is left to torch.compile's automatic dynamic shapes: a graph for
+    one row, and at the second row count one for every count from 2 up, so steps need no padding (the
+    bucketed graphs and it stepped alike, docs/results/2026-12-08-steps-and-llama-cpp-xeon-2-cores.md)."""
     if _packed(model):
         model.decode_layer = types.MethodType(torch.compiler.nested_compile_region(SlotModel.decode_layer), model)
+        return _compile(model, model.decode, dynamic=None)
     return _compile(model, model.decode, dynamic=False)
 
 

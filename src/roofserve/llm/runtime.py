@@ -117,7 +117,7 @@ class TorchGenerator(Generator):
             from roofserve.llm.engine import Engine
 
             self.batch = Engine(model, cfg)
-            log.info("warm-up of batch sizes %s took %.1f s", self.batch.buckets, self.batch.warm_up())
+            log.info("warm-up took %.1f s", self.batch.warm_up())
             if cfg.compile or cfg.compile_prefill:
                 from roofserve.config import inductor_cache
 
