@@ -151,6 +151,16 @@ def test_warm_up_runs_the_decode_step_at_every_bucket(loaded):
     assert {1, 2, 4} <= set(seen) and not engine.has_work() and sorted(engine.free) == [0, 1, 2, 3]
 
 
+def test_dense_compiled_steps_pad_to_buckets_and_promise_no_compile_cache():
+    """A dense model on CPU compiles with frozen weights, a graph per bucket of rows, which inductor does not
+    cache: the server must not tell the user that later starts reuse them. Eager, steps run unpadded."""
+    model = _tiny_llama()
+    compiled = make_engine(model, max_batch_size=8, max_seq_len=64, compile=True, attention="auto")
+    assert compiled.buckets == [1, 2, 4, 8] and not compiled.compile_cached
+    eager = make_engine(model, max_batch_size=8, max_seq_len=64, attention="auto")
+    assert eager.buckets == list(range(1, 9)) and eager.compile_cached
+
+
 def test_bf16_with_kernels_and_compile_follows_torch_bf16(prompts):
     """Teacher-forced: the compiled batch with roofserve's GEMM and slot-attention kernels gives the
     logits of the plain torch bf16 batch (eager, SDPA, torch matmuls) within bf16's tolerance, at a

@@ -232,6 +232,7 @@ def test_compiled_packed_weights_give_each_layer_its_own_format(tiny_files):
     eager = make_engine(q4, max_batch_size=4, max_seq_len=64)
     compiled = make_engine(q4, max_batch_size=4, max_seq_len=64, compile=True, compile_prefill=True)
     assert compiled.buckets == eager.buckets == [1, 2, 3, 4]  # steps run at their own row count, unpadded
+    assert compiled.compile_cached  # no frozen weights: inductor keeps these graphs for later starts
     before = counters["stats"]["unique_graphs"]
     compiled.warm_up()
     graphs = counters["stats"]["unique_graphs"] - before

@@ -246,6 +246,8 @@ class Engine:
         # the row counts a decode step runs at: any, unless its compiled graphs are fixed (compile_decode)
         fixed = cfg.compile and not _packed(self.slots)
         self.buckets = buckets(self.max_batch_size) if fixed else list(range(1, self.max_batch_size + 1))
+        # inductor does not cache graphs with frozen weights (_compile): they compile anew at every start
+        self.compile_cached = not (_frozen(self.slots) and (cfg.compile or cfg.compile_prefill))
         self.last_batch_size = 0
         self._decode = compile_decode(self.slots) if cfg.compile else self.slots.decode
         # chunks shorter than this prefill eagerly: a 1-token one would be specialized by torch.compile
@@ -350,7 +352,8 @@ class Engine:
 
     @torch.inference_mode()
     def warm_up(self, prompt_len: int = 16) -> float:
-        """Run (and compile) the decode step at every bucket of rows, and a prefill; returns the seconds.
+        """Run (and compile) the decode step at every power-of-two row count (a graph each where they are fixed;
+        where the rows are dynamic, the graph of 2 rows serves the others), and a prefill; returns the seconds.
         The decode steps run on the scratch slot, so they leave no trace in the others. (Serving
         sequences would not fill the buckets: one prefills per step, so a warm-up batch leaves before
         the others join; a bucket first met while serving would compile then, for a minute.)"""
@@ -358,9 +361,10 @@ class Engine:
         scratch = self.slots.scratch
         sizes = buckets(self.max_batch_size)  # where the rows are dynamic, 1 and 2 compile, the others reuse 2's
         if self.compiled:
-            log.info("compiling the decode step for %s rows: minutes on a small CPU the first time, seconds "
-                     "once inductor's cache holds them", sizes if len(self.buckets) == len(sizes)
-                     else f"1 and 2-{self.max_batch_size}" if self.max_batch_size > 1 else "1")
+            log.info("compiling the decode step for %s rows: minutes on a small CPU %s",
+                     sizes if self.buckets == sizes else f"1 and 2-{sizes[-1]}",
+                     "the first time, seconds once inductor's cache holds them" if self.compile_cached
+                     else "at every start (graphs with frozen weights are not cached)")
         for i, size in enumerate(sizes, 1):
             for _ in range(2):  # three distinct tensors, as in serving (dynamo guards on aliasing too)
                 tokens, positions = (torch.zeros(size, dtype=torch.long, device=self.device) for _ in range(2))
@@ -416,6 +420,13 @@ def _packed(model: SlotModel) -> bool:
     return next(model.parameters()).device.type == "cpu" and not any(p.dim() == 2 for p in model.layers.parameters())
 
 
+def _frozen(model: SlotModel) -> bool:
+    """Compiled with frozen weights (_compile): dense weights on CPU. Inductor caches no such graph (the
+    weights are constants in it), so a start compiles them again; without freezing they were cached but
+    stepped slower (docs/results/2026-12-08-steps-and-llama-cpp-xeon-2-cores.md)."""
+    return next(model.parameters()).device.type == "cpu" and not _packed(model)
+
+
 def _compile(model: SlotModel, forward, dynamic: bool | None, guard_modules: bool = False):
     """One of the model's forwards compiled: inductor with frozen weights (oneDNN's prepacked matmuls) and
     a C++ wrapper on CPU, guards only on the inputs (the weights and the cache buffers do not change while
@@ -431,7 +442,7 @@ def _compile(model: SlotModel, forward, dynamic: bool | None, guard_modules: boo
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     if next(model.parameters()).device.type == "cuda":
         return torch.compile(forward, mode=None if dynamic else "reduce-overhead", fullgraph=True, dynamic=dynamic)
-    inductor.freezing = inductor.cpp_wrapper = not _packed(model)
+    inductor.freezing = inductor.cpp_wrapper = _frozen(model)
     options = {} if guard_modules else {"guard_filter_fn": _skip_module_and_cache_guards}
     return torch.compile(forward, fullgraph=True, dynamic=dynamic, options=options)
 

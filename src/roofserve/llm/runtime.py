@@ -118,7 +118,7 @@ class TorchGenerator(Generator):
 
             self.batch = Engine(model, cfg)
             log.info("warm-up took %.1f s", self.batch.warm_up())
-            if cfg.compile or cfg.compile_prefill:
+            if self.batch.compile_cached and (cfg.compile or cfg.compile_prefill):
                 from roofserve.config import inductor_cache
 
                 log.info("compiled graphs are cached in %s: later starts of this model reuse them", inductor_cache())
